@@ -1,0 +1,1 @@
+"""Countdown arithmetic task: reward function, prompt builder, data loader and generator."""

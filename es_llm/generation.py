@@ -1,0 +1,33 @@
+"""Greedy (or sampled) batched generation of the continuation of every prompt."""
+import torch
+
+
+class Generator:
+    """Tokenises the prompts once (left padding) and generates their continuations on demand."""
+
+    def __init__(self, tokenizer, prompts, max_new_tokens: int, do_sample: bool = False,
+                 batch_size: int | None = None):
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.do_sample = do_sample
+        self.batch_size = batch_size or len(prompts)
+        self.batches = [tokenizer(list(prompts[i:i + self.batch_size]), return_tensors="pt",
+                                  padding=True)
+                        for i in range(0, len(prompts), self.batch_size)]
+
+    @torch.inference_mode()
+    def __call__(self, model, with_prompt: bool = False) -> list:
+        """Decoded continuations (or prompt + continuation when `with_prompt`), one per prompt."""
+        texts = []
+        config = model.generation_config
+        for batch in self.batches:
+            batch = batch.to(model.device)
+            out = model.generate(**batch, max_new_tokens=self.max_new_tokens,
+                                 do_sample=self.do_sample,
+                                 pad_token_id=self.tokenizer.pad_token_id,
+                                 eos_token_id=config.eos_token_id or self.tokenizer.eos_token_id,
+                                 **({} if self.do_sample else
+                                    {"temperature": None, "top_p": None, "top_k": None}))
+            start = 0 if with_prompt else batch["input_ids"].shape[1]
+            texts += self.tokenizer.batch_decode(out[:, start:], skip_special_tokens=True)
+        return texts

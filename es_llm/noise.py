@@ -1,0 +1,62 @@
+"""Seeded Gaussian noise over every parameter tensor, regenerated from the seed whenever needed.
+
+Workers exchange only seeds and rewards; the noise itself is never stored or shipped.
+
+Noise modes (MISSION.md section 1):
+    correlated  every tensor's generator is seeded with `seed` (the published default: tensors of the
+                same shape get identical noise)
+    iid         the k-th tensor in `named_parameters()` order uses `seed + k`
+"""
+import torch
+
+NOISE_MODES = ("correlated", "iid")
+
+
+def tensor_seed(seed: int, k: int, noise_mode: str) -> int:
+    """The generator seed of the k-th parameter tensor for a population member's seed."""
+    if noise_mode == "correlated":
+        return int(seed)
+    if noise_mode == "iid":
+        return int(seed) + k
+    raise ValueError(f"unknown noise mode {noise_mode!r}; expected one of {NOISE_MODES}")
+
+
+def tensor_noise(like: torch.Tensor, seed: int, k: int, noise_mode: str, dtype=None) -> torch.Tensor:
+    """Standard normal noise shaped like `like`, from a fresh generator on its device."""
+    generator = torch.Generator(device=like.device)
+    generator.manual_seed(tensor_seed(seed, k, noise_mode))
+    return torch.randn(like.shape, generator=generator, device=like.device,
+                       dtype=dtype or like.dtype)
+
+
+@torch.no_grad()
+def add_noise(params, seed: int, scale: float, noise_mode: str) -> None:
+    """The published perturbation: param += scale * eps, computed in the parameter's dtype.
+
+    Called with +sigma to perturb and -sigma to restore; in bf16 the pair does not return the
+    original weights exactly (each add rounds), which is the drift `MasterWeights` removes.
+    """
+    for k, param in enumerate(params):
+        param.add_(tensor_noise(param, seed, k, noise_mode).mul_(scale))
+
+
+class MasterWeights:
+    """fp32 master copy of the weights (`--master_weights fp32`).
+
+    A perturbed model is cast from master + sigma * eps (noise drawn in fp32); restoring casts the
+    master again, so it is exact; the update is accumulated and applied in fp32.
+    """
+
+    def __init__(self, params):
+        self.tensors = [p.detach().to(torch.float32).clone() for p in params]
+
+    @torch.no_grad()
+    def perturb(self, params, seed: int, sigma: float, noise_mode: str) -> None:
+        for k, (param, master) in enumerate(zip(params, self.tensors)):
+            noise = tensor_noise(master, seed, k, noise_mode)
+            param.copy_(noise.mul_(sigma).add_(master))
+
+    @torch.no_grad()
+    def copy_to(self, params) -> None:
+        for param, master in zip(params, self.tensors):
+            param.copy_(master)

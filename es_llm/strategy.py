@@ -1,0 +1,32 @@
+"""The ES strategy: normalise the population's rewards and move the weights along the noise.
+
+Both are pure functions of (weights, seeds, rewards): anyone holding the logged seeds and rewards
+can recompute the update exactly.
+"""
+import torch
+
+from .noise import tensor_noise
+
+
+def normalize_rewards(rewards) -> torch.Tensor:
+    """z = (r - mean) / (std + 1e-8), population std, float32 (the published normalisation)."""
+    r = torch.as_tensor(rewards, dtype=torch.float32)
+    return (r - r.mean()) / (r.std(unbiased=False) + 1e-8)
+
+
+@torch.no_grad()
+def es_update(tensors, seeds, z, alpha: float, noise_mode: str) -> None:
+    """tensor += alpha * (1/N) * sum_i z_i * eps_i, in place, for every tensor.
+
+    Accumulated in each tensor's own dtype (bf16 for the published path, fp32 for master
+    weights), in this exact order: update = sum_i eps_i * z_i; update /= N; tensor += alpha * update.
+    The 1/sigma of textbook ES is folded into alpha, as in the paper.
+    """
+    n = len(seeds)
+    weights = [float(zi) for zi in z]
+    for k, tensor in enumerate(tensors):
+        update = torch.zeros_like(tensor)
+        for seed, weight in zip(seeds, weights):
+            update.add_(tensor_noise(tensor, seed, k, noise_mode).mul_(weight))
+        update.div_(n)
+        tensor.add_(update.mul_(alpha))
