@@ -86,20 +86,26 @@ class TrainConfig:
 
 
 class Population:
-    """The rank's model copies (one per thread) and how a member is perturbed, restored, updated."""
+    """The rank's weights and the model copies its threads evaluate members on.
+
+    The canonical weights (`base`) are never perturbed: each thread perturbs its own copy, generates,
+    and restores it (by subtracting the regenerated noise, as published, so the bf16 drift shows
+    inside an iteration); the update is applied to the canonical weights and copied to every thread
+    copy. The weights after an iteration are therefore a pure function of the weights before it,
+    the seeds and the rewards, whatever the number of processes and threads.
+    """
 
     def __init__(self, model, cfg: TrainConfig, masters=None):
         self.cfg = cfg
-        self.models = [model] + [copy.deepcopy(model) for _ in range(cfg.gpu_threads - 1)]
-        self.params = [[p for _, p in m.named_parameters()] for m in self.models]
+        self.base = model
         self.names = [n for n, _ in model.named_parameters()]
-        self.masters = None
-        if cfg.master_weights == "fp32":
-            self.masters = MasterWeights(self.params[0])
-            if masters is not None:
-                self.masters.tensors = [masters[n].to(self.params[0][0].device) for n in self.names]
-                for params in self.params:
-                    self.masters.copy_to(params)
+        self.base_params = [p for _, p in model.named_parameters()]
+        self.masters = MasterWeights(self.base_params) if cfg.master_weights == "fp32" else None
+        if self.masters and masters is not None:
+            self.masters.tensors = [masters[n].to(self.base_params[0].device) for n in self.names]
+            self.masters.copy_to(self.base_params)
+        self.models = [copy.deepcopy(model) for _ in range(cfg.gpu_threads)]
+        self.params = [[p for _, p in m.named_parameters()] for m in self.models]
 
     def perturb(self, slot: int, seed: int) -> None:
         if self.masters:
@@ -123,18 +129,17 @@ class Population:
             self.restore(slot, seed)
         return float(np.mean(task.score(completions, seed=seed))), completions
 
+    @torch.no_grad()
     def update(self, seeds, z) -> None:
         """The same update on every rank; then every thread copy gets the new weights."""
         if self.masters:
             es_update(self.masters.tensors, seeds, z, self.cfg.alpha, self.cfg.noise_mode)
-            for params in self.params:
-                self.masters.copy_to(params)
-            return
-        es_update(self.params[0], seeds, z, self.cfg.alpha, self.cfg.noise_mode)
-        with torch.no_grad():
-            for params in self.params[1:]:
-                for dst, src in zip(params, self.params[0]):
-                    dst.copy_(src)
+            self.masters.copy_to(self.base_params)
+        else:
+            es_update(self.base_params, seeds, z, self.cfg.alpha, self.cfg.noise_mode)
+        for params in self.params:
+            for dst, src in zip(params, self.base_params):
+                dst.copy_(src)
 
     def master_state(self):
         if not self.masters:
@@ -296,7 +301,7 @@ def train(cfg: TrainConfig, task) -> Path:
 def _stop(cfg, out, population, tokenizer, records, state, is_main, accelerator):
     """Save the last completed iteration, release every process and exit non-zero."""
     if is_main:
-        path = ckpt.save_checkpoint(out, population.models[0], tokenizer, state, records,
+        path = ckpt.save_checkpoint(out, population.base, tokenizer, state, records,
                                     population.master_state(), cfg.keep_checkpoints)
         print(f"Stopped at iteration {state['iteration']}; checkpoint saved to {path}\n"
               f"Resume with the same command plus: --resume {out}", file=sys.stderr, flush=True)
