@@ -292,6 +292,10 @@ def train(cfg: TrainConfig, task) -> Path:
     if is_main:
         ckpt.save_final(out, model, tokenizer, state_at(cfg.num_iterations, finished=True), records,
                         population.master_state())
+        if records:
+            print(f"Mean reward: {records[0]['reward_mean']:.4f} at iteration "
+                  f"{records[0]['iteration']} -> {records[-1]['reward_mean']:.4f} at iteration "
+                  f"{records[-1]['iteration']}", flush=True)
         print(f"Training finished: final model saved to {out}", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -1,0 +1,211 @@
+"""Evaluation helpers shared by the evaluation scripts: loading a trained model, generating (greedy or
+sampled, several samples per prompt), per-token log-probabilities, the k3 KL estimator, summaries.
+
+The KL of a fine-tuned model from its base model is estimated on the fine-tuned model's own sampled
+responses, token by token, with the k3 estimator (MISSION.md section 2):
+    ratio = p_base(y_t | x, y_<t) / p_ft(y_t | x, y_<t),   kl_t = ratio - log(ratio) - 1  (>= 0),
+averaged over the response's tokens. Both models are scored at temperature 1 whatever temperature the
+responses were sampled with: the KL is between the models, not between the sampling distributions.
+"""
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .models import PRECISIONS, load_model
+
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+AUTO_PRECISION = "auto"
+
+
+@dataclass
+class Sample:
+    """One generated response: which prompt it answers, its text and its token ids."""
+    prompt_index: int
+    prompt: str
+    response: str
+    prompt_ids: list
+    response_ids: list
+
+
+def saved_precision(model_path, default: str = "bf16") -> str:
+    """The precision a model directory was saved in (its config.json dtype), else `default`."""
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return default
+    values = json.loads(config.read_text())
+    dtype = str(values.get("dtype") or values.get("torch_dtype") or "")
+    names = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+    return names.get(dtype.removeprefix("torch."), default)
+
+
+def load_for_eval(model_path, base_model_name, precision=AUTO_PRECISION, device=None,
+                  cache_dir=None):
+    """(model, tokenizer, description) for an evaluation.
+
+    `model_path` is what a trainer saved (its output directory or a checkpoint-N directory), any
+    model `load_model` accepts, or a bare weights file (.pth/.pt/.bin/.safetensors state dict) applied
+    to `base_model_name`. Without `model_path` the base model itself is evaluated.
+    `precision` "auto" keeps the dtype the model directory was saved in (bf16 otherwise).
+    """
+    source = model_path or base_model_name
+    weights_file = model_path is not None and Path(model_path).suffix in WEIGHT_FILE_SUFFIXES
+    if precision == AUTO_PRECISION:
+        precision = saved_precision(source) if not weights_file else "bf16"
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected {AUTO_PRECISION!r} or one of "
+                         f"{sorted(PRECISIONS)}")
+    if not weights_file:
+        model, tokenizer = load_model(source, precision, cache_dir, device)
+        return model, tokenizer, precision
+    path = Path(model_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist; give a trainer's output "
+                                f"directory, a checkpoint-N directory or an existing weights file")
+    model, tokenizer = load_model(base_model_name, precision, cache_dir, device)
+    load_state_dict_file(model, path)
+    return model, tokenizer, precision
+
+
+def load_state_dict_file(model, path: Path) -> None:
+    """Load a state dict saved by torch.save or safetensors into `model`; names must match exactly."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    # Tied embeddings are stored once; a missing lm_head.weight is fine when it is tied.
+    if getattr(model.config, "tie_word_embeddings", False):
+        missing = [name for name in missing if name != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"weights file {path} does not match the base model's parameter names: "
+                         f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                         f"(e.g. {unexpected[:3]}). Give the --base_model_name the weights were "
+                         f"trained from, or convert the names to the Hugging Face format")
+    model.load_state_dict(state, strict=False)
+
+
+def _generate_kwargs(model, tokenizer, do_sample, temperature, top_p) -> dict:
+    eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
+    kwargs = {"do_sample": do_sample, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": eos}
+    if do_sample:
+        # top_k = 0 switches off the library's default top-50 cut: only temperature and top_p apply.
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def _eos_ids(model, tokenizer) -> set:
+    eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [eos])
+
+
+def _trim_after_eos(ids: list, eos: set) -> list:
+    """The response's tokens up to and including its first end-of-sequence token."""
+    for i, token in enumerate(ids):
+        if token in eos:
+            return ids[:i + 1]
+    return ids
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts, max_new_tokens: int, batch_size: int = 8,
+             num_samples: int = 1, do_sample: bool = False, temperature: float = 1.0,
+             top_p: float = 1.0, progress: bool = True, desc: str = "generating") -> list:
+    """`num_samples` responses to every prompt (prompt-major order), as `Sample`s.
+
+    Greedy decoding uses exactly the trainer's settings (es_llm.generation.Generator), so the same
+    prompts in the same batches give the same responses as during training.
+    """
+    if num_samples > 1 and not do_sample:
+        raise ValueError(f"{num_samples} samples per prompt need sampling (do_sample); greedy "
+                         f"decoding gives the same response every time")
+    kwargs = _generate_kwargs(model, tokenizer, do_sample, temperature, top_p)
+    eos = _eos_ids(model, tokenizer)
+    samples = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
+        batch_prompts = list(prompts[start:start + batch_size])
+        batch = tokenizer(batch_prompts, return_tensors="pt", padding=True).to(model.device)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens,
+                             num_return_sequences=num_samples, **kwargs)
+        width = batch["input_ids"].shape[1]
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        for row, text in enumerate(texts):
+            p = row // num_samples
+            mask = batch["attention_mask"][p].bool()
+            samples.append(Sample(start + p, batch_prompts[p], text,
+                                  batch["input_ids"][p][mask].tolist(),
+                                  _trim_after_eos(out[row, width:].tolist(), eos)))
+    return samples
+
+
+@torch.inference_mode()
+def response_log_probs(model, samples, batch_size: int = 16, pad_token_id: int = 0) -> list:
+    """Per-token log p(response token | prompt, previous tokens) under `model`, one float32 tensor per
+    sample (temperature 1). Sequences are left-padded; positions follow the attention mask."""
+    result = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        seqs = [s.prompt_ids + s.response_ids for s in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            ids[i, width - len(seq):] = torch.tensor(seq)
+            mask[i, width - len(seq):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                       position_ids=positions.to(model.device)).logits
+        for i, sample in enumerate(chunk):
+            n = len(sample.response_ids)
+            if n == 0:
+                result.append(torch.zeros(0))
+                continue
+            # Logits at position t predict token t + 1: the response's n tokens are the last n.
+            row = logits[i, width - n - 1:width - 1].float().log_softmax(-1)
+            targets = ids[i, width - n:].to(row.device)
+            result.append(row.gather(-1, targets[:, None])[:, 0].cpu())
+    return result
+
+
+def k3_kl(logp_ft: torch.Tensor, logp_base: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(ft || base): ratio - log(ratio) - 1 with ratio = p_base / p_ft."""
+    log_ratio = logp_base.double() - logp_ft.double()
+    return torch.expm1(log_ratio) - log_ratio
+
+
+def per_sample_kl(model, base_model, samples, batch_size: int = 16, pad_token_id: int = 0) -> list:
+    """Mean per-token k3 KL of `model` from `base_model` on each sample's response tokens."""
+    ft = response_log_probs(model, samples, batch_size, pad_token_id)
+    base = response_log_probs(base_model, samples, batch_size, pad_token_id)
+    return [float(k3_kl(a, b).mean()) if len(a) else 0.0 for a, b in zip(ft, base)]
+
+
+def summarize(values) -> dict:
+    """mean, std (population), min, max and count of a list of numbers."""
+    v = np.asarray(list(values), dtype=np.float64)
+    if v.size == 0:
+        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan, "count": 0}
+    return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()),
+            "max": float(v.max()), "count": int(v.size)}
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl(path: Path, records) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)

@@ -1,0 +1,88 @@
+"""Wrong input gets a clear error (what was wrong, what was expected, what to do) before any work."""
+import json
+import math
+
+import pytest
+
+from conftest import PYTHON, run_script
+from es_llm.models import ModelNotFoundError, load_model
+from es_llm.tasks import Task, conciseness_reward
+from es_llm.trainer import TrainConfig
+
+
+def config(**overrides):
+    return TrainConfig(task="conciseness", model_name="m", output_dir="o", **overrides)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"population_size": 0}, "population_size must be >= 1"),
+    ({"sigma": 0.0}, "sigma must be a positive number"),
+    ({"alpha": -1.0}, "alpha must be a positive number"),
+    ({"sigma": math.nan}, "sigma must be a positive number"),
+    ({"precision": "fp8"}, "precision must be one of"),
+    ({"noise_mode": "gaussian"}, "noise_mode must be one of"),
+    ({"gpu_threads": 0}, "gpu_threads must be >= 1"),
+])
+def test_invalid_settings_are_refused_with_the_reason(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config(**overrides).validate()
+
+
+def test_population_smaller_than_process_count_is_refused():
+    with pytest.raises(ValueError, match="smaller than the 4 processes"):
+        config(population_size=3).validate(num_processes=4)
+
+
+def test_unknown_model_offline_names_what_was_tried_and_the_bundled_model(monkeypatch):
+    with pytest.raises(ModelNotFoundError, match="bundled") as error:
+        load_model("no-such-org/no-such-model-xyz", "fp32")
+    assert "no-such-org/no-such-model-xyz" in str(error.value)
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        load_model("/nonexistent/model.gguf", "fp32")
+
+
+def test_unknown_precision_is_refused_by_the_loader():
+    with pytest.raises(ValueError, match="unknown precision"):
+        load_model("bundled", "int3")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_reward_names_the_seed_and_the_prompt(bad):
+    task = Task("t", ["prompt one", "prompt two"], lambda prompts, completions, **_: [1.0, bad])
+    with pytest.raises(ValueError, match=r"seed 1234 on prompt 'prompt two'"):
+        task.score(["a", "b"], seed=1234)
+
+
+def test_task_columns_must_match_the_prompts():
+    with pytest.raises(ValueError, match="one per prompt"):
+        Task("t", ["a", "b"], conciseness_reward, {"target": ["x"]})
+
+
+@pytest.mark.slow
+def test_data_sample_larger_than_the_train_split_is_refused():
+    proc = run_script([PYTHON, "countdown/es_fine-tuning_countdown.py", "--model_name", "x",
+                       "--data_sample", "5000"], check=False)
+    assert proc.returncode != 0
+    assert "200" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_not_overwritten_without_overwrite(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    args = [PYTHON, "es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir),
+            "--num_iterations", "1", "--population_size", "2", "--max_new_tokens", "2",
+            "--gpu_threads", "1", "--precision", "fp32", "--output_dir", str(out)]
+    run_script(args)
+    before = (out / "model.safetensors").read_bytes()
+    proc = run_script(args, check=False)
+    assert proc.returncode != 0 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "model.safetensors").read_bytes() == before
+    run_script(args + ["--overwrite"])
+
+
+@pytest.mark.slow
+def test_bad_flags_exit_before_loading_a_model(tmp_path):
+    proc = run_script([PYTHON, "es_fine-tuning_conciseness.py", "--model_name", "bundled",
+                       "--sigma", "-1", "--output_dir", str(tmp_path / "o")], check=False)
+    assert proc.returncode != 0 and "sigma must be a positive number" in proc.stderr
+    assert not (tmp_path / "o").exists()
