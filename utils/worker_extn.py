@@ -1,0 +1,130 @@
+"""vLLM worker extension: the ES weight operations inside a vLLM worker.
+
+`LLM(..., worker_extension_cls="utils.worker_extn.WorkerExtension")` gives the worker these methods,
+called through `LLM.collective_rpc`:
+
+    es_setup(layout, noise_mode, master_weights)  map the HF parameter names onto the worker's tensors
+    es_weight_op(name, *args)                      run one operation of utils.engines.WeightSet:
+                                                   perturb, restore, update, init_collective,
+                                                   broadcast, state_dict, load_state_dict,
+                                                   fingerprint, names
+
+HF names. vLLM fuses q_proj/k_proj/v_proj into qkv_proj and gate_proj/up_proj into gate_up_proj (the
+model's `packed_modules_mapping`). Each HF tensor is a view of its rows of the fused tensor (tensor
+parallel 1), so perturbing it perturbs what vLLM computes with, noise tensor k is the same as in an HF
+model, and `state_dict()` has HF names: a saved `.pth` loads into transformers with no renaming.
+
+The CPU trap. After loading, vLLM's CPU backend prepacks every unquantised linear layer for its GEMM
+kernel (oneDNN, sgl-kernel or zentorch) and, by default, replaces `layer.weight` with an empty tensor;
+the layer then computes with the packed copy alone, so changing the parameters changes nothing but
+embeddings and norms. Importing this module (vLLM imports it when it builds the worker, before the
+model loads; VLLMEngine imports it earlier still) makes that dispatch keep the weights
+(`remove_weight=False`), and every change of weights re-dispatches the packed layers, so the packed
+copies follow the weights. The embedding that doubles as the tied lm_head is packed the same way
+(vLLM keeps its weight) and is re-dispatched too. On GPU nothing is packed: layers read their
+parameters directly and nothing needs re-dispatching.
+"""
+import torch
+
+from utils.engines import WEIGHT_OPS, WeightSet
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _keep_cpu_linear_weights() -> None:
+    """Make vLLM's CPU GEMM dispatch keep layer.weight (idempotent)."""
+    if not _on_cpu():
+        return
+    from vllm.model_executor.layers import utils as layer_utils
+
+    if getattr(layer_utils.dispatch_cpu_unquantized_gemm, "es_keeps_weights", False):
+        return
+    original = layer_utils.dispatch_cpu_unquantized_gemm
+
+    def dispatch_keeping_weights(layer, remove_weight: bool = False):
+        return original(layer, remove_weight=False)
+
+    dispatch_keeping_weights.es_keeps_weights = True
+    dispatch_keeping_weights.original = original
+    layer_utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weights
+
+
+_keep_cpu_linear_weights()
+
+
+def packed_cpu_layers(model) -> list:
+    """The layers vLLM's CPU backend computes with through a packed copy of a 2-D weight."""
+    return [m for m in model.modules()
+            if hasattr(m, "cpu_linear") and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.ndim == 2 and not getattr(m, "_cpu_skip_gemm_dispatch", False)]
+
+
+def redispatch(layers) -> None:
+    """Re-pack each layer from its current weight."""
+    from vllm.model_executor.layers import utils as layer_utils
+
+    dispatch = getattr(layer_utils.dispatch_cpu_unquantized_gemm, "original",
+                       layer_utils.dispatch_cpu_unquantized_gemm)
+    for layer in layers:
+        dispatch(layer, remove_weight=False)
+
+
+def hf_named_tensors(model, layout: dict) -> list:
+    """[(HF name, view of the vLLM tensor holding it)] in the layout's (HF) order."""
+    modules = dict(model.named_modules())
+    packed = getattr(model, "packed_modules_mapping", None) or {}
+    index = {}
+    for vllm_name, param in model.named_parameters():
+        module_name, _, attr = vllm_name.rpartition(".")
+        parent, _, leaf = module_name.rpartition(".")
+        subs = packed.get(leaf)
+        sizes = getattr(modules.get(module_name), "output_sizes", None)
+        if subs and sizes and len(subs) == len(sizes):
+            offset = 0
+            for sub, size in zip(subs, sizes):
+                index[f"{parent}.{sub}.{attr}" if parent else f"{sub}.{attr}"] = (param, offset)
+                offset += size
+        else:
+            index[vllm_name] = (param, 0)
+    named = []
+    for name, shape in zip(layout["names"], layout["shapes"]):
+        if name not in index:
+            raise KeyError(f"the vLLM model has no tensor for the HF parameter {name!r}; this "
+                           f"architecture's names are not mapped (vLLM names such as "
+                           f"{list(index)[:4]})")
+        param, offset = index[name]
+        view = param.detach()
+        if view.ndim:
+            view = view[offset:offset + shape[0]]  # rows of a fused tensor (or of a padded vocab)
+        if list(view.shape) != list(shape):
+            raise ValueError(f"{name}: the vLLM tensor gives shape {list(view.shape)}, the HF model "
+                             f"has {list(shape)}; the accelerated trainer needs tensor parallel 1 "
+                             f"and an unquantised model")
+        named.append((name, view))
+    return named
+
+
+class WorkerExtension:
+    """Mixed into vLLM's worker class; `self.model_runner` is the worker's."""
+
+    def es_setup(self, layout: dict, noise_mode: str, master_weights: str = "none") -> int:
+        model = self.model_runner.get_model()
+        layers = packed_cpu_layers(model) if _on_cpu() else []
+        emptied = [n for n, m in model.named_modules() if m in layers and m.weight.numel() == 0]
+        if emptied:
+            raise RuntimeError(f"vLLM's CPU backend removed the weights of {len(emptied)} linear "
+                               f"layers (e.g. {emptied[0]}): utils.worker_extn was imported after "
+                               f"the model loaded, so its keep-weights patch came too late")
+        self.es_weights = WeightSet(lambda: hf_named_tensors(model, layout), noise_mode,
+                                    master_weights,
+                                    after_change=(lambda: redispatch(layers)) if layers else None)
+        return len(layout["names"])
+
+    def es_weight_op(self, name: str, *args):
+        if name not in WEIGHT_OPS:
+            raise ValueError(f"unknown weight operation {name!r}; expected one of {WEIGHT_OPS}")
+        return getattr(self.es_weights, name)(*args)
