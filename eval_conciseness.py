@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_data_path", default=str(DEFAULT_EVAL_DATA),
                    help='JSON list of {"prompt": ..., "target": ...} held-out items')
     p.add_argument("--num_samples", type=int, default=20, help="sampled responses per prompt")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature (the KL estimate is unbiased only at 1)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (1: off)")
     p.add_argument("--max_new_tokens", type=int, default=100)
     p.add_argument("--batch_size", type=int, default=4,
                    help="prompts per generate call (each with --num_samples responses)")
@@ -94,7 +95,7 @@ def evaluate(args) -> dict:
                        top_p=args.top_p, desc="sampling")
     generation_s = time.time() - start
     targets = [items[s.prompt_index]["target"] for s in samples]
-    rewards = conciseness_reward(None, [s.response for s in samples], targets)
+    rewards = conciseness_reward([s.prompt for s in samples], [s.response for s in samples], targets)
     if is_base:
         kls = [0.0] * len(samples)  # the model is its own base
     else:

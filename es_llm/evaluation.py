@@ -6,6 +6,8 @@ responses, token by token, with the k3 estimator (MISSION.md section 2):
     ratio = p_base(y_t | x, y_<t) / p_ft(y_t | x, y_<t),   kl_t = ratio - log(ratio) - 1  (>= 0),
 averaged over the response's tokens. Both models are scored at temperature 1 whatever temperature the
 responses were sampled with: the KL is between the models, not between the sampling distributions.
+The estimate is unbiased only for responses sampled from the fine-tuned model itself, i.e. with
+temperature 1 and top_p 1 (eval_conciseness.py's defaults).
 """
 import json
 import math

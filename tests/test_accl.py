@@ -1,0 +1,205 @@
+"""The accelerated trainer on the transformers engine: the update, the broadcast, the saved files,
+Ray across two engines, and clean shutdown."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import PYTHON, ROOT, run_script
+from es_llm.models import load_model
+from es_llm.strategy import es_update, normalize_rewards
+from utils.engines import (TransformersEngine, WeightSet, full_state_dict, hf_layout,
+                           save_hf_model)
+
+SCRIPT = str(ROOT / "es_fine-tuning_countdown_accl.py")
+SEEDS = [11, 2024, 777, 31337]
+REWARDS = [0.1, 0.6, 0.0, 1.1]
+PLAIN_FIELDS = {"iteration", "seeds", "rewards", "reward_mean", "reward_std", "reward_min",
+                "reward_max", "time_s"}
+
+
+def initial_params(model_dir):
+    model, _ = load_model(str(model_dir), "fp32")
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def engine(model_dir, noise_mode="correlated", master_weights="none"):
+    return TransformersEngine(str(model_dir), "fp32", max_new_tokens=4, noise_mode=noise_mode,
+                              master_weights=master_weights)
+
+
+def max_diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("noise_mode", ["correlated", "iid"])
+@pytest.mark.parametrize("master_weights", ["none", "fp32"])
+def test_accelerated_update_equals_plain_es_update(tiny_model_dir, noise_mode, master_weights):
+    """N seeded additions of (alpha/N) z_i eps_i == the plain trainer's es_update (fp32, 1e-6)."""
+    e = engine(tiny_model_dir, noise_mode, master_weights)
+    z = normalize_rewards(REWARDS)
+    expected = initial_params(tiny_model_dir)
+    es_update(expected, SEEDS, z, 0.01, noise_mode)
+    e.update(SEEDS, z, 0.01)
+    got = list(e.model.parameters())
+    assert max_diff(got, expected) < 1e-6
+    assert max_diff(got, initial_params(tiny_model_dir)) > 1e-4  # the update did move the weights
+
+
+def test_restore_undoes_perturb(tiny_model_dir):
+    before = initial_params(tiny_model_dir)
+    exact = engine(tiny_model_dir, master_weights="fp32")
+    exact.perturb(5, 0.01)
+    assert max_diff(list(exact.model.parameters()), before) > 1e-4
+    exact.restore(5, 0.01)
+    assert max_diff(list(exact.model.parameters()), before) == 0.0
+    published = engine(tiny_model_dir)
+    published.perturb(5, 0.01)
+    published.restore(5, 0.01)
+    assert max_diff(list(published.model.parameters()), before) < 1e-6
+
+
+def test_weight_set_sees_views_of_fused_tensors():
+    """A view into a fused tensor (as vLLM's q/k/v) gets its own tensor's noise and saves alone."""
+    fused = torch.zeros(6, 3)
+    views = lambda: [("q", fused[:4]), ("k", fused[4:])]  # noqa: E731
+    weights = WeightSet(views, "iid")
+    weights.perturb(3, 1.0)
+    separate = [torch.zeros(4, 3), torch.zeros(2, 3)]
+    from es_llm.noise import add_noise
+    add_noise(separate, 3, 1.0, "iid")
+    assert torch.equal(fused, torch.cat(separate))
+    state = weights.state_dict()
+    assert state["k"].untyped_storage().nbytes() == 2 * 3 * 4
+
+
+def test_pth_has_hf_names_and_hf_directory_reloads_identically(tiny_model_dir, tmp_path):
+    e = engine(tiny_model_dir)
+    e.update(SEEDS, normalize_rewards(REWARDS), 0.01)
+    layout = hf_layout(str(tiny_model_dir))
+    state = full_state_dict(e.state_dict(), layout)
+    assert list(state) == list(e.model.state_dict())  # incl. the tied lm_head.weight
+    torch.save(state, tmp_path / "final_model.pth")
+    save_hf_model(state, str(tiny_model_dir), tmp_path / "final_model", "fp32")
+    reloaded, tokenizer = load_model(str(tmp_path / "final_model"), "fp32")
+    assert tokenizer.pad_token is not None
+    pth = torch.load(tmp_path / "final_model.pth")
+    hf = reloaded.state_dict()
+    assert set(hf) == set(pth)
+    for name in pth:
+        assert torch.equal(hf[name], pth[name]), name
+
+
+def test_bad_model_is_a_clear_error_before_ray_starts(tmp_path):
+    proc = run_script([PYTHON, SCRIPT, "--model_name", str(tmp_path / "missing"), "--engine",
+                       "transformers", "--experiment_dir", str(tmp_path)], check=False)
+    assert proc.returncode != 0
+    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Ray" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_ray_engines_identical_after_broadcast_and_update_equals_plain(tiny_model_dir):
+    import ray
+
+    from countdown.countdown_task import make_task
+    from utils.engine_pool import EnginePool, start_ray
+
+    kwargs = {"model_path": str(tiny_model_dir), "precision": "fp32", "max_new_tokens": 4,
+              "noise_mode": "iid"}
+    start_ray("local", num_cpus=2)
+    pool = None
+    try:
+        pool = EnginePool("transformers", 2, kwargs, make_task(2), use_gpu=False)
+        results = pool.evaluate(SEEDS, 0.001)
+        assert [set(r) >= {"reward", "perturb_s", "generate_s"} for r in results] == [True] * 4
+        # Knock engine 1 off the shared weights, so that the broadcast has to repair it.
+        ray.get(pool.actors[1].call.remote("perturb", 99, 0.05))
+        assert len(set(pool.call_all("fingerprint"))) == 2
+        z = normalize_rewards(REWARDS)
+        pool.update(SEEDS, z, 0.01)
+        pool.broadcast()
+        assert len(set(pool.call_all("fingerprint"))) == 1
+        expected = initial_params(tiny_model_dir)
+        es_update(expected, SEEDS, z, 0.01, "iid")
+        for state in pool.call_all("state_dict"):
+            assert max_diff(list(state.values()), expected) < 1e-6
+    finally:
+        if pool:
+            pool.shutdown()
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_two_engines_two_iterations_end_to_end(tiny_model_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    proc = run_script([PYTHON, SCRIPT, "--model_name", str(tiny_model_dir), "--engine",
+                       "transformers", "--num_engines", "2", "--population_size", "4",
+                       "--num_iterations", "2", "--max_new_tokens", "8", "--data_sample", "3",
+                       "--precision", "fp32", "--noise_mode", "iid", "--experiment_dir",
+                       str(tmp_path), "--run_name", "run"])
+    run = tmp_path / "run"
+    assert "Iteration 1/2, Time:" in proc.stdout and "Iteration 2/2, Time:" in proc.stdout
+    assert "all 2 engines identical" in proc.stdout
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2]
+    assert all(PLAIN_FIELDS | {"perturb_s", "broadcast_s"} <= set(r) for r in records)
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"reward/mean", "reward/std", "reward/min", "reward/max", "time/time", "time/perturb",
+            "time/broadcast"} <= tags
+    assert [e.step for e in events.Scalars("reward/mean")] == [1, 2]
+
+    # The final weights are the plain update replayed from the logged seeds and rewards.
+    expected = initial_params(tiny_model_dir)
+    for r in records:
+        es_update(expected, r["seeds"], normalize_rewards(r["rewards"]), 0.0005, "iid")
+    pth = torch.load(run / "final_model.pth")
+    reloaded, _ = load_model(str(run / "final_model"), "fp32")
+    assert list(pth) == list(reloaded.state_dict())
+    assert max_diff([pth[n] for n, _ in reloaded.named_parameters()], expected) < 1e-6
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, pth[name]), name
+
+
+def _session_processes(sid):
+    out = subprocess.run(["ps", "-o", "pid=", "-s", str(sid)], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_engines_and_ray(tiny_model_dir, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) leaves nothing running."""
+    proc = subprocess.Popen(
+        [PYTHON, SCRIPT, "--model_name", str(tiny_model_dir), "--engine", "transformers",
+         "--num_engines", "2", "--population_size", "2", "--num_iterations", "100000",
+         "--max_new_tokens", "4", "--data_sample", "2", "--precision", "fp32",
+         "--experiment_dir", str(tmp_path), "--run_name", "run"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Iteration 2/"):
+                break
+        else:
+            pytest.fail("the run ended before its second iteration:\n" + "".join(lines))
+        os.killpg(proc.pid, signal.SIGINT)
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=120) == 130, rest
+        assert "interrupted" in rest
+        deadline = time.time() + 30
+        while _session_processes(proc.pid) and time.time() < deadline:
+            time.sleep(1)
+        assert _session_processes(proc.pid) == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,140 @@
+"""One Ray actor per inference engine: placement, the seed queue, update and broadcast.
+
+Only seeds go out to the engines and only rewards (and timings) come back; the noise is regenerated
+from the seeds inside each engine. Engines sit in one placement group, one bundle each (a GPU and a
+CPU on GPU clusters, CPUs otherwise), so Ray places them on any node of the cluster that has room.
+"""
+import os
+import socket
+from collections import deque
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+ROOT = Path(__file__).resolve().parents[1]
+PLACEMENT_TIMEOUT_S = 300
+
+
+def _pythonpath() -> str:
+    """The repository first, so that workers import `utils`, `es_llm` and `countdown` from it."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+
+def start_ray(address: str = "local", verbose: bool = False, num_cpus=None) -> None:
+    """Start a private local Ray ("local") or join a running cluster ("auto" or host:port)."""
+    runtime_env = {"env_vars": {"PYTHONPATH": _pythonpath()}}
+    if address == "local":
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 log_to_driver=verbose, runtime_env=runtime_env)
+    else:
+        ray.init(address=address, log_to_driver=verbose, runtime_env=runtime_env)
+
+
+class EngineActor:
+    """Builds one engine in its own process and runs its methods for the driver."""
+
+    def __init__(self, kind: str, engine_kwargs: dict, task):
+        from utils.engines import make_engine
+
+        self.engine = make_engine(kind, **engine_kwargs)
+        self.engine.set_task(task)
+
+    def call(self, method: str, *args):
+        return getattr(self.engine, method)(*args)
+
+    def rendezvous(self):
+        """This node's address and a free port, to host the engines' collective group."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+
+def cpu_binding(num_engines: int) -> list:
+    """Disjoint core lists (as "0,1") for engines sharing this machine's CPUs."""
+    cores = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cores) // num_engines)
+    return [",".join(str(cores[(i * per + j) % len(cores)]) for j in range(per))
+            for i in range(num_engines)]
+
+
+class EnginePool:
+    """`num_engines` engines of one kind, each a Ray actor on its own bundle (its own GPU on GPUs)."""
+
+    def __init__(self, kind: str, num_engines: int, engine_kwargs: dict, task, use_gpu: bool,
+                 cpus_per_engine: int = 1, bind_cpus: bool = False):
+        self.actors, self.pg = [], None
+        bundle = {"CPU": cpus_per_engine, **({"GPU": 1} if use_gpu else {})}
+        self.pg = placement_group([dict(bundle) for _ in range(num_engines)], strategy="PACK")
+        try:
+            ray.get(self.pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"Ray could not place {num_engines} engines of {bundle} within "
+                f"{PLACEMENT_TIMEOUT_S} s; the cluster has {ray.cluster_resources()}. Lower "
+                f"--num_engines, or add nodes (ray start --address=HEAD:6379)") from None
+        binds = cpu_binding(num_engines) if bind_cpus else [None] * num_engines
+        remote = ray.remote(EngineActor)
+        for i in range(num_engines):
+            env = {"PYTHONPATH": _pythonpath()}
+            if binds[i]:
+                env["VLLM_CPU_OMP_THREADS_BIND"] = binds[i]
+            self.actors.append(remote.options(
+                num_cpus=cpus_per_engine, num_gpus=1 if use_gpu else 0,
+                runtime_env={"env_vars": env},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=i)).remote(kind, engine_kwargs, task))
+        self.call_all("names")  # waits until every engine has loaded (or raises its error)
+        host, port = ray.get(self.actors[0].rendezvous.remote())
+        backend = "nccl" if use_gpu else "gloo"
+        ray.get([a.call.remote("init_collective", host, port, rank, num_engines, backend)
+                 for rank, a in enumerate(self.actors)])
+
+    def call_all(self, method: str, *args) -> list:
+        return ray.get([a.call.remote(method, *args) for a in self.actors])
+
+    def call_main(self, method: str, *args):
+        return ray.get(self.actors[0].call.remote(method, *args))
+
+    def evaluate(self, seeds, sigma: float, on_result=None) -> list:
+        """Each member's result dict (reward, timings, first completion), in seed order; a seed
+        goes to whichever engine is free first."""
+        queue = deque(range(len(seeds)))
+        results = [None] * len(seeds)
+        running = {}
+
+        def submit(actor):
+            i = queue.popleft()
+            running[actor.call.remote("evaluate", int(seeds[i]), sigma)] = (i, actor)
+
+        for actor in self.actors[:len(seeds)]:
+            submit(actor)
+        while running:
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            i, actor = running.pop(ref)
+            results[i] = ray.get(ref)
+            if queue:
+                submit(actor)
+            if on_result:
+                on_result(i, results[i])
+        return results
+
+    def update(self, seeds, z, alpha: float) -> None:
+        """The update on engine 0 only; broadcast() then gives it to the others."""
+        self.call_main("update", [int(s) for s in seeds], [float(x) for x in z], alpha)
+
+    def broadcast(self) -> None:
+        self.call_all("broadcast", 0)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # already dead: nothing left to release
+                pass
+        self.actors = []
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
