@@ -86,3 +86,23 @@ def test_bad_flags_exit_before_loading_a_model(tmp_path):
                        "--sigma", "-1", "--output_dir", str(tmp_path / "o")], check=False)
     assert proc.returncode != 0 and "sigma must be a positive number" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_an_unwritable_output_dir_is_refused_before_training(tmp_path):
+    from es_llm.trainer import prepare_output_dir
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match="not writable"):
+        prepare_output_dir(config(output_dir=str(blocker / "run")))
+
+
+def test_missing_or_malformed_countdown_data_names_the_path_and_fields(tmp_path):
+    from countdown.countdown_task import load_countdown_data
+
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_countdown_data(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": 0, "numbers": [1, 2, 3]}]))
+    with pytest.raises(ValueError, match="context"):
+        load_countdown_data(bad, split="all")
