@@ -11,7 +11,7 @@ from es_llm.trainer import TrainConfig
 
 
 def config(**overrides):
-    return TrainConfig(task="conciseness", model_name="m", output_dir="o", **overrides)
+    return TrainConfig(**{"task": "conciseness", "model_name": "m", "output_dir": "o", **overrides})
 
 
 @pytest.mark.parametrize("overrides,message", [
