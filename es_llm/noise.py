@@ -3,8 +3,9 @@
 Workers exchange only seeds and rewards; the noise itself is never stored or shipped.
 
 Noise modes (MISSION.md section 1):
-    correlated  every tensor's generator is seeded with `seed` (the published default: tensors of the
-                same shape get identical noise)
+    correlated  every tensor's generator is seeded with `seed` (the published default): tensors of
+                the same shape get identical noise, so it is drawn once per shape and reused, which
+                gives the same bits as drawing it again for every tensor
     iid         the k-th tensor in `named_parameters()` order uses `seed + k`
 """
 import torch
@@ -29,15 +30,42 @@ def tensor_noise(like: torch.Tensor, seed: int, k: int, noise_mode: str, dtype=N
                        dtype=dtype or like.dtype)
 
 
+def per_tensor(tensors, noise_mode: str, make):
+    """Yield (tensor, make(k, tensor)) for every tensor; in correlated mode `make` runs once per
+    (shape, dtype, device), because its noise, and so its result, is the same for all of them."""
+    cache = {}
+    for k, tensor in enumerate(tensors):
+        if noise_mode != "correlated":
+            yield tensor, make(k, tensor)
+            continue
+        key = (tuple(tensor.shape), tensor.dtype, tensor.device)
+        if key not in cache:
+            cache[key] = make(k, tensor)
+        yield tensor, cache[key]
+
+
 @torch.no_grad()
-def add_noise(params, seed: int, scale: float, noise_mode: str) -> None:
+def add_noise(params, seed: int, scale: float, noise_mode: str, keep: bool = False):
     """The published perturbation: param += scale * eps, computed in the parameter's dtype.
 
     Called with +sigma to perturb and -sigma to restore; in bf16 the pair does not return the
     original weights exactly (each add rounds), which is the drift `MasterWeights` removes.
+    With `keep`, returns the added tensors so that `subtract_noise` restores without regenerating
+    them (bit-identical to adding -scale * eps, since negation is exact).
     """
-    for k, param in enumerate(params):
-        param.add_(tensor_noise(param, seed, k, noise_mode).mul_(scale))
+    added = []
+    for param, delta in per_tensor(
+            params, noise_mode, lambda k, p: tensor_noise(p, seed, k, noise_mode).mul_(scale)):
+        param.add_(delta)
+        if keep:
+            added.append(delta)
+    return added
+
+
+@torch.no_grad()
+def subtract_noise(params, added) -> None:
+    for param, delta in zip(params, added):
+        param.sub_(delta)
 
 
 class MasterWeights:
@@ -52,9 +80,10 @@ class MasterWeights:
 
     @torch.no_grad()
     def perturb(self, params, seed: int, sigma: float, noise_mode: str) -> None:
-        for k, (param, master) in enumerate(zip(params, self.tensors)):
-            noise = tensor_noise(master, seed, k, noise_mode)
-            param.copy_(noise.mul_(sigma).add_(master))
+        scaled = per_tensor(self.tensors, noise_mode,
+                            lambda k, m: tensor_noise(m, seed, k, noise_mode).mul_(sigma))
+        for param, (master, delta) in zip(params, scaled):
+            param.copy_(delta + master)
 
     @torch.no_grad()
     def copy_to(self, params) -> None:

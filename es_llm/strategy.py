@@ -5,7 +5,7 @@ can recompute the update exactly.
 """
 import torch
 
-from .noise import tensor_noise
+from .noise import per_tensor, tensor_noise
 
 
 def normalize_rewards(rewards) -> torch.Tensor:
@@ -24,9 +24,12 @@ def es_update(tensors, seeds, z, alpha: float, noise_mode: str) -> None:
     """
     n = len(seeds)
     weights = [float(zi) for zi in z]
-    for k, tensor in enumerate(tensors):
+
+    def step(k, tensor):
         update = torch.zeros_like(tensor)
         for seed, weight in zip(seeds, weights):
             update.add_(tensor_noise(tensor, seed, k, noise_mode).mul_(weight))
-        update.div_(n)
-        tensor.add_(update.mul_(alpha))
+        return update.div_(n).mul_(alpha)
+
+    for tensor, delta in per_tensor(tensors, noise_mode, step):
+        tensor.add_(delta)

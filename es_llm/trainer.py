@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .generation import Generator
 from .models import PRECISIONS, load_model
-from .noise import NOISE_MODES, MasterWeights, add_noise
+from .noise import NOISE_MODES, MasterWeights, add_noise, subtract_noise
 from .strategy import es_update, normalize_rewards
 
 SEED_HIGH = 2**30
@@ -107,27 +107,51 @@ class Population:
         self.models = [copy.deepcopy(model) for _ in range(cfg.gpu_threads)]
         self.params = [[p for _, p in m.named_parameters()] for m in self.models]
 
-    def perturb(self, slot: int, seed: int) -> None:
+    def perturb(self, slot: int, seed: int):
+        """Perturb a thread copy; returns what restore needs (the added noise, kept to save a pass)."""
         if self.masters:
             self.masters.perturb(self.params[slot], seed, self.cfg.sigma, self.cfg.noise_mode)
-        else:
-            add_noise(self.params[slot], seed, self.cfg.sigma, self.cfg.noise_mode)
+            return None
+        return add_noise(self.params[slot], seed, self.cfg.sigma, self.cfg.noise_mode, keep=True)
 
-    def restore(self, slot: int, seed: int) -> None:
+    def restore(self, slot: int, added) -> None:
         if self.masters:
             self.masters.copy_to(self.params[slot])
         else:
-            add_noise(self.params[slot], seed, -self.cfg.sigma, self.cfg.noise_mode)
+            subtract_noise(self.params[slot], added)
 
     def evaluate(self, slot: int, seed: int, generate, task):
-        """Mean reward of the member `seed` on every prompt, and its completions."""
-        self.perturb(slot, seed)
+        """Mean reward of the member `seed` on every prompt, its completions, and phase timings."""
+        t0 = time.perf_counter()
+        added = self.perturb(slot, seed)
+        t1 = time.perf_counter()
         try:
             completions = generate(self.models[slot],
                                    with_prompt=self.cfg.reward_on_prompt_and_response)
         finally:
-            self.restore(slot, seed)
-        return float(np.mean(task.score(completions, seed=seed))), completions
+            t2 = time.perf_counter()
+            self.restore(slot, added)
+        t3 = time.perf_counter()
+        reward = float(np.mean(task.score(completions, seed=seed)))
+        return reward, completions, {"noise": t1 - t0 + t3 - t2, "generate": t2 - t1}
+
+    def evaluate_members(self, members, seeds, generate, task, pool, on_result=None):
+        """Evaluate the members (population indices) this rank owns, `gpu_threads` at a time.
+
+        Returns {index: reward} and the summed phase timings (thread-seconds)."""
+        rewards, timings = {}, {"noise": 0.0, "generate": 0.0}
+        threads = len(self.models)
+        for chunk in range(0, len(members), threads):
+            batch = members[chunk:chunk + threads]
+            results = pool.map(lambda slot_i: self.evaluate(slot_i[0], seeds[slot_i[1]], generate, task),
+                               enumerate(batch))
+            for i, (reward, completions, spent) in zip(batch, results):
+                rewards[i] = reward
+                for phase, seconds in spent.items():
+                    timings[phase] += seconds
+                if on_result:
+                    on_result(i, reward, completions)
+        return rewards, timings
 
     @torch.no_grad()
     def update(self, seeds, z) -> None:
@@ -190,12 +214,15 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-def _iteration_record(iteration, seeds, rewards, seconds) -> dict:
+def _iteration_record(iteration, seeds, rewards, seconds, timings=None) -> dict:
+    """One line of metrics.jsonl; `timings` (this rank's seconds per phase) are added as time_<phase>_s."""
     r = np.asarray(rewards, dtype=np.float64)
-    return {"iteration": iteration, "seeds": [int(s) for s in seeds],
-            "rewards": [float(x) for x in r], "reward_mean": float(r.mean()),
-            "reward_std": float(r.std()), "reward_min": float(r.min()),
-            "reward_max": float(r.max()), "time_s": seconds}
+    record = {"iteration": iteration, "seeds": [int(s) for s in seeds],
+              "rewards": [float(x) for x in r], "reward_mean": float(r.mean()),
+              "reward_std": float(r.std()), "reward_min": float(r.min()),
+              "reward_max": float(r.max()), "time_s": seconds}
+    record.update({f"time_{phase}_s": value for phase, value in (timings or {}).items()})
+    return record
 
 
 def train(cfg: TrainConfig, task) -> Path:
@@ -260,23 +287,24 @@ def train(cfg: TrainConfig, task) -> Path:
                       accelerator)
             seeds = message[1:].tolist()
 
+            def show(i, reward, completions):
+                if cfg.verbose:
+                    tqdm.write(f"[rank {rank}] member {i} seed {seeds[i]}: reward {reward:.4f} "
+                               f"{completions[0][:120]!r}")
+
+            mine_rewards, timings = population.evaluate_members(mine, seeds, generate, task, pool,
+                                                                 show)
             rewards = torch.zeros(n, dtype=torch.float32, device=accelerator.device)
-            for chunk in range(0, len(mine), cfg.gpu_threads):
-                members = mine[chunk:chunk + cfg.gpu_threads]
-                results = pool.map(lambda args: population.evaluate(args[0], seeds[args[1]],
-                                                                    generate, task),
-                                   enumerate(members))
-                for i, (reward, completions) in zip(members, results):
-                    rewards[i] = reward
-                    if cfg.verbose:
-                        tqdm.write(f"[rank {rank}] member {i} seed {seeds[i]}: reward {reward:.4f} "
-                                   f"{completions[0][:120]!r}")
+            for i, reward in mine_rewards.items():
+                rewards[i] = reward
             if world > 1:
                 rewards = reduce(rewards, reduction="sum")
-            z = normalize_rewards(rewards.cpu())
-            population.update(seeds, z)
+            t_update = time.perf_counter()
+            population.update(seeds, normalize_rewards(rewards.cpu()))
+            timings["update"] = time.perf_counter() - t_update
 
-            record = _iteration_record(iteration, seeds, rewards.cpu().tolist(), time.time() - t0)
+            record = _iteration_record(iteration, seeds, rewards.cpu().tolist(), time.time() - t0,
+                                       timings)
             records.append(record)
             if is_main:
                 ckpt.append_metrics(out / ckpt.METRICS_FILE, record)

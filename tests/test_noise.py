@@ -70,3 +70,25 @@ def test_master_weights_perturbation_is_cast_from_fp32_master_plus_noise():
     expected = (params[0].float() * 0 + masters.tensors[0]
                 + 0.001 * reference_noise((8, 8), 9, torch.float32)).to(torch.bfloat16)
     assert torch.equal(params[0], expected)
+
+
+def naive_add(params, seed, scale, mode):
+    """The paper-style pass: regenerate every tensor's noise, no sharing."""
+    for k, p in enumerate(params):
+        p.add_(tensor_noise(p, seed, k, mode).mul_(scale))
+
+
+@pytest.mark.parametrize("mode", ["correlated", "iid"])
+def test_shared_and_kept_noise_give_the_same_bits_as_regenerating_it(mode):
+    from es_llm.noise import subtract_noise
+
+    torch.manual_seed(0)
+    shapes = [(16, 8), (8,), (16, 8), (8,), (4, 16)]
+    ours = [(torch.randn(s) * 0.05).to(torch.bfloat16) for s in shapes]
+    paper = [p.clone() for p in ours]
+    added = add_noise(ours, 99, 0.001, mode, keep=True)
+    naive_add(paper, 99, 0.001, mode)
+    assert all(torch.equal(a, b) for a, b in zip(ours, paper))
+    subtract_noise(ours, added)
+    naive_add(paper, 99, -0.001, mode)
+    assert all(torch.equal(a, b) for a, b in zip(ours, paper))

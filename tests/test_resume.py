@@ -24,7 +24,7 @@ def conciseness(model_dir, out, iterations, *extra):
 
 
 def metrics(out):
-    return [{k: v for k, v in json.loads(line).items() if k != "time_s"}
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time_")}
             for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 

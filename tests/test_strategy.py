@@ -64,3 +64,21 @@ def test_bf16_update_of_small_alpha_leaves_most_weights_unchanged_but_fp32_moves
     es_update(fp32, list(range(30)), z, 0.0005, "correlated")
     assert (bf16[0] != weights.to(torch.bfloat16)).float().mean() < 0.5
     assert (fp32[0] != weights).float().mean() > 0.99
+
+
+def test_shared_update_per_shape_gives_the_same_bits_as_the_per_tensor_loop():
+    from es_llm.noise import tensor_noise
+
+    torch.manual_seed(0)
+    shapes = [(16, 8), (8,), (16, 8), (8,)]
+    ours = [(torch.randn(s) * 0.05).to(torch.bfloat16) for s in shapes]
+    paper = [p.clone() for p in ours]
+    seeds, z = [3, 4, 5], normalize_rewards([1.0, -2.0, 0.5])
+    es_update(ours, seeds, z, 0.0005, "correlated")
+    for k, t in enumerate(paper):
+        update = torch.zeros_like(t)
+        for seed, zi in zip(seeds, z.tolist()):
+            update.add_(tensor_noise(t, seed, k, "correlated").mul_(zi))
+        update.div_(len(seeds))
+        t.add_(update.mul_(0.0005))
+    assert all(torch.equal(a, b) for a, b in zip(ours, paper))

