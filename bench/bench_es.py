@@ -1,0 +1,260 @@
+"""Benchmark one ES iteration on CPU: a literal paper-style loop, our trainer's paths, and the roofline.
+
+    python bench/bench_es.py                      # population 30, the two conciseness prompts, 100 tokens
+    python bench/bench_es.py --scaling            # add the population and token scaling tables
+    python bench/bench_es.py --population_size 8 --max_new_tokens 20 --iterations 1   # a quick look
+
+Everything runs in one process, one after the other, from the same initial weights and the same seeds.
+Prints a markdown table and writes it (with machine, versions and command) to --output.
+"""
+import argparse
+import platform
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+from es_llm.generation import Generator  # noqa: E402
+from es_llm.models import load_model  # noqa: E402
+from es_llm.noise import tensor_noise  # noqa: E402
+from es_llm.strategy import normalize_rewards  # noqa: E402
+from es_llm.tasks import Task, conciseness_reward  # noqa: E402
+from es_llm.trainer import Population, TrainConfig  # noqa: E402
+
+PROMPTS = ["Solve: 3 + 5 =", "If all birds can fly and penguins are birds, can penguins fly?"]
+TARGETS = ["8", "No"]
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self):
+        self.peak, self.running = self.rss(), True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    @staticmethod
+    def rss() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+@torch.no_grad()
+def paper_style_iteration(canonical, scratch, seeds, generate, task, sigma, alpha, noise_mode):
+    """MISSION.md section 1, literally: one member at a time, noise regenerated to perturb and again to
+    restore by subtraction, and the update regenerating every member's noise in the parameter dtype."""
+    params, base = list(scratch.parameters()), list(canonical.parameters())
+    timings, rewards = {"noise": 0.0, "generate": 0.0, "update": 0.0}, []
+    for seed in seeds:
+        t0 = time.perf_counter()
+        for k, p in enumerate(params):
+            p.add_(tensor_noise(p, seed, k, noise_mode).mul_(sigma))
+        t1 = time.perf_counter()
+        completions = generate(scratch)
+        t2 = time.perf_counter()
+        for k, p in enumerate(params):
+            p.add_(tensor_noise(p, seed, k, noise_mode).mul_(-sigma))
+        timings["noise"] += t1 - t0 + time.perf_counter() - t2
+        timings["generate"] += t2 - t1
+        rewards.append(float(np.mean(task.score(completions, seed=seed))))
+    t0 = time.perf_counter()
+    z = normalize_rewards(rewards).tolist()
+    for k, p in enumerate(base):
+        update = torch.zeros_like(p)
+        for seed, zi in zip(seeds, z):
+            update.add_(tensor_noise(p, seed, k, noise_mode).mul_(zi))
+        update.div_(len(seeds))
+        p.add_(update.mul_(alpha))
+    for dst, src in zip(params, base):
+        dst.copy_(src)
+    timings["update"] = time.perf_counter() - t0
+    return timings
+
+
+def our_iteration(population, seeds, generate, task, pool):
+    rewards, timings = population.evaluate_members(list(range(len(seeds))), seeds, generate, task, pool)
+    t0 = time.perf_counter()
+    population.update(seeds, normalize_rewards([rewards[i] for i in range(len(seeds))]))
+    timings["update"] = time.perf_counter() - t0
+    return timings
+
+
+def measure(name, args, step, generate, rng_seed):
+    """Warm-up iterations, then timed ones; returns a row of the table."""
+    rng = np.random.RandomState(rng_seed)
+    rows = []
+    with PeakRSS() as memory:
+        for i in range(args.warmup + args.iterations):
+            seeds = rng.randint(0, 2**30, size=args.population_size, dtype=np.int64).tolist()
+            tokens_before = generate.tokens_generated
+            t0 = time.perf_counter()
+            timings = step(seeds)
+            seconds = time.perf_counter() - t0
+            if i >= args.warmup:
+                rows.append((seconds, timings, generate.tokens_generated - tokens_before))
+    seconds = float(np.mean([r[0] for r in rows]))
+    phases = {k: float(np.mean([r[1].get(k, 0.0) for r in rows])) for k in ("generate", "noise", "update")}
+    tokens = float(np.mean([r[2] for r in rows]))
+    print(f"  {name}: {seconds:.2f} s/iteration", flush=True)
+    return {"name": name, "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_gb": memory.peak / 2**30,
+            **{f"share_{k}": v / seconds for k, v in phases.items()}}
+
+
+def weights_of(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def run_configs(args):
+    task = Task("conciseness", PROMPTS[:args.prompts] * ((args.prompts + 1) // 2), conciseness_reward,
+                {"target": (TARGETS * args.prompts)[:args.prompts]})
+    results, identical = [], {}
+    for precision in args.precisions:
+        model, tokenizer = load_model(args.model_name, precision)
+        generate = Generator(tokenizer, task.prompts, args.max_new_tokens)
+        initial = weights_of(model)
+        final = {}
+        if precision == args.precisions[0]:
+            # The literal reference loop: a canonical model and one scratch copy.
+            import copy
+            scratch = copy.deepcopy(model)
+            results.append(measure(f"paper-style loop, {precision}", args, lambda seeds: paper_style_iteration(
+                model, scratch, seeds, generate, task, args.sigma, args.alpha, args.noise_mode), generate, 0))
+            final["paper"] = weights_of(model)
+            del scratch
+        for master in args.master_weights:
+            with torch.no_grad():
+                for p, w in zip(model.parameters(), initial):
+                    p.copy_(w)
+            cfg = TrainConfig(task="bench", model_name=args.model_name, output_dir="-", sigma=args.sigma,
+                              alpha=args.alpha, population_size=args.population_size, gpu_threads=1,
+                              noise_mode=args.noise_mode, master_weights=master, precision=precision)
+            population = Population(model, cfg)
+            label = f"ours, {precision}" + (", --master_weights fp32" if master == "fp32" else "")
+            with ThreadPoolExecutor(1) as pool:
+                results.append(measure(label, args, lambda seeds: our_iteration(
+                    population, seeds, generate, task, pool), generate, 0))
+            final[master] = weights_of(model)
+            del population
+        if "paper" in final and "none" in final:
+            identical[precision] = all(torch.equal(a, b) for a, b in zip(final["paper"], final["none"]))
+        # The roofline: the unperturbed model, all sequences in one batch, and one member at a time.
+        batched = Generator(tokenizer, task.prompts * args.population_size, args.max_new_tokens)
+        results.append(measure(f"roofline: one batched generate of all {args.population_size * len(task.prompts)} "
+                               f"sequences, {precision}", args, lambda seeds: {"generate": _timed(batched, model)},
+                               batched, 0))
+        results.append(measure(f"roofline: generate one member at a time, {precision}", args,
+                               lambda seeds: {"generate": sum(_timed(generate, model) for _ in seeds)}, generate, 0))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for k, p in enumerate(model.parameters()):
+                tensor_noise(p, 1, k, "iid")
+        results.append({"name": f"one noise pass over all weights, {precision}",
+                        "seconds": time.perf_counter() - t0})
+        del model
+    return results, identical
+
+
+def _timed(generate, model):
+    t0 = time.perf_counter()
+    generate(model)
+    return time.perf_counter() - t0
+
+
+def table(results, reference) -> str:
+    lines = ["| configuration | s / iteration | vs paper-style | tokens / s | generate | noise | update | peak RSS (GiB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "share_generate" not in r:
+            lines.append(f"| {r['name']} | {r['seconds']:.2f} | | | | | | |")
+            continue
+        lines.append(f"| {r['name']} | {r['seconds']:.2f} | {reference / r['seconds']:.2f}x | "
+                     f"{r['tokens_per_s']:.0f} | {r['share_generate']:.0%} | {r['share_noise']:.0%} | "
+                     f"{r['share_update']:.0%} | {r['peak_gb']:.2f} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name", default="bundled")
+    p.add_argument("--population_size", type=int, default=30)
+    p.add_argument("--prompts", type=int, default=2, help="how many conciseness prompts (cycled)")
+    p.add_argument("--max_new_tokens", type=int, default=100)
+    p.add_argument("--iterations", type=int, default=2, help="timed iterations per configuration")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--sigma", type=float, default=0.001)
+    p.add_argument("--alpha", type=float, default=0.0005)
+    p.add_argument("--noise_mode", default="correlated", choices=["correlated", "iid"])
+    p.add_argument("--precisions", nargs="+", default=["bf16", "fp32"])
+    p.add_argument("--master_weights", nargs="+", default=["none", "fp32"])
+    p.add_argument("--scaling", action="store_true", help="also time our default path against population and tokens")
+    p.add_argument("--output", default=None, help="markdown file to write (default: print only)")
+    args = p.parse_args()
+
+    torch.set_grad_enabled(False)
+    results, identical = run_configs(args)
+    reference = results[0]["seconds"]
+    report = [table(results, reference)]
+    report.append("\nWeights after the timed iterations identical to the paper-style loop's: "
+                  + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in identical.items()))
+    by_name = {r["name"]: r for r in results}
+    first = args.precisions[0]
+    ours = by_name[f"ours, {first}"]["seconds"]
+    one_at_a_time = by_name[f"roofline: generate one member at a time, {first}"]["seconds"]
+    noise_pass = by_name[f"one noise pass over all weights, {first}"]["seconds"]
+    bound = one_at_a_time + args.population_size * noise_pass
+    report.append(f"\nTargets ({first}): ours vs paper-style {reference / ours:.2f}x (target >= 1.3x); "
+                  f"ours / (generation one member at a time + one noise pass per member) = "
+                  f"{ours / bound:.2f} (target <= 1.5)")
+    if args.scaling:
+        report.append("\n" + scaling(args))
+    text = "\n".join(report)
+    print("\n" + text)
+    if args.output:
+        header = (f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+                  f"Python {platform.python_version()}, torch {torch.__version__}\n\n"
+                  f"Command: `python {' '.join(sys.argv)}`\n\n")
+        Path(args.output).write_text(header + text + "\n")
+
+
+def scaling(args) -> str:
+    task_prompts = PROMPTS
+    model, tokenizer = load_model(args.model_name, args.precisions[0])
+    task = Task("conciseness", task_prompts, conciseness_reward, {"target": TARGETS})
+    lines = ["| population | max new tokens | s / iteration | s / member | peak RSS (GiB) |", "|---|---|---|---|---|"]
+    cases = [(n, args.max_new_tokens) for n in (8, 16, 30)]
+    cases += [(args.population_size, t) for t in (args.max_new_tokens // 4, args.max_new_tokens // 2)]
+    for n, tokens in cases:
+        generate = Generator(tokenizer, task.prompts, tokens)
+        cfg = TrainConfig(task="bench", model_name=args.model_name, output_dir="-", sigma=args.sigma,
+                          alpha=args.alpha, population_size=n, gpu_threads=1, noise_mode=args.noise_mode,
+                          precision=args.precisions[0])
+        population = Population(model, cfg)
+        sub = argparse.Namespace(**{**vars(args), "population_size": n, "iterations": 1, "warmup": 0})
+        with ThreadPoolExecutor(1) as pool:
+            r = measure(f"scaling {n} x {tokens}", sub, lambda seeds: our_iteration(
+                population, seeds, generate, task, pool), generate, 1)
+        lines.append(f"| {n} | {tokens} | {r['seconds']:.2f} | {r['seconds'] / n:.2f} | {r['peak_gb']:.2f} |")
+        del population
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
