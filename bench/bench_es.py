@@ -4,6 +4,10 @@
     python bench/bench_es.py --scaling            # add the population and token scaling tables
     python bench/bench_es.py --population_size 8 --max_new_tokens 20 --iterations 1   # a quick look
 
+The lowrank rows (`--noise_mode lowrank`: the whole population in batched generate calls) come with
+a table at populations 64 and 128 (`--lowrank_populations`), each against one plain batched generate
+of the same number of sequences.
+
 Everything runs in one process, one after the other, from the same initial weights and the same seeds.
 Prints a markdown table and writes it (with machine, versions and command) to --output.
 """
@@ -91,6 +95,7 @@ def paper_style_iteration(canonical, scratch, seeds, generate, task, sigma, alph
 
 def our_iteration(population, seeds, generate, task, pool):
     rewards, timings = population.evaluate_members(list(range(len(seeds))), seeds, generate, task, pool)
+    timings["evaluate"] = timings["noise"] + timings["generate"]  # lowrank: one thread, so wall time
     t0 = time.perf_counter()
     population.update(seeds, normalize_rewards([rewards[i] for i in range(len(seeds))]))
     timings["update"] = time.perf_counter() - t0
@@ -115,7 +120,15 @@ def measure(name, args, step, generate, rng_seed):
     tokens = float(np.mean([r[2] for r in rows]))
     print(f"  {name}: {seconds:.2f} s/iteration", flush=True)
     return {"name": name, "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_gb": memory.peak / 2**30,
+            "evaluate_s": float(np.mean([r[1].get("evaluate", r[0]) for r in rows])),
             **{f"share_{k}": v / seconds for k, v in phases.items()}}
+
+
+def lowrank_population(model, args, population_size, precision):
+    cfg = TrainConfig(task="bench", model_name=args.model_name, output_dir="-", sigma=args.sigma,
+                      alpha=args.alpha, population_size=population_size, gpu_threads=1, noise_mode="lowrank",
+                      rank=args.rank, lowrank_batch=args.lowrank_batch, precision=precision)
+    return Population(model, cfg)
 
 
 def weights_of(model):
@@ -155,6 +168,14 @@ def run_configs(args):
             del population
         if "paper" in final and "none" in final:
             identical[precision] = all(torch.equal(a, b) for a, b in zip(final["paper"], final["none"]))
+        with torch.no_grad():
+            for p, w in zip(model.parameters(), initial):
+                p.copy_(w)
+        population = lowrank_population(model, args, args.population_size, precision)
+        with ThreadPoolExecutor(1) as pool:
+            results.append(measure(f"ours, lowrank rank {args.rank}, {precision}", args, lambda seeds: our_iteration(
+                population, seeds, generate, task, pool), generate, 0))
+        del population
         # The roofline: the unperturbed model, all sequences in one batch, and one member at a time.
         batched = Generator(tokenizer, task.prompts * args.population_size, args.max_new_tokens)
         results.append(measure(f"roofline: one batched generate of all {args.population_size * len(task.prompts)} "
@@ -201,7 +222,12 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--sigma", type=float, default=0.001)
     p.add_argument("--alpha", type=float, default=0.0005)
-    p.add_argument("--noise_mode", default="correlated", choices=["correlated", "iid"])
+    p.add_argument("--noise_mode", default="correlated", choices=["correlated", "iid"],
+                   help="noise of the paper-style loop and of our full-rank rows")
+    p.add_argument("--rank", type=int, default=1, help="rank of the lowrank rows")
+    p.add_argument("--lowrank_batch", type=int, default=256, help="sequences per batched generate call (lowrank)")
+    p.add_argument("--lowrank_populations", type=int, nargs="*", default=[64, 128],
+                   help="populations of the lowrank scaling table (none: skip it)")
     p.add_argument("--precisions", nargs="+", default=["bf16", "fp32"])
     p.add_argument("--master_weights", nargs="+", default=["none", "fp32"])
     p.add_argument("--scaling", action="store_true", help="also time our default path against population and tokens")
@@ -223,6 +249,14 @@ def main():
     report.append(f"\nTargets ({first}): ours vs paper-style {reference / ours:.2f}x (target >= 1.3x); "
                   f"ours / (generation one member at a time + one noise pass per member) = "
                   f"{ours / bound:.2f} (target <= 1.5)")
+    lowrank = by_name[f"ours, lowrank rank {args.rank}, {first}"]
+    batched = next(r["seconds"] for r in results
+                   if r["name"].startswith("roofline: one batched generate") and r["name"].endswith(f", {first}"))
+    report.append(f"Targets ({first}, lowrank): iteration vs paper-style {reference / lowrank['seconds']:.2f}x "
+                  f"(target >= 10x); population evaluation throughput / one plain batched generate of the same "
+                  f"sequences = {batched / lowrank['evaluate_s']:.0%} (target >= 80%)")
+    if args.lowrank_populations:
+        report.append("\n" + lowrank_scaling(args))
     if args.scaling:
         report.append("\n" + scaling(args))
     text = "\n".join(report)
@@ -232,6 +266,33 @@ def main():
                   f"Python {platform.python_version()}, torch {torch.__version__}\n\n"
                   f"Command: `python {' '.join(sys.argv)}`\n\n")
         Path(args.output).write_text(header + text + "\n")
+
+
+def lowrank_scaling(args) -> str:
+    """Lowrank at larger populations (first precision), each against one plain batched generate of the same
+    number of sequences."""
+    precision = args.precisions[0]
+    model, tokenizer = load_model(args.model_name, precision)
+    task = Task("conciseness", PROMPTS, conciseness_reward, {"target": TARGETS})
+    generate = Generator(tokenizer, task.prompts, args.max_new_tokens)
+    lines = [f"Lowrank rank {args.rank}, {precision}, {args.max_new_tokens} new tokens, up to {args.lowrank_batch} "
+             f"sequences per generate call:\n",
+             "| population | sequences | s / iteration | evaluation s | plain batched generate s | throughput vs plain "
+             "| update s | peak RSS (GiB) |", "|---|---|---|---|---|---|---|---|"]
+    for n in args.lowrank_populations:
+        sub = argparse.Namespace(**{**vars(args), "population_size": n, "iterations": 1,
+                                    "warmup": min(args.warmup, 1)})
+        population = lowrank_population(model, args, n, precision)
+        with ThreadPoolExecutor(1) as pool:
+            r = measure(f"lowrank {n}", sub, lambda seeds: our_iteration(population, seeds, generate, task, pool),
+                        generate, 2)
+        del population
+        batched = Generator(tokenizer, task.prompts * n, args.max_new_tokens)
+        plain = measure(f"plain batched generate of {n * len(task.prompts)} sequences", sub,
+                        lambda seeds: {"generate": _timed(batched, model)}, batched, 2)["seconds"]
+        lines.append(f"| {n} | {n * len(task.prompts)} | {r['seconds']:.2f} | {r['evaluate_s']:.2f} | {plain:.2f} | "
+                     f"{plain / r['evaluate_s']:.0%} | {r['share_update'] * r['seconds']:.2f} | {r['peak_gb']:.2f} |")
+    return "\n".join(lines)
 
 
 def scaling(args) -> str:

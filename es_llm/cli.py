@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from .models import BUNDLED_MODEL, PRECISIONS, ModelNotFoundError, model_short_name
-from .noise import NOISE_MODES
-from .trainer import TrainConfig, train
+from .lowrank import LOWRANK
+from .shaping import FITNESS_SHAPINGS
+from .trainer import TRAINER_NOISE_MODES, TrainConfig, train
 
 # Errors that are the user's to fix: reported as one clear message, without a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ModelNotFoundError)
@@ -39,7 +40,20 @@ def build_parser(description: str, constants: dict) -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=c["ALPHA"], help="learning rate (1/sigma folded in)")
     p.add_argument("--max_new_tokens", type=int, default=c["max_new_tokens"])
     p.add_argument("--initial_seed", type=int, default=c["initial_seed"])
-    p.add_argument("--noise_mode", default=c["NOISE_MODE"], choices=NOISE_MODES)
+    p.add_argument("--noise_mode", default=c["NOISE_MODE"], choices=TRAINER_NOISE_MODES,
+                   help="correlated: one seed for every tensor (published); iid: seed + k for the "
+                        "k-th tensor; lowrank: rank-R perturbations of the 2-D weights, the whole "
+                        "population evaluated in batched generate calls on one model")
+    p.add_argument("--rank", type=int, default=1,
+                   help="lowrank: rank R of each 2-D weight's perturbation sigma * A B^T / sqrt(R)")
+    p.add_argument("--lowrank_batch", type=int, default=256,
+                   help="lowrank: most sequences (members x prompts) per batched generate call, the "
+                        "memory budget; a call holds max(1, this // prompts) members")
+    p.add_argument("--antithetic", action="store_true",
+                   help="members come in +/- pairs sharing a seed (population_size must be even)")
+    p.add_argument("--fitness_shaping", default="zscore", choices=FITNESS_SHAPINGS,
+                   help="zscore: (r - mean) / std (published); centered_rank: ranks scaled to "
+                        "[-0.5, 0.5], ties sharing their mean rank")
     p.add_argument("--master_weights", default="none", choices=["none", "fp32"],
                    help="fp32: keep fp32 master weights; exact restore, update accumulated in fp32")
     p.add_argument("--output_dir", default=None,
@@ -62,12 +76,21 @@ def build_parser(description: str, constants: dict) -> argparse.ArgumentParser:
 
 def default_output_dir(args, num_questions: int) -> str:
     """The published naming: model, seed, population, iterations, sigma, alpha, precision, threads,
-    question count (plus the noise mode when it is not the default)."""
+    question count (plus the noise mode, antithetic sampling and fitness shaping when they are not
+    the defaults)."""
     name = (f"{model_short_name(args.model_name)}_es_random_seed{args.initial_seed}"
             f"_pop{args.population_size}_iter{args.num_iterations}_sigma{args.sigma}"
             f"_alpha{args.alpha}_{args.precision}_threads{args.gpu_threads}"
             f"_question_num{num_questions}")
-    return name if args.noise_mode == "correlated" else f"{name}_{args.noise_mode}"
+    if args.noise_mode != "correlated":
+        name += f"_{args.noise_mode}"
+    if args.noise_mode == LOWRANK:
+        name += f"_rank{args.rank}"
+    if args.antithetic:
+        name += "_antithetic"
+    if args.fitness_shaping != "zscore":
+        name += f"_{args.fitness_shaping}"
+    return name
 
 
 def config_from_args(args, task_name: str, num_questions: int) -> TrainConfig:

@@ -19,10 +19,17 @@ class Generator:
     @torch.inference_mode()
     def __call__(self, model, with_prompt: bool = False) -> list:
         """Decoded continuations (or prompt + continuation when `with_prompt`), one per prompt."""
-        texts = []
+        return self.repeated(model, 1, with_prompt)[0]
+
+    @torch.inference_mode()
+    def repeated(self, model, copies: int, with_prompt: bool = False) -> list:
+        """`copies` lists of decoded continuations, one per prompt, from batched calls whose rows are
+        the prompts repeated copy-major (copy 0's prompts, then copy 1's, ...): the layout a
+        batched low-rank population expects."""
+        texts = [[] for _ in range(copies)]
         config = model.generation_config
         for batch in self.batches:
-            batch = batch.to(model.device)
+            batch = {k: v.to(model.device).repeat(copies, 1) for k, v in batch.items()}
             out = model.generate(**batch, max_new_tokens=self.max_new_tokens,
                                  do_sample=self.do_sample,
                                  pad_token_id=self.tokenizer.pad_token_id,
@@ -32,5 +39,8 @@ class Generator:
             new = out[:, batch["input_ids"].shape[1]:]
             self.tokens_generated += int((new != self.tokenizer.pad_token_id).sum())
             start = 0 if with_prompt else batch["input_ids"].shape[1]
-            texts += self.tokenizer.batch_decode(out[:, start:], skip_special_tokens=True)
+            decoded = self.tokenizer.batch_decode(out[:, start:], skip_special_tokens=True)
+            rows = len(decoded) // copies
+            for i in range(copies):
+                texts[i] += decoded[i * rows:(i + 1) * rows]
         return texts

@@ -15,14 +15,15 @@ def normalize_rewards(rewards) -> torch.Tensor:
 
 
 @torch.no_grad()
-def es_update(tensors, seeds, z, alpha: float, noise_mode: str) -> None:
+def es_update(tensors, seeds, z, alpha: float, noise_mode: str, n: int | None = None) -> None:
     """tensor += alpha * (1/N) * sum_i z_i * eps_i, in place, for every tensor.
 
     Accumulated in each tensor's own dtype (bf16 for the published path, fp32 for master
     weights), in this exact order: update = sum_i eps_i * z_i; update /= N; tensor += alpha * update.
-    The 1/sigma of textbook ES is folded into alpha, as in the paper.
+    The 1/sigma of textbook ES is folded into alpha, as in the paper. N is the population size,
+    len(seeds) unless given (antithetic pairs pass one term per pair, see shaping.update_terms).
     """
-    n = len(seeds)
+    n = n or len(seeds)
     weights = [float(zi) for zi in z]
 
     def step(k, tensor):

@@ -2,7 +2,8 @@
 
 Per iteration (MISSION.md section 1): the main rank draws the population's seeds and broadcasts
 them; seed i is evaluated by rank i % num_processes, up to `gpu_threads` at a time on separate model
-copies; every rank all-reduces the rewards, z-scores them and applies the same update.
+copies (or, in lowrank mode, all of the rank's members in batched generate calls on the one model);
+every rank all-reduces the rewards, shapes them (z-score by default) and applies the same update.
 """
 import copy
 import math
@@ -23,14 +24,17 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .generation import Generator
+from .lowrank import LOWRANK, BatchedLowRank, lowrank_update
 from .models import PRECISIONS, load_model
 from .noise import NOISE_MODES, MasterWeights, add_noise, subtract_noise
-from .strategy import es_update, normalize_rewards
+from .shaping import FITNESS_SHAPINGS, antithetic_seeds, member_signs, shape_fitness, update_terms
+from .strategy import es_update
 
 SEED_HIGH = 2**30
+TRAINER_NOISE_MODES = NOISE_MODES + (LOWRANK,)
 # The run's settings that a resumed run must share with its checkpoint.
 RESUME_MUST_MATCH = ("model_name", "task", "population_size", "noise_mode", "master_weights",
-                     "precision", "data_sample")
+                     "precision", "data_sample", "rank", "antithetic", "fitness_shaping")
 
 
 @dataclass
@@ -46,6 +50,10 @@ class TrainConfig:
     do_sample: bool = False
     initial_seed: int = 33
     noise_mode: str = "correlated"
+    rank: int = 1
+    lowrank_batch: int = 256
+    antithetic: bool = False
+    fitness_shaping: str = "zscore"
     master_weights: str = "none"
     precision: str = "bf16"
     gpu_threads: int = 4
@@ -75,8 +83,22 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {sorted(PRECISIONS)} (got {self.precision!r})")
-        if self.noise_mode not in NOISE_MODES:
-            problems.append(f"noise_mode must be one of {NOISE_MODES} (got {self.noise_mode!r})")
+        if self.noise_mode not in TRAINER_NOISE_MODES:
+            problems.append(f"noise_mode must be one of {TRAINER_NOISE_MODES} "
+                            f"(got {self.noise_mode!r})")
+        if self.rank < 1 or self.lowrank_batch < 1:
+            problems.append(f"rank and lowrank_batch must be >= 1 (got {self.rank}, "
+                            f"{self.lowrank_batch})")
+        elif self.rank != 1 and self.noise_mode != LOWRANK:
+            problems.append(f"rank {self.rank} only applies to --noise_mode lowrank (this run uses "
+                            f"{self.noise_mode!r}); drop --rank or add --noise_mode lowrank")
+        if self.antithetic and self.population_size % 2:
+            problems.append(f"population_size must be even with --antithetic, whose members come "
+                            f"in +/- pairs (got {self.population_size}); use an even number such as "
+                            f"{self.population_size + 1}")
+        if self.fitness_shaping not in FITNESS_SHAPINGS:
+            problems.append(f"fitness_shaping must be one of {FITNESS_SHAPINGS} "
+                            f"(got {self.fitness_shaping!r})")
         if self.master_weights not in ("none", "fp32"):
             problems.append(f"master_weights must be 'none' or 'fp32' (got {self.master_weights!r})")
         if self.save_every < 0 or self.keep_checkpoints < 0:
@@ -86,13 +108,15 @@ class TrainConfig:
 
 
 class Population:
-    """The rank's weights and the model copies its threads evaluate members on.
+    """The rank's weights and how its members are evaluated.
 
-    The canonical weights (`base`) are never perturbed: each thread perturbs its own copy, generates,
-    and restores it (by subtracting the regenerated noise, as published, so the bf16 drift shows
-    inside an iteration); the update is applied to the canonical weights and copied to every thread
-    copy. The weights after an iteration are therefore a pure function of the weights before it,
-    the seeds and the rewards, whatever the number of processes and threads.
+    The canonical weights (`base`) are never perturbed. In the correlated and iid modes each thread
+    perturbs its own copy, generates, and restores it (by subtracting the regenerated noise, as
+    published, so the bf16 drift shows inside an iteration). In lowrank mode there are no copies:
+    the members are batched into generate calls on `base`, each row computing with its own
+    member's perturbation. The update is applied to the canonical weights (or their fp32 masters)
+    and copied to every thread copy. The weights after an iteration are therefore a pure function of
+    the weights before it, the seeds and the rewards, whatever the number of processes and threads.
     """
 
     def __init__(self, model, cfg: TrainConfig, masters=None):
@@ -100,19 +124,27 @@ class Population:
         self.base = model
         self.names = [n for n, _ in model.named_parameters()]
         self.base_params = [p for _, p in model.named_parameters()]
-        self.masters = MasterWeights(self.base_params) if cfg.master_weights == "fp32" else None
+        lowrank = cfg.noise_mode == LOWRANK
+        # Lowrank always accumulates its update in fp32: a model held in a lower precision gets masters.
+        use_masters = cfg.master_weights == "fp32" or (
+            lowrank and any(p.dtype != torch.float32 for p in self.base_params))
+        self.masters = MasterWeights(self.base_params) if use_masters else None
         if self.masters and masters is not None:
             self.masters.tensors = [masters[n].to(self.base_params[0].device) for n in self.names]
             self.masters.copy_to(self.base_params)
-        self.models = [copy.deepcopy(model) for _ in range(cfg.gpu_threads)]
+        self.lowrank = BatchedLowRank(model, cfg.rank) if lowrank else None
+        copies = 0 if lowrank else cfg.gpu_threads
+        self.models = [copy.deepcopy(model) for _ in range(copies)]
         self.params = [[p for _, p in m.named_parameters()] for m in self.models]
 
-    def perturb(self, slot: int, seed: int):
-        """Perturb a thread copy; returns what restore needs (the added noise, kept to save a pass)."""
+    def perturb(self, slot: int, seed: int, sign: float = 1.0):
+        """Perturb a thread copy by sign * sigma * eps; returns what restore needs (the added
+        noise, kept to save a pass)."""
+        scale = sign * self.cfg.sigma
         if self.masters:
-            self.masters.perturb(self.params[slot], seed, self.cfg.sigma, self.cfg.noise_mode)
+            self.masters.perturb(self.params[slot], seed, scale, self.cfg.noise_mode)
             return None
-        return add_noise(self.params[slot], seed, self.cfg.sigma, self.cfg.noise_mode, keep=True)
+        return add_noise(self.params[slot], seed, scale, self.cfg.noise_mode, keep=True)
 
     def restore(self, slot: int, added) -> None:
         if self.masters:
@@ -120,10 +152,10 @@ class Population:
         else:
             subtract_noise(self.params[slot], added)
 
-    def evaluate(self, slot: int, seed: int, generate, task):
+    def evaluate(self, slot: int, seed: int, generate, task, sign: float = 1.0):
         """Mean reward of the member `seed` on every prompt, its completions, and phase timings."""
         t0 = time.perf_counter()
-        added = self.perturb(slot, seed)
+        added = self.perturb(slot, seed, sign)
         t1 = time.perf_counter()
         try:
             completions = generate(self.models[slot],
@@ -135,15 +167,21 @@ class Population:
         reward = float(np.mean(task.score(completions, seed=seed)))
         return reward, completions, {"noise": t1 - t0 + t3 - t2, "generate": t2 - t1}
 
-    def evaluate_members(self, members, seeds, generate, task, pool, on_result=None):
-        """Evaluate the members (population indices) this rank owns, `gpu_threads` at a time.
+    def evaluate_members(self, members, seeds, generate, task, pool, on_result=None, signs=None):
+        """Evaluate the members (population indices) this rank owns, `gpu_threads` at a time, or in
+        lowrank mode up to `lowrank_batch` sequences per batched generate call.
 
+        `signs[i]` (default +1) multiplies member i's perturbation (antithetic pairs).
         Returns {index: reward} and the summed phase timings (thread-seconds)."""
+        signs = signs or member_signs(len(seeds), False)
+        if self.lowrank:
+            return self._evaluate_lowrank(members, seeds, signs, generate, task, on_result)
         rewards, timings = {}, {"noise": 0.0, "generate": 0.0}
         threads = len(self.models)
         for chunk in range(0, len(members), threads):
             batch = members[chunk:chunk + threads]
-            results = pool.map(lambda slot_i: self.evaluate(slot_i[0], seeds[slot_i[1]], generate, task),
+            results = pool.map(lambda slot_i: self.evaluate(slot_i[0], seeds[slot_i[1]], generate,
+                                                            task, signs[slot_i[1]]),
                                enumerate(batch))
             for i, (reward, completions, spent) in zip(batch, results):
                 rewards[i] = reward
@@ -153,14 +191,40 @@ class Population:
                     on_result(i, reward, completions)
         return rewards, timings
 
+    def _evaluate_lowrank(self, members, seeds, signs, generate, task, on_result):
+        rewards, timings = {}, {"noise": 0.0, "generate": 0.0}
+        per_call = max(1, self.cfg.lowrank_batch // len(task.prompts))
+        for chunk in range(0, len(members), per_call):
+            batch = members[chunk:chunk + per_call]
+            t0 = time.perf_counter()
+            with self.lowrank.perturbed([seeds[i] for i in batch], self.cfg.sigma,
+                                        [signs[i] for i in batch]):
+                t1 = time.perf_counter()
+                texts = generate.repeated(self.base, len(batch),
+                                          with_prompt=self.cfg.reward_on_prompt_and_response)
+            timings["noise"] += t1 - t0
+            timings["generate"] += time.perf_counter() - t1
+            for i, completions in zip(batch, texts):
+                rewards[i] = float(np.mean(task.score(completions, seed=seeds[i])))
+                if on_result:
+                    on_result(i, rewards[i], completions)
+        return rewards, timings
+
     @torch.no_grad()
     def update(self, seeds, z) -> None:
-        """The same update on every rank; then every thread copy gets the new weights."""
-        if self.masters:
-            es_update(self.masters.tensors, seeds, z, self.cfg.alpha, self.cfg.noise_mode)
-            self.masters.copy_to(self.base_params)
+        """The same update on every rank; then every thread copy gets the new weights.
+
+        `z` are the shaped rewards; with antithetic pairs each pair's noise is used once, weighted
+        z_2j - z_2j+1."""
+        n = len(seeds)
+        seeds, weights = update_terms(seeds, z, self.cfg.antithetic)
+        target = self.masters.tensors if self.masters else self.base_params
+        if self.lowrank:
+            lowrank_update(target, seeds, weights, self.cfg.alpha, self.cfg.rank, n=n)
         else:
-            es_update(self.base_params, seeds, z, self.cfg.alpha, self.cfg.noise_mode)
+            es_update(target, seeds, weights, self.cfg.alpha, self.cfg.noise_mode, n=n)
+        if self.masters:
+            self.masters.copy_to(self.base_params)
         for params in self.params:
             for dst, src in zip(params, self.base_params):
                 dst.copy_(src)
@@ -214,15 +278,35 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-def _iteration_record(iteration, seeds, rewards, seconds, timings=None) -> dict:
-    """One line of metrics.jsonl; `timings` (this rank's seconds per phase) are added as time_<phase>_s."""
+def _iteration_record(iteration, seeds, rewards, seconds, timings=None, signs=None) -> dict:
+    """One line of metrics.jsonl; `timings` (this rank's seconds per phase) are added as time_<phase>_s;
+    `signs` (antithetic runs) give each member's perturbation sign."""
     r = np.asarray(rewards, dtype=np.float64)
     record = {"iteration": iteration, "seeds": [int(s) for s in seeds],
               "rewards": [float(x) for x in r], "reward_mean": float(r.mean()),
               "reward_std": float(r.std()), "reward_min": float(r.min()),
               "reward_max": float(r.max()), "time_s": seconds}
+    if signs is not None:
+        record["signs"] = [int(x) for x in signs]
     record.update({f"time_{phase}_s": value for phase, value in (timings or {}).items()})
     return record
+
+
+def resume_mismatches(saved: dict, cfg: TrainConfig) -> list:
+    """The RESUME_MUST_MATCH settings on which a checkpoint's config and this run differ; a setting
+    missing from an older checkpoint counts as its default."""
+    fields = TrainConfig.__dataclass_fields__
+    return [f"{k}: checkpoint has {saved.get(k, fields[k].default)!r}, this run has "
+            f"{getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH
+            if saved.get(k, fields[k].default) != getattr(cfg, k)]
+
+
+def draw_seeds(rng: np.random.RandomState, cfg: TrainConfig) -> np.ndarray:
+    """The population's seeds: N draws, or N/2 draws each used by an antithetic +/- pair."""
+    if not cfg.antithetic:
+        return rng.randint(0, SEED_HIGH, size=cfg.population_size, dtype=np.int64)
+    pairs = rng.randint(0, SEED_HIGH, size=cfg.population_size // 2, dtype=np.int64)
+    return np.asarray(antithetic_seeds(pairs), dtype=np.int64)
 
 
 def train(cfg: TrainConfig, task) -> Path:
@@ -243,9 +327,7 @@ def train(cfg: TrainConfig, task) -> Path:
     if cfg.resume:
         checkpoint = ckpt.resolve_checkpoint(cfg.resume)
         state = ckpt.load_state(checkpoint)
-        mismatched = [f"{k}: checkpoint has {state['config'].get(k)!r}, this run has "
-                      f"{getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH
-                      if state["config"].get(k) != getattr(cfg, k)]
+        mismatched = resume_mismatches(state["config"], cfg)
         if mismatched:
             raise ValueError(f"cannot resume from {checkpoint}: its run differs from this one:\n  "
                              + "\n  ".join(mismatched) + "\nRun with the checkpoint's settings.")
@@ -264,6 +346,7 @@ def train(cfg: TrainConfig, task) -> Path:
     generate = Generator(tokenizer, task.prompts, cfg.max_new_tokens, cfg.do_sample)
     n = cfg.population_size
     mine = list(range(rank, n, world))
+    signs = member_signs(n, cfg.antithetic)
 
     def state_at(iteration, finished=False):
         return {"iteration": iteration, "finished": finished, "rng_state": ckpt.rng_state_to_json(rng),
@@ -279,7 +362,7 @@ def train(cfg: TrainConfig, task) -> Path:
             if is_main:
                 message[0] = int(stop.requested)
                 if not stop.requested:
-                    message[1:] = torch.from_numpy(rng.randint(0, SEED_HIGH, size=n, dtype=np.int64))
+                    message[1:] = torch.from_numpy(draw_seeds(rng, cfg))
             if world > 1:
                 message = broadcast(message, from_process=0)
             if message[0]:
@@ -289,22 +372,23 @@ def train(cfg: TrainConfig, task) -> Path:
 
             def show(i, reward, completions):
                 if cfg.verbose:
-                    tqdm.write(f"[rank {rank}] member {i} seed {seeds[i]}: reward {reward:.4f} "
+                    sign = ("+" if signs[i] > 0 else "-") if cfg.antithetic else ""
+                    tqdm.write(f"[rank {rank}] member {i} seed {sign}{seeds[i]}: reward {reward:.4f} "
                                f"{completions[0][:120]!r}")
 
             mine_rewards, timings = population.evaluate_members(mine, seeds, generate, task, pool,
-                                                                 show)
+                                                                 show, signs)
             rewards = torch.zeros(n, dtype=torch.float32, device=accelerator.device)
             for i, reward in mine_rewards.items():
                 rewards[i] = reward
             if world > 1:
                 rewards = reduce(rewards, reduction="sum")
             t_update = time.perf_counter()
-            population.update(seeds, normalize_rewards(rewards.cpu()))
+            population.update(seeds, shape_fitness(rewards.cpu(), cfg.fitness_shaping))
             timings["update"] = time.perf_counter() - t_update
 
             record = _iteration_record(iteration, seeds, rewards.cpu().tolist(), time.time() - t0,
-                                       timings)
+                                       timings, signs if cfg.antithetic else None)
             records.append(record)
             if is_main:
                 ckpt.append_metrics(out / ckpt.METRICS_FILE, record)

@@ -168,6 +168,20 @@ def test_two_engines_two_iterations_end_to_end(tiny_model_dir, tmp_path):
     for name, tensor in reloaded.state_dict().items():
         assert torch.equal(tensor, pth[name]), name
 
+    # countdown/eval_countdown.py takes either form directly, and both give the same answers.
+    responses = {}
+    for label, model_args in {"pth": ["--model_path", str(run / "final_model.pth"),
+                                      "--base_model_name", str(tiny_model_dir)],
+                              "hf": ["--model_path", str(run / "final_model")]}.items():
+        out = tmp_path / f"eval_{label}"
+        run_script([PYTHON, str(ROOT / "countdown" / "eval_countdown.py"), *model_args,
+                    "--precision", "fp32", "--eval_samples", "3", "--max_new_tokens", "6",
+                    "--save_responses", "--output_dir", str(out)])
+        assert json.loads((out / "summary.json").read_text())["num_items"] == 3
+        responses[label] = [json.loads(line)["response"]
+                            for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert responses["pth"] == responses["hf"]
+
 
 def _session_processes(sid):
     out = subprocess.run(["ps", "-o", "pid=", "-s", str(sid)], capture_output=True, text=True)

