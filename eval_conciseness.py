@@ -25,7 +25,8 @@ RESPONSES_FILE = "responses.jsonl"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", default=None,
                    help="a trainer's output or checkpoint-N directory, any model --base_model_name "
                         "accepts, or a weights file for --base_model_name (default: the base model)")

@@ -11,6 +11,7 @@
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -24,7 +25,8 @@ SUMMARY_FILE = "summary.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--metrics", nargs="+", default=[],
                    help=f"{METRICS_FILE} files, or run directories holding one")
     p.add_argument("--labels", nargs="+", default=None,
@@ -84,12 +86,13 @@ def plot_reward_curves(runs, labels, out: Path, title=None) -> Path:
     for records, label in zip(runs, labels):
         x = [r["iteration"] for r in records]
         line, = ax.plot(x, [r["reward_mean"] for r in records], marker="o", markersize=3,
-                        label=f"{label} (mean)")
+                        label=label)
         ax.fill_between(x, [r["reward_min"] for r in records], [r["reward_max"] for r in records],
-                        color=line.get_color(), alpha=0.2, linewidth=0)
+                        color=line.get_color(), alpha=0.15, linewidth=0)
     ax.set_xlabel("ES iteration")
     ax.set_ylabel("training reward (population)")
-    ax.set_title((f"{title}: " if title else "") + "reward per iteration (line: mean, band: min-max)")
+    ax.set_title((f"{title}\n" if title else "") + "training reward per iteration "
+                 "(line: population mean, band: min-max)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -102,14 +105,17 @@ def plot_reward_vs_kl(summaries, labels, out: Path, title=None) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for summary, label in zip(summaries, labels):
         base = summary.get("is_base_model", False)
-        ax.scatter(summary["kl_mean"], summary["reward_mean"], s=160 if base else 60,
-                   marker="*" if base else "o", color="black" if base else None, zorder=3,
-                   label=label)
+        count = summary.get("num_prompts", 0) * summary.get("num_samples", 0)
+        error = summary["reward_std"] / math.sqrt(count) if count and "reward_std" in summary else None
+        ax.errorbar(summary["kl_mean"], summary["reward_mean"], yerr=error, capsize=3,
+                    marker="*" if base else "o", markersize=14 if base else 8,
+                    color="black" if base else None, linestyle="none", zorder=3, label=label)
     ax.set_xlabel("mean per-token KL divergence from the base model (k3)")
-    ax.set_ylabel("mean reward on held-out prompts")
+    ax.set_ylabel("mean reward on held-out prompts (bars: ±1 s.e.)")
     first = summaries[0]
-    ax.set_title((f"{title}: " if title else "") + f"reward vs KL ({first.get('num_samples', '?')} "
-                 f"samples/prompt, T={first.get('temperature', '?')})")
+    ax.set_title((f"{title}\n" if title else "") + f"held-out reward vs KL from the base model "
+                 f"({first.get('num_samples', '?')} samples/prompt, T={first.get('temperature', '?')})",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

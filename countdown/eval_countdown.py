@@ -8,7 +8,7 @@ By default the test split is evaluated: the last 2000 items of countdown/data/co
     python countdown/eval_countdown.py --model_path RUN_DIR              # a trainer's output
     python countdown/eval_countdown.py --model_path RUN_DIR/checkpoint-100
     python countdown/eval_countdown.py --base_model_name bundled         # the base model itself
-    python countdown/eval_countdown.py --model_path weights.pth --base_model_name Qwen/Qwen2.5-3B-Instruct
+    python countdown/eval_countdown.py --model_path final_model.pth --base_model_name BASE_MODEL
 """
 import argparse
 import sys
@@ -30,7 +30,8 @@ RESPONSES_FILE = "responses.jsonl"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", default=None,
                    help="a trainer's output directory or checkpoint-N directory, any model "
                         "--base_model_name accepts, or a weights file (.pth/.pt/.bin/.safetensors) "
@@ -130,7 +131,8 @@ def print_summary(s) -> None:
     print(f"reward std/min/max {s['reward_std']:.4f} / {s['reward_min']:.4f} / {s['reward_max']:.4f}")
     print(f"accuracy         {s['accuracy']:.4f}  ({s['num_correct']}/{s['num_items']} correct "
           f"answers; {s['num_reward_at_least_1']} with reward >= 1)")
-    print(f"time per sample  {s['time_per_sample_s']:.3f} s  (generation {s['generation_time_s']:.1f} s)")
+    print(f"time per sample  {s['time_per_sample_s']:.3f} s  "
+          f"(generation {s['generation_time_s']:.1f} s)")
 
 
 def evaluate(args) -> dict:
