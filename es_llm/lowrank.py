@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 LOWRANK = "lowrank"
+COLUMN_LOOP_MAX_RANK = 4  # up to this rank the hooks add R rank-one terms; above, one batched matmul
 
 
 def factors(like: torch.Tensor, seed: int, k: int, rank: int):
@@ -157,27 +158,39 @@ class BatchedLowRank:
             rows_per_member(t)
             return t.reshape(members, -1, t.shape[-1])
 
+        def columns(t: torch.Tensor) -> list:
+            return [t[:, :, r].unsqueeze(1).contiguous() for r in range(t.shape[-1])]  # [M, 1, d]
+
         def linear_hook(k_weight, k_bias):
             a, b = terms[k_weight]
             a_t = a.transpose(1, 2).contiguous()  # [M, R, out]
+            a_cols, b_cols = columns(a), columns(b)
             bias = None if k_bias is None else terms[k_bias].unsqueeze(1)  # [M, 1, out]
 
             def hook(module, args, output):
-                low = torch.bmm(blocks(args[0]), b)  # [M, rows/M * seq, R]
-                out = torch.baddbmm(blocks(output), low, a_t)
+                xs, out = blocks(args[0]), blocks(output)  # [M, rows/M * seq, in or out]
+                if len(b_cols) <= COLUMN_LOOP_MAX_RANK:
+                    # At a small rank, R rank-one updates beat a batched matmul of degenerate shape.
+                    for a_r, b_r in zip(a_cols, b_cols):
+                        out.addcmul_(torch.linalg.vecdot(xs, b_r).unsqueeze(-1), a_r)
+                else:
+                    out.baddbmm_(torch.bmm(xs, b), a_t)
                 if bias is not None:
-                    out = out + bias
+                    out.add_(bias)
                 return out.reshape(output.shape)
             return hook
 
         def embedding_hook(k_weight):
             a, b = terms[k_weight]
-            b_t = b.transpose(1, 2).contiguous()  # [M, R, H]
+            b_cols = columns(b)  # [M, 1, H] each
 
             def hook(module, args, output):
                 ids = args[0].reshape(members, -1)
                 rows_a = torch.gather(a, 1, ids.unsqueeze(-1).expand(-1, -1, a.shape[-1]))
-                return torch.baddbmm(blocks(output), rows_a, b_t).reshape(output.shape)
+                out = blocks(output)
+                for r, b_r in enumerate(b_cols):
+                    out.addcmul_(rows_a[:, :, r:r + 1], b_r)
+                return out.reshape(output.shape)
             return hook
 
         def norm_hooks(module, k_weight):
