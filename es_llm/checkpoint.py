@@ -117,11 +117,10 @@ def resolve_checkpoint(path) -> Path:
     path = Path(path)
     if (path / STATE_FILE).exists() and path.name.startswith(CHECKPOINT_PREFIX):
         return path
-    checkpoints = list_checkpoints(path)
-    if checkpoints:
-        return checkpoints[-1]
-    if (path / STATE_FILE).exists():
-        return path
+    # The newest state: the latest checkpoint, or the output directory's own (final) state.
+    candidates = list_checkpoints(path) + ([path] if (path / STATE_FILE).exists() else [])
+    if candidates:
+        return max(candidates, key=lambda p: load_state(p)["iteration"])
     raise FileNotFoundError(f"--resume {path}: no checkpoint found there (expected a "
                             f"{CHECKPOINT_PREFIX}<iteration>/ directory with {STATE_FILE}, or an "
                             f"output directory holding such checkpoints)")
@@ -134,3 +133,16 @@ def load_state(checkpoint: Path) -> dict:
 def load_masters(checkpoint: Path):
     path = checkpoint / MASTER_FILE
     return load_file(str(path)) if path.exists() else None
+
+
+def load_weights(directory) -> dict:
+    """{name: tensor} of the model weights saved in an HF directory (model.safetensors or its
+    shards; the master weights file is not among them)."""
+    files = sorted(p for p in Path(directory).glob("*.safetensors") if p.name != MASTER_FILE)
+    if not files:
+        raise FileNotFoundError(f"{directory} holds no model weights (*.safetensors); is it a "
+                                f"checkpoint or a finished run's final_model/?")
+    state = {}
+    for path in files:
+        state.update(load_file(str(path)))
+    return state

@@ -15,7 +15,8 @@ from .shaping import FITNESS_SHAPINGS
 from .trainer import TRAINER_NOISE_MODES, TrainConfig, train
 
 # Errors that are the user's to fix: reported as one clear message, without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ModelNotFoundError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ModelNotFoundError,
+               NotImplementedError)
 
 
 def build_parser(description: str, constants: dict) -> argparse.ArgumentParser:
@@ -29,7 +30,8 @@ def build_parser(description: str, constants: dict) -> argparse.ArgumentParser:
     p.add_argument("--hf_cache_dir", default=None, help="Hugging Face cache directory")
     p.add_argument("--precision", default="bf16", choices=sorted(PRECISIONS))
     p.add_argument("--gpu_threads", type=int, default=4,
-                   help="population members evaluated at once per process, each on its own copy")
+                   help="population members evaluated at once per process, each on its own copy "
+                        "(lowrank mode batches its members on one model instead)")
     p.add_argument("--verbose", action="store_true", help="print every member's reward and answer")
     if countdown:
         p.add_argument("--data_sample", type=int, default=c["DATA_SAMPLE"],

@@ -317,7 +317,7 @@ def train(cfg: TrainConfig, task) -> Path:
     rank, world = accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     cfg.validate(world)
-    if cfg.population_size < world * cfg.gpu_threads and is_main:
+    if cfg.population_size < world * cfg.gpu_threads and cfg.noise_mode != LOWRANK and is_main:
         print(f"note: population {cfg.population_size} < {world} processes x {cfg.gpu_threads} "
               f"threads; some threads will stay idle", file=sys.stderr)
 

@@ -190,7 +190,8 @@ def _session_processes(sid):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_engines_and_ray(tiny_model_dir, tmp_path):
-    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) leaves nothing running."""
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) saves a checkpoint of the
+    last completed iteration, names the resume command and leaves nothing running."""
     proc = subprocess.Popen(
         [PYTHON, SCRIPT, "--model_name", str(tiny_model_dir), "--engine", "transformers",
          "--num_engines", "2", "--population_size", "2", "--num_iterations", "100000",
@@ -210,6 +211,12 @@ def test_ctrl_c_stops_engines_and_ray(tiny_model_dir, tmp_path):
         rest = proc.stdout.read()
         assert proc.wait(timeout=120) == 130, rest
         assert "interrupted" in rest
+        from es_llm.checkpoint import list_checkpoints, load_state
+
+        saved = list_checkpoints(tmp_path / "run")
+        assert len(saved) == 1 and f"checkpoint saved to {saved[0]}" in rest, rest
+        assert load_state(saved[0])["iteration"] >= 2
+        assert f"--resume {tmp_path / 'run'}" in rest
         deadline = time.time() + 30
         while _session_processes(proc.pid) and time.time() < deadline:
             time.sleep(1)

@@ -74,7 +74,7 @@ def test_factors_are_drawn_in_fp32_from_seed_plus_k_a_then_b():
     assert torch.equal(factors(norm, 11, 4, 2), reference_factors((4,), 11, 4, 2))
 
 
-@pytest.mark.parametrize("rank", [1, 3])
+@pytest.mark.parametrize("rank", [1, 3, 6])
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2"])
 def test_batched_forward_gives_each_member_the_logits_of_its_explicitly_perturbed_weights(
         which, rank, request):

@@ -15,6 +15,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 ROOT = Path(__file__).resolve().parents[1]
 PLACEMENT_TIMEOUT_S = 300
+SCHEDULES = ("dynamic", "static")
 
 
 def _pythonpath() -> str:
@@ -102,25 +103,34 @@ class EnginePool:
     def call_main(self, method: str, *args):
         return ray.get(self.actors[0].call.remote(method, *args))
 
-    def evaluate(self, seeds, sigma: float, on_result=None) -> list:
-        """Each member's result dict (reward, timings, first completion), in seed order; a seed
-        goes to whichever engine is free first."""
-        queue = deque(range(len(seeds)))
+    def evaluate(self, seeds, sigma: float, on_result=None, schedule: str = "dynamic") -> list:
+        """Each member's result dict (reward, timings, first completion), in seed order.
+
+        dynamic: a seed goes to whichever engine is free first (the published scheduling).
+        static: member i goes to engine i % num_engines, each engine taking its members in order;
+        an engine that restores by subtracting the noise (no fp32 masters) drifts by rounding with
+        every member it evaluates, so only this makes such runs reproducible bit for bit."""
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+        engines = len(self.actors)
+        queues = ([deque(range(len(seeds)))] * engines if schedule == "dynamic"
+                  else [deque(range(e, len(seeds), engines)) for e in range(engines)])
         results = [None] * len(seeds)
         running = {}
 
-        def submit(actor):
-            i = queue.popleft()
-            running[actor.call.remote("evaluate", int(seeds[i]), sigma)] = (i, actor)
+        def submit(e):
+            i = queues[e].popleft()
+            running[self.actors[e].call.remote("evaluate", int(seeds[i]), sigma)] = (i, e)
 
-        for actor in self.actors[:len(seeds)]:
-            submit(actor)
+        for e in range(engines):
+            if queues[e]:
+                submit(e)
         while running:
             (ref,), _ = ray.wait(list(running), num_returns=1)
-            i, actor = running.pop(ref)
+            i, e = running.pop(ref)
             results[i] = ray.get(ref)
-            if queue:
-                submit(actor)
+            if queues[e]:
+                submit(e)
             if on_result:
                 on_result(i, results[i])
         return results

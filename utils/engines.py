@@ -38,7 +38,7 @@ VLLM_GPU_MEMORY_UTILIZATION = 0.7
 COLLECTIVE_TIMEOUT_S = 1800
 # The WeightSet operations an engine may be asked to run (the vLLM worker refuses any other name).
 WEIGHT_OPS = ("perturb", "restore", "update", "init_collective", "broadcast", "state_dict",
-              "load_state_dict", "fingerprint", "names")
+              "master_state", "load_state_dict", "fingerprint", "names")
 
 
 def vllm_available() -> bool:
@@ -145,8 +145,20 @@ class WeightSet:
         return {name: t.detach().to("cpu", copy=True).contiguous()
                 for name, t in self.named_tensors()}
 
+    def master_state(self):
+        """{HF name: CPU copy of its fp32 master weight}, or None without master weights."""
+        if not self.masters:
+            return None
+        return {name: m.detach().to("cpu", copy=True).contiguous()
+                for name, m in zip(self.names(), self.masters.tensors)}
+
     @torch.no_grad()
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, masters=None) -> None:
+        """Load weights by HF name; `masters` (fp32, by HF name, as master_state() gives them)
+        become the master weights, else the masters are cast again from the loaded weights."""
+        if masters is not None and not self.masters:
+            raise ValueError("fp32 master weights were given, but this engine keeps none "
+                             "(--master_weights none)")
         named = self.named_tensors()
         missing = [name for name, _ in named if name not in state]
         if missing:
@@ -157,7 +169,14 @@ class WeightSet:
                 raise ValueError(f"{name}: saved shape {tuple(state[name].shape)} does not match "
                                  f"the model's {tuple(tensor.shape)}")
             tensor.copy_(state[name])
-        if self.masters:
+        if self.masters and masters is not None:
+            for (name, tensor), master in zip(named, self.masters.tensors):
+                if name not in masters or tuple(masters[name].shape) != tuple(tensor.shape):
+                    raise ValueError(f"the master weights to load lack {name!r} or give it "
+                                     f"another shape; were they saved from another model?")
+                master.copy_(masters[name])
+            self.masters.copy_to(self.params())
+        elif self.masters:
             self.masters = MasterWeights(self.params())
         self.after_change()
 
@@ -210,8 +229,11 @@ class Engine:
     def state_dict(self) -> dict:
         return self.weight_op("state_dict")
 
-    def load_state_dict(self, state: dict):
-        return self.weight_op("load_state_dict", state)
+    def master_state(self):
+        return self.weight_op("master_state")
+
+    def load_state_dict(self, state: dict, masters=None):
+        return self.weight_op("load_state_dict", state, masters)
 
     def fingerprint(self) -> str:
         return self.weight_op("fingerprint")
@@ -348,9 +370,9 @@ def full_state_dict(weights: dict, layout: dict) -> dict:
     return state
 
 
-def save_hf_model(state: dict, base_model: str, directory, precision: str, cache_dir=None) -> None:
-    """An HF directory (weights, config, generation config, tokenizer) from an HF state dict;
-    written under a temporary name and renamed into place."""
+def hf_model(state: dict, base_model: str, precision: str, cache_dir=None):
+    """(model, tokenizer): the base model's architecture, generation config and tokenizer around an
+    HF state dict (the tensors are used as they are, not copied); save it with save_pretrained."""
     from transformers import AutoTokenizer, GenerationConfig
 
     model = _meta_model(base_model, cache_dir, PRECISIONS[precision])
@@ -359,13 +381,26 @@ def save_hf_model(state: dict, base_model: str, directory, precision: str, cache
         model.generation_config = GenerationConfig.from_pretrained(base_model, cache_dir=cache_dir)
     except OSError:
         pass  # the base model has no generation config: keep the one built from its config
-    tokenizer = AutoTokenizer.from_pretrained(base_model, cache_dir=cache_dir)
+    return model, AutoTokenizer.from_pretrained(base_model, cache_dir=cache_dir)
+
+
+def save_hf_model(state: dict, base_model: str, directory, precision: str, cache_dir=None) -> None:
+    """An HF directory (weights, config, generation config, tokenizer) from an HF state dict;
+    written under a temporary name and renamed into place (an existing directory is moved aside
+    first and removed last, so a crash leaves one complete copy)."""
+    model, tokenizer = hf_model(state, base_model, precision, cache_dir)
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
+    old = directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tokenizer, tmp)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(directory, old)
+        os.rename(tmp, directory)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, directory)
 
 
 def resolve_base_model(model_name: str, convert_dir) -> str:

@@ -1,0 +1,38 @@
+"""es_fine-tuning_countdown_accl.py, unchanged, on a reward that a tiny random model can earn.
+
+The tests' tiny model never writes Countdown's tags, so every member would score 0, the z-scores
+would all be 0 and the ES update would not move the weights. Run as this script instead, the trainer
+scores each completion by its number of distinct characters (/ 10), so that rewards differ between
+members and every iteration really changes the weights. Everything else (arguments, Ray, engines,
+checkpoints, signals) is the real script's.
+"""
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import countdown.countdown_task as countdown_task  # noqa: E402
+
+_make_task = countdown_task.make_task
+
+
+def distinct_characters(prompts, completions, **_):
+    return [len(set(c)) / 10 for c in completions]
+
+
+def make_task(*args, **kwargs):
+    task = _make_task(*args, **kwargs)
+    task.reward_fn = distinct_characters
+    return task
+
+
+if __name__ == "__main__":
+    countdown_task.make_task = make_task
+    spec = importlib.util.spec_from_file_location("es_accl",
+                                                  ROOT / "es_fine-tuning_countdown_accl.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    sys.argv[0] = spec.origin
+    script.main()
