@@ -10,6 +10,7 @@
         --evals EVAL_BASE EVAL_A EVAL_B --output_dir docs
 """
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"eval_conciseness.py {SUMMARY_FILE} files, or directories holding one")
     p.add_argument("--eval_labels", nargs="+", default=None,
                    help="one label per --evals entry (default: the summary's label)")
+    p.add_argument("--x", default="iteration", choices=["iteration", "time"],
+                   help="x axis of the reward curves: iteration, or cumulative wall-clock seconds")
     p.add_argument("--title", default=None, help="prefix for the figure titles")
     p.add_argument("--output_dir", default=".", help="where the PNGs go")
     p.add_argument("--prefix", default="", help="prefix of the PNG file names")
@@ -81,17 +84,20 @@ def _run_name(path) -> str:
     return (path.parent if path.name == METRICS_FILE else path).name
 
 
-def plot_reward_curves(runs, labels, out: Path, title=None) -> Path:
+def plot_reward_curves(runs, labels, out: Path, title=None, x_axis="iteration") -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for records, label in zip(runs, labels):
-        x = [r["iteration"] for r in records]
+        if x_axis == "time":  # cumulative wall-clock seconds at the end of each iteration
+            x = list(itertools.accumulate(r["time_s"] for r in records))
+        else:
+            x = [r["iteration"] for r in records]
         line, = ax.plot(x, [r["reward_mean"] for r in records], marker="o", markersize=3,
                         label=label)
         ax.fill_between(x, [r["reward_min"] for r in records], [r["reward_max"] for r in records],
                         color=line.get_color(), alpha=0.15, linewidth=0)
-    ax.set_xlabel("ES iteration")
+    ax.set_xlabel("wall-clock time (s)" if x_axis == "time" else "ES iteration")
     ax.set_ylabel("training reward (population)")
-    ax.set_title((f"{title}\n" if title else "") + "training reward per iteration "
+    ax.set_title((f"{title}\n" if title else "") + f"training reward per {x_axis} "
                  "(line: population mean, band: min-max)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -134,7 +140,7 @@ def make_plots(args) -> list:
         runs = [read_metrics(p) for p in args.metrics]
         labels = _labels(args.labels, args.metrics, _run_name)
         written.append(plot_reward_curves(runs, labels, out / f"{args.prefix}reward_curves.png",
-                                          args.title))
+                                          args.title, args.x))
     if args.evals:
         summaries = [read_summary(p) for p in args.evals]
         labels = _labels(args.eval_labels, summaries,
