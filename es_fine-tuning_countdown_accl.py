@@ -325,22 +325,15 @@ def plan_run_dir(run_dir: Path, args, resume) -> list:
 def clear_and_check_writable(run_dir: Path, remove) -> None:
     import shutil
 
-    from es_llm.checkpoint import STATE_FILE
+    from es_llm import checkpoint as ckpt
 
     # The finished marker goes first: a crash half-way must not leave a run that looks finished.
-    for path in sorted(remove, key=lambda p: p.name != STATE_FILE):
+    for path in sorted(remove, key=lambda p: p.name != ckpt.STATE_FILE):
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise PermissionError(f"run directory {run_dir} is not writable ({error}); choose another "
-                              f"--experiment_dir") from error
+    ckpt.ensure_writable(run_dir, "--experiment_dir")
 
 
 def resume_command(argv, run_dir: Path) -> str:

@@ -8,15 +8,14 @@ base model on those responses (k3 estimator, see es_llm/evaluation.py). Writes s
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from es_llm.evaluation import (AUTO_PRECISION, generate, load_for_eval, per_sample_kl, summarize,
-                               write_json, write_jsonl)
-from es_llm.models import PRECISIONS, ModelNotFoundError, load_model, model_short_name
+from es_llm.evaluation import (AUTO_PRECISION, argument_problems, generate, load_for_eval,
+                               per_sample_kl, run_evaluation, summarize, write_json, write_jsonl)
+from es_llm.models import PRECISIONS, load_model, model_short_name
 from es_llm.tasks import conciseness_reward
 
 DEFAULT_EVAL_DATA = Path(__file__).resolve().parent / "data" / "conciseness_eval.json"
@@ -152,18 +151,8 @@ def evaluate(args) -> dict:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    problems = [f"--{k} must be >= 1 (got {getattr(args, k)})"
-                for k in ("num_samples", "max_new_tokens", "batch_size", "kl_batch_size")
-                if getattr(args, k) < 1]
-    if not (args.temperature > 0 and 0 < args.top_p <= 1):
-        problems.append(f"sampling needs --temperature > 0 and 0 < --top_p <= 1 "
-                        f"(got {args.temperature}, {args.top_p})")
-    if problems:
-        sys.exit("error: " + "; ".join(problems))
-    try:
-        evaluate(args)
-    except (ValueError, FileNotFoundError, ModelNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    run_evaluation(evaluate, args, argument_problems(
+        args, ("num_samples", "max_new_tokens", "batch_size", "kl_batch_size")))
 
 
 if __name__ == "__main__":

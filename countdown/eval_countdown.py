@@ -21,9 +21,9 @@ import torch  # noqa: E402
 
 from countdown.countdown_task import (DEFAULT_DATA_PATH, TEST_SIZE, TRAIN_SIZE,  # noqa: E402
                                       load_countdown_data, reward_function)
-from es_llm.evaluation import (AUTO_PRECISION, generate, load_for_eval, summarize,  # noqa: E402
-                               write_json, write_jsonl)
-from es_llm.models import PRECISIONS, ModelNotFoundError, model_short_name  # noqa: E402
+from es_llm.evaluation import (AUTO_PRECISION, argument_problems, generate, load_for_eval,  # noqa: E402
+                               run_evaluation, summarize, write_json, write_jsonl)
+from es_llm.models import PRECISIONS, model_short_name  # noqa: E402
 
 SUMMARY_FILE = "summary.json"
 RESPONSES_FILE = "responses.jsonl"
@@ -152,17 +152,21 @@ def evaluate(args) -> dict:
     seconds = time.time() - start
     records = score(samples, items, offset)
 
-    for record in records if args.verbose else records[:args.show_examples]:
-        print_example(record)
     settings = {"model": name, "model_path": args.model_path, "base_model_name": args.base_model_name,
                 "eval_data_path": str(args.eval_data_path), "eval_offset": offset,
                 "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                 "do_sample": args.do_sample, "temperature": args.temperature, "top_p": args.top_p,
                 "seed": args.seed, "precision": precision, "device": str(device)}
+    return report(records, seconds, settings, args, f"countdown_{model_short_name(name)}")
+
+
+def report(records, seconds, settings, args, default_name) -> dict:
+    """Print examples and the summary; write summary.json (and responses.jsonl on request)."""
+    for record in records if args.verbose else records[:args.show_examples]:
+        print_example(record)
     summary = make_summary(records, seconds, settings)
     print_summary(summary)
-
-    out = Path(args.output_dir or Path("eval_results") / f"countdown_{model_short_name(name)}")
+    out = Path(args.output_dir or Path("eval_results") / default_name)
     write_json(out / SUMMARY_FILE, summary)
     if args.save_responses:
         write_jsonl(out / RESPONSES_FILE, records)
@@ -173,17 +177,8 @@ def evaluate(args) -> dict:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    problems = [f"--{k} must be >= 1 (got {getattr(args, k)})"
-                for k in ("max_new_tokens", "batch_size") if getattr(args, k) < 1]
-    if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
-        problems.append(f"sampling needs --temperature > 0 and 0 < --top_p <= 1 "
-                        f"(got {args.temperature}, {args.top_p})")
-    if problems:
-        sys.exit("error: " + "; ".join(problems))
-    try:
-        evaluate(args)
-    except (ValueError, FileNotFoundError, ModelNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    run_evaluation(evaluate, args, argument_problems(args, ("max_new_tokens", "batch_size"),
+                                                     sampling=args.do_sample))
 
 
 if __name__ == "__main__":

@@ -79,14 +79,7 @@ def save_checkpoint(output_dir: Path, model, tokenizer, state: dict, records, ma
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     _write_run_files(tmp, model, tokenizer, state, records, masters)
-    if final.exists():
-        old = output_dir / f".{final.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
+    replace_directory(tmp, final)
     if keep > 0:
         for stale in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(stale)
@@ -103,6 +96,30 @@ def save_final(output_dir: Path, model, tokenizer, state: dict, records, masters
     for name in names:
         os.replace(tmp / name, output_dir / name)
     tmp.rmdir()
+
+
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Rename the finished `tmp` to `final`; an existing `final` is moved aside first, then deleted."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+
+
+def ensure_writable(directory: Path, flag: str) -> None:
+    """Create `directory` and prove it writable before any work, or say which flag to change."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(f"directory {directory} is not writable ({error}); choose another "
+                              f"{flag}") from error
 
 
 def list_checkpoints(output_dir: Path) -> list:

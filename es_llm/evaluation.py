@@ -11,6 +11,7 @@ temperature 1 and top_p 1 (eval_conciseness.py's defaults).
 """
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,3 +212,25 @@ def write_jsonl(path: Path, records) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def argument_problems(args, positive=(), sampling: bool = True) -> list:
+    """What is wrong with an evaluation's flags: counts below 1, sampling settings out of range."""
+    problems = [f"--{k} must be >= 1 (got {getattr(args, k)})" for k in positive
+                if getattr(args, k) < 1]
+    if sampling and not (args.temperature > 0 and 0 < args.top_p <= 1):
+        problems.append(f"sampling needs --temperature > 0 and 0 < --top_p <= 1 "
+                        f"(got {args.temperature}, {args.top_p})")
+    return problems
+
+
+def run_evaluation(evaluate, args, problems) -> None:
+    """Exit with the problems, or run `evaluate(args)`; a user error exits with its message."""
+    from .models import ModelNotFoundError
+
+    if problems:
+        sys.exit("error: " + "; ".join(problems))
+    try:
+        evaluate(args)
+    except (ValueError, FileNotFoundError, ModelNotFoundError) as error:
+        sys.exit(f"error: {error}")

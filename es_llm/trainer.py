@@ -7,7 +7,6 @@ every rank all-reduces the rewards, shapes them (z-score by default) and applies
 """
 import copy
 import math
-import os
 import signal
 import sys
 import time
@@ -267,14 +266,7 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
         raise FileExistsError(f"{out} already holds a finished run ({state}); pass --overwrite to "
                               f"replace it, --resume {out} to continue it, or choose another "
                               f"--output_dir")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise PermissionError(f"output directory {out} is not writable ({error}); choose another "
-                              f"--output_dir") from error
+    ckpt.ensure_writable(out, "--output_dir")
     return out
 
 

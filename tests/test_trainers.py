@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import PYTHON, ROOT, run_script
+from conftest import PYTHON, run_script
 from es_llm.strategy import es_update, normalize_rewards
 
 SCRIPTS = ["es_fine-tuning_conciseness.py", "es_fine-tuning_conciseness_iid.py",

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from es_llm.checkpoint import replace_directory
 from es_llm.models import BUNDLED_MODEL, PRECISIONS, load_model, model_short_name, save_model
 from es_llm.noise import MasterWeights, add_noise
 
@@ -391,16 +392,9 @@ def save_hf_model(state: dict, base_model: str, directory, precision: str, cache
     model, tokenizer = hf_model(state, base_model, precision, cache_dir)
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
-    old = directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tokenizer, tmp)
-    if directory.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(directory, old)
-        os.rename(tmp, directory)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, directory)
+    replace_directory(tmp, directory)
 
 
 def resolve_base_model(model_name: str, convert_dir) -> str:
