@@ -135,3 +135,12 @@ def test_real_bundled_model_trains_one_iteration_saves_and_reloads(tmp_path):
     assert model.dtype == torch.bfloat16
     for name, tensor in weights(out).items():
         assert torch.equal(model.state_dict()[name], tensor)
+
+
+@pytest.mark.slow
+def test_fp16_precision_trains_on_cpu(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    run_script([PYTHON, "es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir),
+                "--precision", "fp16", "--gpu_threads", "1", "--output_dir", str(out), *TINY])
+    assert [r["iteration"] for r in read_metrics(out)] == [1, 2]
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.float16
