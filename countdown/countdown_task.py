@@ -173,6 +173,20 @@ _ALLOWED_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant,
                   ast.Add, ast.Sub, ast.Mult, ast.Div, ast.USub)
 
 
+MAX_NESTING = 32  # parentheses or unary minuses in a row; a real answer needs a handful
+
+
+def _too_deep(source: str) -> bool:
+    """Deeply nested input makes the parser slow (and can exhaust its stack): refuse it up front."""
+    depth = run = 0
+    for ch in source.replace(" ", ""):
+        depth += (ch == "(") - (ch == ")")
+        run = run + 1 if ch == "-" else 0
+        if depth > MAX_NESTING or run > MAX_NESTING:
+            return True
+    return False
+
+
 def _parse_expression(body: str) -> tuple[ast.AST, list[int]] | None:
     """Parse ``body`` into a whitelisted AST; return (tree, integer literals) or None."""
     if len(body) > MAX_ANSWER_CHARS:
@@ -180,7 +194,7 @@ def _parse_expression(body: str) -> tuple[ast.AST, list[int]] | None:
     if not body or any(ch not in _ALLOWED_ANSWER_CHARS for ch in body):
         return None
     source = _WHITESPACE_RUN.sub(" ", body).strip()
-    if not source:
+    if not source or _too_deep(source):
         return None
     tree = ast.parse(source, mode="eval")
     literals: list[int] = []
