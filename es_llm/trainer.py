@@ -179,9 +179,12 @@ class Population:
         threads = len(self.models)
         for chunk in range(0, len(members), threads):
             batch = members[chunk:chunk + threads]
-            results = pool.map(lambda slot_i: self.evaluate(slot_i[0], seeds[slot_i[1]], generate,
-                                                            task, signs[slot_i[1]]),
-                               enumerate(batch))
+            # One thread evaluates in the caller's thread: on CPU, generating from a worker thread
+            # measured 1.6x slower (bench/bench_es.py, docs/benchmarks.md).
+            run = pool.map if threads > 1 else map
+            results = run(lambda slot_i: self.evaluate(slot_i[0], seeds[slot_i[1]], generate,
+                                                       task, signs[slot_i[1]]),
+                          enumerate(batch))
             for i, (reward, completions, spent) in zip(batch, results):
                 rewards[i] = reward
                 for phase, seconds in spent.items():
