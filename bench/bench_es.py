@@ -124,10 +124,11 @@ def measure(name, args, step, generate, rng_seed):
             **{f"share_{k}": v / seconds for k, v in phases.items()}}
 
 
-def lowrank_population(model, args, population_size, precision):
+def lowrank_population(model, args, population_size, precision, prune_finished=True):
     cfg = TrainConfig(task="bench", model_name=args.model_name, output_dir="-", sigma=args.sigma,
                       alpha=args.alpha, population_size=population_size, gpu_threads=1, noise_mode="lowrank",
-                      rank=args.rank, lowrank_batch=args.lowrank_batch, precision=precision)
+                      rank=args.rank, lowrank_batch=args.lowrank_batch, precision=precision,
+                      prune_finished=prune_finished)
     return Population(model, cfg)
 
 
@@ -168,14 +169,16 @@ def run_configs(args):
             del population
         if "paper" in final and "none" in final:
             identical[precision] = all(torch.equal(a, b) for a, b in zip(final["paper"], final["none"]))
-        with torch.no_grad():
-            for p, w in zip(model.parameters(), initial):
-                p.copy_(w)
-        population = lowrank_population(model, args, args.population_size, precision)
-        with ThreadPoolExecutor(1) as pool:
-            results.append(measure(f"ours, lowrank rank {args.rank}, {precision}", args, lambda seeds: our_iteration(
-                population, seeds, generate, task, pool), generate, 0))
-        del population
+        for prune in (True, False):
+            with torch.no_grad():
+                for p, w in zip(model.parameters(), initial):
+                    p.copy_(w)
+            population = lowrank_population(model, args, args.population_size, precision, prune)
+            label = f"ours, lowrank rank {args.rank}, {precision}" + ("" if prune else ", --no_prune_finished")
+            with ThreadPoolExecutor(1) as pool:
+                results.append(measure(label, args, lambda seeds: our_iteration(
+                    population, seeds, generate, task, pool), generate, 0))
+            del population
         # The roofline: the unperturbed model, all sequences in one batch, and one member at a time.
         batched = Generator(tokenizer, task.prompts * args.population_size, args.max_new_tokens)
         results.append(measure(f"roofline: one batched generate of all {args.population_size * len(task.prompts)} "

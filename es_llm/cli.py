@@ -51,6 +51,9 @@ def build_parser(description: str, constants: dict) -> argparse.ArgumentParser:
     p.add_argument("--lowrank_batch", type=int, default=256,
                    help="lowrank: most sequences (members x prompts) per batched generate call, the "
                         "memory budget; a call holds max(1, this // prompts) members")
+    p.add_argument("--no_prune_finished", dest="prune_finished", action="store_false",
+                   help="lowrank: keep rows that have ended in the batch until every row has, as "
+                        "generate does (default: a finished row leaves the batch at once)")
     p.add_argument("--antithetic", action="store_true",
                    help="members come in +/- pairs sharing a seed (population_size must be even)")
     p.add_argument("--fitness_shaping", default="zscore", choices=FITNESS_SHAPINGS,

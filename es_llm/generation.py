@@ -1,5 +1,14 @@
 """Greedy (or sampled) batched generation of the continuation of every prompt."""
 import torch
+from transformers import DynamicCache
+
+# Generation-config settings that change the next-token choice; the pruning loop implements none of
+# them, so a model that sets one is generated with `generate` (and keeps its finished rows).
+_LOGITS_SETTINGS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+                    "min_length": 0, "min_new_tokens": None, "suppress_tokens": None,
+                    "begin_suppress_tokens": None, "forced_bos_token_id": None,
+                    "forced_eos_token_id": None, "encoder_repetition_penalty": 1.0,
+                    "sequence_bias": None, "renormalize_logits": False}
 
 
 class Generator:
@@ -22,29 +31,46 @@ class Generator:
         return self.repeated(model, 1, with_prompt)[0]
 
     @torch.inference_mode()
-    def repeated(self, model, copies: int, with_prompt: bool = False) -> list:
+    def repeated(self, model, copies: int, with_prompt: bool = False, on_rows=None) -> list:
         """`copies` lists of decoded continuations, one per prompt, from batched calls whose rows are
         the prompts repeated copy-major (copy 0's prompts, then copy 1's, ...): the layout a
-        batched low-rank population expects."""
+        batched low-rank population expects.
+
+        With `on_rows` (greedy only), a row leaves the batch as soon as it has produced its end
+        token, so the finished rows cost nothing; `on_rows(keep)` is told the indices (into the
+        current rows) of the rows kept, and `on_rows(None)` when a new batch starts."""
         head = model.get_output_embeddings()
         handle = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
         try:
-            return self._generate(model, copies, with_prompt)
+            return self._generate(model, copies, with_prompt, on_rows)
         finally:
             if handle:
                 handle.remove()
 
-    def _generate(self, model, copies: int, with_prompt: bool) -> list:
-        texts = [[] for _ in range(copies)]
+    def _eos(self, model) -> list:
+        eos = model.generation_config.eos_token_id or self.tokenizer.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    def can_prune(self, model) -> bool:
         config = model.generation_config
+        return not self.do_sample and all(getattr(config, k, default) in (default, None)
+                                          for k, default in _LOGITS_SETTINGS.items())
+
+    def _generate(self, model, copies: int, with_prompt: bool, on_rows=None) -> list:
+        texts = [[] for _ in range(copies)]
+        prune = on_rows is not None and self.can_prune(model)
         for batch in self.batches:
             batch = {k: v.to(model.device).repeat(copies, 1) for k, v in batch.items()}
-            out = model.generate(**batch, max_new_tokens=self.max_new_tokens,
-                                 do_sample=self.do_sample,
-                                 pad_token_id=self.tokenizer.pad_token_id,
-                                 eos_token_id=config.eos_token_id or self.tokenizer.eos_token_id,
-                                 **({} if self.do_sample else
-                                    {"temperature": None, "top_p": None, "top_k": None}))
+            if prune:
+                on_rows(None)
+                out = self._greedy_pruned(model, batch, on_rows)
+            else:
+                out = model.generate(**batch, max_new_tokens=self.max_new_tokens,
+                                     do_sample=self.do_sample,
+                                     pad_token_id=self.tokenizer.pad_token_id,
+                                     eos_token_id=self._eos(model),
+                                     **({} if self.do_sample else
+                                        {"temperature": None, "top_p": None, "top_k": None}))
             new = out[:, batch["input_ids"].shape[1]:]
             self.tokens_generated += int((new != self.tokenizer.pad_token_id).sum())
             start = 0 if with_prompt else batch["input_ids"].shape[1]
@@ -53,6 +79,37 @@ class Generator:
             for i in range(copies):
                 texts[i] += decoded[i * rows:(i + 1) * rows]
         return texts
+
+    def _greedy_pruned(self, model, batch, on_rows) -> torch.Tensor:
+        """Greedy decoding as `generate` does it (left padding, KV cache), except that rows which
+        have produced an end token leave the batch and its cache. Returns prompt + new tokens, the
+        finished rows padded, like `generate`."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        eos = torch.tensor(self._eos(model), device=ids.device)
+        new = torch.full((ids.shape[0], self.max_new_tokens), self.tokenizer.pad_token_id,
+                         dtype=ids.dtype, device=ids.device)
+        live = torch.arange(ids.shape[0], device=ids.device)  # original index of each row kept
+        position = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)
+        cache = DynamicCache(config=model.config)
+        step_ids, steps = ids, 0
+        for t in range(self.max_new_tokens):
+            logits = model(input_ids=step_ids, attention_mask=mask, position_ids=position,
+                           past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            token = logits[:, -1].argmax(-1)
+            new[live, t] = token
+            steps = t + 1
+            done = torch.isin(token, eos)
+            if bool(done.all()):
+                break
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)
+                live, token, mask, position = live[keep], token[keep], mask[keep], position[keep]
+                cache.batch_select_indices(keep)
+                on_rows(keep)
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+            position = position[:, -1:] + 1
+            step_ids = token.unsqueeze(1)
+        return torch.cat([ids, new[:, :steps]], dim=1)
 
 
 def _contiguous_input(module, args):

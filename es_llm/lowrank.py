@@ -143,85 +143,127 @@ class BatchedLowRank:
     @contextmanager
     def perturbed(self, seeds, sigma: float, signs=None):
         """While active, a forward pass over rows = len(seeds) x B (member-major) computes row block i
-        with member i's perturbation."""
-        members = len(seeds)
-        terms = self.member_terms(seeds, sigma, signs)
+        with member i's perturbation. Yields a `RowMap`: generation that drops finished rows from its
+        batch tells it which rows remain (`select_rows`)."""
+        rows = RowMap(self, self.member_terms(seeds, sigma, signs), len(seeds))
         handles = []
-
-        def rows_per_member(t: torch.Tensor) -> int:
-            if t.shape[0] % members:
-                raise ValueError(f"a batched low-rank forward needs rows = members x prompts; got "
-                                 f"{t.shape[0]} rows for {members} members")
-            return t.shape[0] // members
-
-        def blocks(t: torch.Tensor) -> torch.Tensor:
-            rows_per_member(t)
-            return t.reshape(members, -1, t.shape[-1])
-
-        def columns(t: torch.Tensor) -> list:
-            return [t[:, :, r].unsqueeze(1).contiguous() for r in range(t.shape[-1])]  # [M, 1, d]
-
-        def linear_hook(k_weight, k_bias):
-            a, b = terms[k_weight]
-            a_t = a.transpose(1, 2).contiguous()  # [M, R, out]
-            a_cols, b_cols = columns(a), columns(b)
-            bias = None if k_bias is None else terms[k_bias].unsqueeze(1)  # [M, 1, out]
-
-            def hook(module, args, output):
-                xs, out = blocks(args[0]), blocks(output)  # [M, rows/M * seq, in or out]
-                if len(b_cols) <= COLUMN_LOOP_MAX_RANK:
-                    # At a small rank, R rank-one updates beat a batched matmul of degenerate shape.
-                    for a_r, b_r in zip(a_cols, b_cols):
-                        out.addcmul_(torch.linalg.vecdot(xs, b_r).unsqueeze(-1), a_r)
-                else:
-                    out.baddbmm_(torch.bmm(xs, b), a_t)
-                if bias is not None:
-                    out.add_(bias)
-                return out.reshape(output.shape)
-            return hook
-
-        def embedding_hook(k_weight):
-            a, b = terms[k_weight]
-            b_cols = columns(b)  # [M, 1, H] each
-
-            def hook(module, args, output):
-                ids = args[0].reshape(members, -1)
-                rows_a = torch.gather(a, 1, ids.unsqueeze(-1).expand(-1, -1, a.shape[-1]))
-                out = blocks(output)
-                for r, b_r in enumerate(b_cols):
-                    out.addcmul_(rows_a[:, :, r:r + 1], b_r)
-                return out.reshape(output.shape)
-            return hook
-
-        def norm_hooks(module, k_weight):
-            param = self.params[k_weight]
-            weights = param.unsqueeze(0) + terms[k_weight]  # [M, H]
-            cache = {}
-
-            def pre(module, args):
-                hidden = args[0]
-                key = (hidden.shape[0], hidden.ndim)
-                if key not in cache:
-                    per_row = weights.repeat_interleave(rows_per_member(hidden), dim=0)
-                    cache[key] = per_row.view(hidden.shape[0], *[1] * (hidden.ndim - 2), -1)
-                module._parameters["weight"] = cache[key]
-
-            def post(module, args, output):
-                module._parameters["weight"] = param
-            return pre, post
-
         try:
             for module, k_weight, k_bias in self.linears:
-                handles.append(module.register_forward_hook(linear_hook(k_weight, k_bias)))
+                handles.append(module.register_forward_hook(rows.linear_hook(k_weight, k_bias)))
             for module, k_weight in self.embeddings:
-                handles.append(module.register_forward_hook(embedding_hook(k_weight)))
+                handles.append(module.register_forward_hook(rows.embedding_hook(k_weight)))
             for module, k_weight in self.norms:
-                pre, post = norm_hooks(module, k_weight)
+                pre, post = rows.norm_hooks(k_weight)
                 handles.append(module.register_forward_pre_hook(pre))
                 handles.append(module.register_forward_hook(post))
-            yield self
+            yield rows
         finally:
             for handle in handles:
                 handle.remove()
             for module, k_weight in self.norms:  # a forward that raised left its weight swapped
                 module._parameters["weight"] = self.params[k_weight]
+
+
+class RowMap:
+    """Which member each row of the batch belongs to, and the members' terms laid out per row.
+
+    A fresh batch is member-major (rows = members x B): the first forward sets that layout. When
+    generation drops rows that have finished, `select_rows(keep)` keeps those rows (indices into the
+    current rows); `select_rows(None)` starts over for the next batch. The per-row tensors are
+    gathered once per layout, not once per forward."""
+
+    def __init__(self, batched: BatchedLowRank, terms: dict, members: int):
+        self.params = batched.params
+        self.terms = terms
+        self.members = members
+        self.member_of_row = None  # [rows] member index, or None until the first forward
+        self.pruned = False  # rows were dropped: the map no longer follows the member-major layout
+        self.cache = {}
+
+    def select_rows(self, keep) -> None:
+        self.cache = {}
+        if keep is None or self.member_of_row is None:
+            self.member_of_row, self.pruned = None, False
+        else:
+            self.member_of_row = self.member_of_row[keep.to(self.member_of_row.device)]
+            self.pruned = True
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        rows = t.shape[0]
+        if self.member_of_row is not None and rows != len(self.member_of_row):
+            if self.pruned:
+                raise ValueError(f"a batched low-rank forward got {rows} rows where the row map has "
+                                 f"{len(self.member_of_row)}; call select_rows(None) before a new batch")
+            self.member_of_row, self.cache = None, {}  # a new member-major batch of another size
+        if self.member_of_row is None:
+            if rows % self.members:
+                raise ValueError(f"a batched low-rank forward needs rows = members x prompts; got "
+                                 f"{rows} rows for {self.members} members")
+            self.member_of_row = torch.arange(self.members, device=t.device).repeat_interleave(
+                rows // self.members)
+        return self.member_of_row
+
+    def _per_row(self, key, t: torch.Tensor, make):
+        rows = self._rows(t)
+        if key not in self.cache:
+            self.cache[key] = make(rows)
+        return self.cache[key]
+
+    def linear_hook(self, k_weight, k_bias):
+        a, b = self.terms[k_weight]  # [M, out, R], [M, in, R]
+        bias = None if k_bias is None else self.terms[k_bias]  # [M, out]
+
+        def make(rows):
+            a_rows, b_rows = a[rows], b[rows]
+            if a.shape[-1] <= COLUMN_LOOP_MAX_RANK:
+                columns = [(a_rows[:, :, r].unsqueeze(1).contiguous(), b_rows[:, :, r].unsqueeze(1).contiguous())
+                           for r in range(a.shape[-1])]  # ([rows, 1, out], [rows, 1, in])
+                a_rows = b_rows = None
+            else:
+                columns, a_rows = None, a_rows.transpose(1, 2).contiguous()  # [rows, R, out]
+            return columns, a_rows, b_rows, None if bias is None else bias[rows].unsqueeze(1)
+
+        def hook(module, args, output):
+            columns, a_t, b_rows, bias_rows = self._per_row(("linear", k_weight), output, make)
+            x = args[0].reshape(output.shape[0], -1, args[0].shape[-1])  # [rows, seq, in]
+            out = output.reshape(output.shape[0], -1, output.shape[-1])
+            if columns is not None:
+                # At a small rank, R rank-one updates beat a batched matmul of degenerate shape.
+                for a_r, b_r in columns:
+                    out.addcmul_(torch.linalg.vecdot(x, b_r).unsqueeze(-1), a_r)
+            else:
+                out.baddbmm_(torch.bmm(x, b_rows), a_t)
+            if bias_rows is not None:
+                out.add_(bias_rows)
+            return out.reshape(output.shape)
+        return hook
+
+    def embedding_hook(self, k_weight):
+        a, b = self.terms[k_weight]  # [M, vocab, R], [M, H, R]
+
+        def make(rows):
+            return rows.unsqueeze(1), [b[rows][:, :, r].unsqueeze(1).contiguous() for r in range(b.shape[-1])]
+
+        def hook(module, args, output):
+            member, b_cols = self._per_row(("embedding", k_weight), output, make)
+            ids = args[0].reshape(output.shape[0], -1)
+            rows_a = a[member, ids]  # [rows, seq, R]
+            out = output.reshape(output.shape[0], -1, output.shape[-1])
+            for r, b_r in enumerate(b_cols):
+                out.addcmul_(rows_a[:, :, r:r + 1], b_r)
+            return out.reshape(output.shape)
+        return hook
+
+    def norm_hooks(self, k_weight):
+        param = self.params[k_weight]
+        weights = param.unsqueeze(0) + self.terms[k_weight]  # [M, H]
+
+        def pre(module, args):
+            hidden = args[0]
+            per_row = self._per_row(("norm", k_weight, hidden.ndim), hidden, lambda rows: weights[rows].view(
+                hidden.shape[0], *[1] * (hidden.ndim - 2), -1))
+            module._parameters["weight"] = per_row
+
+        def post(module, args, output):
+            module._parameters["weight"] = param
+        return pre, post

@@ -51,6 +51,7 @@ class TrainConfig:
     noise_mode: str = "correlated"
     rank: int = 1
     lowrank_batch: int = 256
+    prune_finished: bool = True
     antithetic: bool = False
     fitness_shaping: str = "zscore"
     master_weights: str = "none"
@@ -200,10 +201,11 @@ class Population:
             batch = members[chunk:chunk + per_call]
             t0 = time.perf_counter()
             with self.lowrank.perturbed([seeds[i] for i in batch], self.cfg.sigma,
-                                        [signs[i] for i in batch]):
+                                        [signs[i] for i in batch]) as rows:
                 t1 = time.perf_counter()
                 texts = generate.repeated(self.base, len(batch),
-                                          with_prompt=self.cfg.reward_on_prompt_and_response)
+                                          with_prompt=self.cfg.reward_on_prompt_and_response,
+                                          on_rows=rows.select_rows if self.cfg.prune_finished else None)
             timings["noise"] += t1 - t0
             timings["generate"] += time.perf_counter() - t1
             for i, completions in zip(batch, texts):

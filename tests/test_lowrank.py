@@ -109,6 +109,56 @@ def test_batched_greedy_text_equals_each_explicitly_perturbed_models_text(tiny_l
     assert len({tuple(t) for t in together}) > 1, "members should answer differently"
 
 
+def with_end_token_mid_way(model, tokenizer, generate, seeds, signs):
+    """A copy of the model whose end token is one its members produce part-way through some rows but
+    not all, so that rows finish at different steps."""
+    with BatchedLowRank(model, 2).perturbed(seeds, SIGMA, signs):
+        batch = {k: v.repeat(len(seeds), 1) for k, v in generate.batches[0].items()}
+        new = model.generate(**batch, max_new_tokens=generate.max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=-1)[:, batch["input_ids"].shape[1]:]
+    first_steps = {}
+    for token in new.unique().tolist():
+        rows_with = [(row == token).nonzero()[0].item() for row in new if (row == token).any()]
+        if 1 < len(rows_with) < len(new) and len(set(rows_with)) > 1 and min(rows_with) > 0:
+            first_steps[token] = rows_with
+    assert first_steps, "the tiny model should repeat some token part-way through several rows"
+    ended = copy.deepcopy(model)
+    ended.generation_config.eos_token_id = max(first_steps, key=lambda t: len(first_steps[t]))
+    return ended
+
+
+def test_pruned_generation_drops_finished_rows_and_gives_the_same_texts(tiny_llama):
+    model, tokenizer = tiny_llama
+    generate = Generator(tokenizer, PROMPTS, max_new_tokens=16)
+    model = with_end_token_mid_way(model, tokenizer, generate, SEEDS, SIGNS)
+    batched, calls = BatchedLowRank(model, 2), []
+    with batched.perturbed(SEEDS, SIGMA, SIGNS):
+        kept = generate.repeated(model, len(SEEDS))  # generate: finished rows stay in the batch
+    with batched.perturbed(SEEDS, SIGMA, SIGNS) as rows:
+        def on_rows(keep):
+            calls.append(None if keep is None else len(keep))
+            rows.select_rows(keep)
+        pruned = generate.repeated(model, len(SEEDS), on_rows=on_rows)
+    assert calls[0] is None and len(calls) > 1 and all(n < len(SEEDS) * len(PROMPTS) for n in calls[1:]), calls
+    assert pruned == kept
+    for i, (seed, sign) in enumerate(zip(SEEDS, SIGNS)):
+        assert pruned[i] == generate(explicitly_perturbed(model, seed, sign, SIGMA, 2))
+
+
+def test_a_pruned_row_map_refuses_a_batch_of_another_size(tiny_llama):
+    model, tokenizer = tiny_llama
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    rows = {k: v.repeat(2, 1) for k, v in batch.items()}
+    with torch.no_grad(), BatchedLowRank(model, 1).perturbed([1, 2], SIGMA) as row_map:
+        model(**rows)
+        row_map.select_rows(torch.tensor([0, 3]))
+        assert row_map.member_of_row.tolist() == [0, 1]
+        with pytest.raises(ValueError, match="select_rows"):
+            model(**rows)
+        row_map.select_rows(None)
+        model(**rows)
+
+
 def test_sigma_scales_the_perturbation_and_the_minus_member_mirrors_the_plus_member(tiny_llama):
     model, tokenizer = tiny_llama
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
