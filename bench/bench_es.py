@@ -132,6 +132,12 @@ def lowrank_population(model, args, population_size, precision, prune_finished=T
     return Population(model, cfg)
 
 
+@torch.no_grad()
+def reset(model, weights) -> None:
+    for p, w in zip(model.parameters(), weights):
+        p.copy_(w)
+
+
 def weights_of(model):
     return [p.detach().clone() for p in model.parameters()]
 
@@ -154,9 +160,7 @@ def run_configs(args):
             final["paper"] = weights_of(model)
             del scratch
         for master in args.master_weights:
-            with torch.no_grad():
-                for p, w in zip(model.parameters(), initial):
-                    p.copy_(w)
+            reset(model, initial)
             cfg = TrainConfig(task="bench", model_name=args.model_name, output_dir="-", sigma=args.sigma,
                               alpha=args.alpha, population_size=args.population_size, gpu_threads=1,
                               noise_mode=args.noise_mode, master_weights=master, precision=precision)
@@ -170,16 +174,16 @@ def run_configs(args):
         if "paper" in final and "none" in final:
             identical[precision] = all(torch.equal(a, b) for a, b in zip(final["paper"], final["none"]))
         for prune in (True, False):
-            with torch.no_grad():
-                for p, w in zip(model.parameters(), initial):
-                    p.copy_(w)
+            reset(model, initial)
             population = lowrank_population(model, args, args.population_size, precision, prune)
             label = f"ours, lowrank rank {args.rank}, {precision}" + ("" if prune else ", --no_prune_finished")
             with ThreadPoolExecutor(1) as pool:
                 results.append(measure(label, args, lambda seeds: our_iteration(
                     population, seeds, generate, task, pool), generate, 0))
             del population
-        # The roofline: the unperturbed model, all sequences in one batch, and one member at a time.
+        # The roofline: the unperturbed model at the initial weights (the timed rows start there),
+        # all sequences in one batch, and one member at a time.
+        reset(model, initial)
         batched = Generator(tokenizer, task.prompts * args.population_size, args.max_new_tokens)
         results.append(measure(f"roofline: one batched generate of all {args.population_size * len(task.prompts)} "
                                f"sequences, {precision}", args, lambda seeds: {"generate": _timed(batched, model)},

@@ -17,6 +17,7 @@ hooks add each member's term to the shared base computation:
                    tensor (w + sign_i sigma eps_i) shaped to broadcast against the hidden states;
                    valid for norms that compute weight * hidden (Llama, Qwen, Mistral, ...)
 A tied lm_head uses the embedding's factors: factors are keyed by the parameter itself.
+A `RowMap` holds which member each row belongs to, so generation can drop finished rows mid-way.
 
 The update is alpha * (1/N) sum_i z_i sign_i A_i B_i^T / sqrt(R) (and alpha * (1/N) sum_i z_i sign_i
 eps_i for the other parameters), computed in fp32: for a 2-D weight one matmul of the stacked,

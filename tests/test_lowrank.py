@@ -271,7 +271,8 @@ def test_a_lowrank_run_trains_and_its_logged_seeds_and_rewards_recompute_the_wei
 def test_a_bf16_lowrank_run_keeps_fp32_masters_and_saves_them(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     run_script([PYTHON, "es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir),
-                "--precision", "bf16", "--antithetic", "--output_dir", str(out), *TINY])
+                "--precision", "bf16", "--antithetic", "--no_prune_finished", "--output_dir", str(out), *TINY])
+    assert json.loads((out / "trainer_state.json").read_text())["config"]["prune_finished"] is False
     records = read_metrics(out)
     assert all(r["signs"] == [1, -1, 1, -1] for r in records)
     assert all(r["seeds"][0] == r["seeds"][1] and r["seeds"][2] == r["seeds"][3] for r in records)
