@@ -56,4 +56,11 @@ def run_script(args, cwd=ROOT, timeout=600, check=True, env=None):
     return proc
 
 
+def start_script(args, cwd=ROOT):
+    """Start a command line (a list) in its own process group, stdout and stderr merged into one
+    unbuffered text pipe; returns the Popen (for tests that signal or read a run while it goes)."""
+    return subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
 PYTHON = sys.executable

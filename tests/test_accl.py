@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import PYTHON, ROOT, run_script
+from conftest import PYTHON, ROOT, run_script, start_script
 from es_llm.models import load_model
 from es_llm.strategy import es_update, normalize_rewards
 from utils.engines import (TransformersEngine, WeightSet, full_state_dict, hf_layout,
@@ -192,13 +192,11 @@ def _session_processes(sid):
 def test_ctrl_c_stops_engines_and_ray(tiny_model_dir, tmp_path):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) saves a checkpoint of the
     last completed iteration, names the resume command and leaves nothing running."""
-    proc = subprocess.Popen(
+    proc = start_script(
         [PYTHON, SCRIPT, "--model_name", str(tiny_model_dir), "--engine", "transformers",
          "--num_engines", "2", "--population_size", "2", "--num_iterations", "100000",
          "--max_new_tokens", "4", "--data_sample", "2", "--precision", "fp32",
-         "--experiment_dir", str(tmp_path), "--run_name", "run"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+         "--experiment_dir", str(tmp_path), "--run_name", "run"])
     try:
         lines = []
         for line in proc.stdout:
@@ -234,12 +232,10 @@ def test_engine_failure_exits_nonzero_and_leaves_nothing_running(tiny_model_dir,
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    proc = subprocess.Popen(
+    proc = start_script(
         [PYTHON, SCRIPT, "--model_name", str(broken), "--engine", "transformers", "--num_engines",
          "2", "--population_size", "2", "--num_iterations", "1", "--max_new_tokens", "4",
-         "--data_sample", "2", "--precision", "fp32", "--experiment_dir", str(tmp_path)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+         "--data_sample", "2", "--precision", "fp32", "--experiment_dir", str(tmp_path)])
     try:
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode not in (0, None), out

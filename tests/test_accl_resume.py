@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, ROOT, run_script
+from conftest import PYTHON, ROOT, run_script, start_script
 from es_llm import checkpoint as ckpt
 from utils.engines import WeightSet
 
@@ -133,9 +133,7 @@ def _session_processes(sid):
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(tiny_model_dir, experiment, four):
-    proc = subprocess.Popen(command(tiny_model_dir, experiment, 4, *MASTERS, run_name="term"),
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = start_script(command(tiny_model_dir, experiment, 4, *MASTERS, run_name="term"))
     try:
         lines = []
         for line in proc.stdout:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, ROOT, run_script
+from conftest import PYTHON, ROOT, run_script, start_script
 from es_llm import checkpoint as ckpt
 from es_llm.models import load_model
 
@@ -141,9 +141,7 @@ def test_a_stalled_or_killed_rank_does_not_hang_the_others(tiny_model_dir, tmp_p
     args = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--machine_rank", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
             *conciseness(tiny_model_dir, out, 1000, "--collective_timeout", "10")[1:]]
-    proc = subprocess.Popen(args, cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            start_new_session=True)
+    proc = start_script(args)
     try:
         for line in proc.stdout:
             if "Iteration 1/1000" in line:
