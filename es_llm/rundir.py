@@ -1,0 +1,169 @@
+"""A run directory's rules, shared by every trainer: what resuming reads, what may be written where.
+
+- `load_resume` reads the checkpoint to resume from (its state, its metrics, its weights) and checks
+  it against this run's settings before any work; a file that cannot be read is named, with the
+  earlier checkpoints that could be used instead.
+- `plan_run_dir` decides whether this run may write into a directory: a new run needs one that holds
+  no run (or --overwrite); a resumed run continuing in its own directory must not mix two histories;
+  a resumed run going to another directory needs that one free of runs (or --overwrite). It writes
+  nothing: `clear_and_check_writable` does, once every check has passed.
+"""
+import shutil
+from pathlib import Path
+
+from safetensors import safe_open
+
+from . import checkpoint as ckpt
+from .checkpoint import CHECKPOINT_PREFIX, MASTER_FILE, METRICS_FILE, STATE_FILE, resolve_checkpoint
+
+# The names a trainer writes into a run directory (what makes it "hold a run", and what
+# --overwrite may remove); a model saved in place adds its config, weights and tokenizer files.
+RUN_FILE_PREFIXES = (CHECKPOINT_PREFIX, f".{CHECKPOINT_PREFIX}", "events.out.tfevents.",
+                     "final_model", "model_saves", METRICS_FILE, STATE_FILE, MASTER_FILE, ".final")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not belong to this run."""
+
+
+def iteration_of(directory: Path) -> int:
+    return int(ckpt.load_state(directory)["iteration"])
+
+
+def finished_state(run_dir: Path):
+    """The directory's own trainer_state.json if it records a finished run, else None."""
+    if not (Path(run_dir) / STATE_FILE).is_file():
+        return None
+    state = ckpt.load_state(run_dir)
+    return state if state.get("finished") else None
+
+
+def weights_dir(checkpoint: Path) -> Path:
+    """Where a checkpoint's HF weights are: in it, or in a finished run's final_model/."""
+    own = [p for p in Path(checkpoint).glob("*.safetensors") if p.name != MASTER_FILE]
+    return Path(checkpoint) if own else Path(checkpoint) / "final_model"
+
+
+def run_home(checkpoint: Path) -> Path:
+    """The run directory a checkpoint belongs to."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent if checkpoint.name.startswith(CHECKPOINT_PREFIX) else checkpoint
+
+
+def run_files(run_dir: Path) -> list:
+    """What a trainer wrote into run_dir (empty when it holds no run)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if p.name.startswith(RUN_FILE_PREFIXES))
+
+
+def earlier_checkpoints(checkpoint: Path) -> list:
+    home = run_home(checkpoint)
+    return [c for c in ckpt.list_checkpoints(home) if c.resolve() != Path(checkpoint).resolve()]
+
+
+def _unreadable(checkpoint: Path, path: Path, error) -> CheckpointError:
+    others = earlier_checkpoints(checkpoint)
+    hint = (f"resume from another checkpoint instead, e.g. --resume {others[-1]}" if others else
+            "no other checkpoint of this run exists; start the run again without --resume")
+    return CheckpointError(f"cannot read {path} of checkpoint {checkpoint} ({type(error).__name__}: "
+                           f"{error}); the file is damaged or incomplete. Nothing was written. {hint}")
+
+
+def check_readable(checkpoint: Path) -> None:
+    """Read every tensor file of the checkpoint through, so a damaged one is named before any work."""
+    files = sorted(weights_dir(checkpoint).glob("*.safetensors"))
+    files += [p for p in [Path(checkpoint) / MASTER_FILE] if p.is_file() and p not in files]
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    f.get_tensor(key)
+        except Exception as error:  # safetensors raises its own SafetensorError, or OSError
+            raise _unreadable(checkpoint, path, error) from error
+
+
+def load_resume(path, mismatches, num_iterations: int) -> dict:
+    """The checkpoint to resume from (a checkpoint-<i>/ directory, or a run directory meaning its
+    newest state), checked before any work: `mismatches(saved_config)` lists the settings on which
+    it differs from this run; its iteration must leave work to do. (`check_readable` then reads its
+    tensors through.)"""
+    checkpoint = resolve_checkpoint(path)
+    try:
+        state = ckpt.load_state(checkpoint)
+        start = int(state["iteration"])
+        records = [r for r in ckpt.read_metrics(checkpoint / METRICS_FILE) if r["iteration"] <= start]
+    except (ValueError, KeyError, TypeError) as error:
+        raise _unreadable(checkpoint, checkpoint / STATE_FILE, error) from error
+    mismatched = mismatches(state.get("config", {}))
+    if mismatched:
+        raise ValueError(f"cannot resume from {checkpoint}: its run differs from this one:\n  "
+                         + "\n  ".join(mismatched) + "\nRun with the checkpoint's settings, or "
+                         "start a new run without --resume.")
+    if start >= num_iterations:
+        raise ValueError(f"{checkpoint} is at iteration {start}: --num_iterations "
+                         f"{num_iterations} leaves nothing to do; give a larger --num_iterations "
+                         f"to continue the run")
+    if not weights_dir(checkpoint).is_dir():
+        raise FileNotFoundError(f"{checkpoint} holds no weights (neither *.safetensors nor "
+                                f"final_model/); resume from another checkpoint")
+    if [r["iteration"] for r in records] != list(range(1, start + 1)):
+        raise CheckpointError(f"{checkpoint / METRICS_FILE} does not hold iterations 1..{start}; "
+                              f"the checkpoint is incomplete, resume from another one")
+    return {"checkpoint": checkpoint, "state": state, "start": start, "records": records,
+            "home": run_home(checkpoint)}
+
+
+def plan_run_dir(run_dir: Path, resume, overwrite: bool, name_flag: str) -> list:
+    """Check that this run may write into run_dir; returns what --overwrite removes there.
+
+    `resume` is what `load_resume` returned (None for a new run); `name_flag` is the flag that
+    chooses another directory (named in the errors). Writes nothing."""
+    run_dir = Path(run_dir)
+    existing = run_files(run_dir)
+    finished = finished_state(run_dir)
+    own = resume is not None and run_dir.resolve() == Path(resume["home"]).resolve()
+    if not own:
+        if existing and not overwrite:
+            what = "another run" if resume is not None else "a run"
+            if finished:
+                raise FileExistsError(
+                    f"{run_dir} already holds a finished run ({finished['iteration']} iterations);"
+                    f" pass --overwrite to replace it, --resume {run_dir} with a larger "
+                    f"--num_iterations to continue it, or choose another {name_flag}")
+            latest = ckpt.list_checkpoints(run_dir)
+            if not latest:
+                raise FileExistsError(
+                    f"{run_dir} already holds {what}, unfinished and without a checkpoint (nothing "
+                    f"to resume); pass --overwrite to start again there, or choose another "
+                    f"{name_flag}")
+            raise FileExistsError(
+                f"{run_dir} already holds an unfinished run (latest checkpoint: "
+                f"{latest[-1].name}); pass --resume {run_dir} to continue it, --overwrite to "
+                f"replace it, or choose another {name_flag}")
+        return existing
+    start = resume["start"]
+    later = [c for c in ckpt.list_checkpoints(run_dir) if iteration_of(c) > start]
+    if finished and int(finished["iteration"]) > start:
+        later += [run_dir / name for name in (STATE_FILE, MASTER_FILE, "final_model",
+                                              "final_model.pth") if (run_dir / name).exists()]
+        later += sorted((run_dir / "model_saves").glob("final_model_iteration_*"))
+    if later and not overwrite:
+        raise FileExistsError(
+            f"{run_dir} has gone past iteration {start} of {resume['checkpoint']} ("
+            + ", ".join(p.name for p in later) + "): continuing from there would mix two "
+            f"histories. Pass --overwrite to remove the later ones, resume from the latest "
+            f"(--resume {run_dir}), or give {name_flag} to continue in a new directory")
+    return later
+
+
+def clear_and_check_writable(run_dir: Path, remove, name_flag: str) -> None:
+    """Remove what plan_run_dir allowed (the finished marker first: a crash half-way must not leave
+    a run that looks finished), then prove the directory writable."""
+    for path in sorted(remove, key=lambda p: p.name != STATE_FILE):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    ckpt.ensure_writable(Path(run_dir), name_flag)

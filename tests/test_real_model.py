@@ -1,0 +1,274 @@
+"""On the real bundled model (SmolLM2-135M-Instruct) in bf16 and fp16: the promises of exactness.
+
+The tests' tiny fp32 model hides rounding and dtype problems, so everything a README sentence
+promises bit for bit is checked here on the model users train: the loading path, resume after
+Ctrl-C (plain, fp32 masters, lowrank, and the accelerated version), evaluation of a saved model
+against the bundled base, and when several threads or processes give the same run.
+Settings are small (population 4, sigma 0.01, alpha 0.005, 16 new tokens) so each run takes
+seconds of compute; most of the time is loading the GGUF file.
+"""
+import json
+import shlex
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import PYTHON, ROOT, run_script, start_script
+from es_llm import checkpoint as ckpt
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["--population_size", "4", "--sigma", "0.01", "--alpha", "0.005", "--max_new_tokens", "16"]
+PROMPTS = ["Solve: 3 + 5 =", "If all birds can fly and penguins are birds, can penguins fly?"]
+
+
+def logits(model, tokenizer):
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def buffers(model):
+    return {n: (b.dtype, b.clone()) for n, b in model.named_buffers()}
+
+
+def same_buffers(a, b):
+    return a.keys() == b.keys() and all(a[k][0] == b[k][0] and torch.equal(a[k][1], b[k][1])
+                                        for k in a)
+
+
+def without_time(records):
+    return [{k: v for k, v in r.items() if not k.startswith("time")} for r in records]
+
+
+def weights(directory):
+    return load_file(str(Path(directory) / "model.safetensors"))
+
+
+def same_tensors(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_bundled_and_saved_directory_compute_the_same_logits(tmp_path, precision):
+    """The bundled GGUF, a directory it was saved to, a checkpoint written by the trainer's save and
+    the fp32 copy the accelerated version's engines load: same parameters, same buffers (the rotary
+    embedding's inv_freq stays fp32), same logits bit for bit."""
+    from es_llm.models import load_model, save_model
+    from utils.engines import resolve_base_model
+
+    bundled, tokenizer = load_model("bundled", precision)
+    assert bundled.model.rotary_emb.inv_freq.dtype == torch.float32
+    expected = logits(bundled, tokenizer)
+    save_model(bundled, tokenizer, tmp_path / "saved")
+    state = {"iteration": 1, "finished": False, "rng_state": None, "config": {}}
+    checkpoint = ckpt.save_checkpoint(tmp_path / "run", bundled, tokenizer, state, [])
+    converted = resolve_base_model("bundled", tmp_path / "converted")  # what the engines load
+    for source in (tmp_path / "saved", checkpoint, converted):
+        model, tok = load_model(str(source), precision)
+        assert model.dtype == bundled.dtype
+        assert same_tensors(dict(model.named_parameters()), dict(bundled.named_parameters()))
+        assert same_buffers(buffers(model), buffers(bundled)), source
+        assert torch.equal(logits(model, tok), expected), source
+    gguf = load_model(str(Path(__import__("es_llm.models").models.bundled_model_path())), precision)[0]
+    assert torch.equal(logits(gguf, tokenizer), expected)
+
+
+# --------------------------------------------------------------------------- resume after Ctrl-C
+
+
+def conciseness(out, iterations, *extra, model="bundled"):
+    return [PYTHON, "es_fine-tuning_conciseness.py", "--model_name", model, "--output_dir", str(out),
+            "--num_iterations", str(iterations), "--gpu_threads", "1", *SMALL, *extra]
+
+
+def interrupt_after(args, line_start):
+    """Run `args`, send SIGINT (Ctrl-C) once a line starts with `line_start`; returns the output."""
+    proc = start_script(args)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(line_start):
+            proc.send_signal(signal.SIGINT)
+            break
+    output = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=600) == 130, output
+    return output
+
+
+@pytest.mark.parametrize("extra", [(), ("--master_weights", "fp32"), ("--noise_mode", "lowrank")],
+                         ids=["plain", "fp32-masters", "lowrank"])
+def test_ctrl_c_then_the_printed_resume_command_equals_the_uninterrupted_run(tmp_path, extra):
+    reference = tmp_path / "reference"
+    run_script(conciseness(reference, 3, *extra))
+    out = tmp_path / "run"
+    args = conciseness(out, 3, *extra)
+    output = interrupt_after(args, "Iteration 1/3")
+    printed = output.split("Resume with the same command plus: ", 1)[1].splitlines()[0]
+    assert printed == f"--resume {out}"
+    stopped_at = ckpt.load_state(ckpt.list_checkpoints(out)[-1])["iteration"]
+    assert 1 <= stopped_at < 3
+    run_script(args + shlex.split(printed))
+    ran = ckpt.read_metrics(out / ckpt.METRICS_FILE)
+    assert without_time(ran) == without_time(ckpt.read_metrics(reference / ckpt.METRICS_FILE))
+    assert len({r for record in ran for r in record["rewards"]}) > 1, "rewards should differ"
+    assert same_tensors(weights(out), weights(reference))
+    if "--master_weights" in extra or "lowrank" in extra:
+        assert same_tensors(load_file(str(out / ckpt.MASTER_FILE)),
+                            load_file(str(reference / ckpt.MASTER_FILE)))
+
+
+ACCL = [PYTHON, str(ROOT / "tests" / "accl_varied_reward.py"), "--model_name", "bundled",
+        "--engine", "transformers", "--num_engines", "2", "--schedule", "static",
+        "--data_sample", "2", "--population_size", "4", "--sigma", "0.01", "--alpha", "0.005",
+        "--max_new_tokens", "16"]
+
+
+def test_accelerated_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path):
+    """Transformers engines in bf16 (the default precision here), static schedule: the resumed run
+    equals the uninterrupted one, metrics and both output forms bit for bit."""
+    base = ACCL + ["--experiment_dir", str(tmp_path), "--num_iterations", "3"]
+    run_script(base + ["--run_name", "reference"])
+    output = interrupt_after(base + ["--run_name", "run"], "Iteration 1/3")
+    resume = shlex.split(output.split("Resume with:\n", 1)[1].splitlines()[0])
+    run_script([PYTHON, ACCL[1], *resume[2:]])
+    run, reference = tmp_path / "run", tmp_path / "reference"
+    records = ckpt.read_metrics(run / ckpt.METRICS_FILE)
+    timing = ("time", "evaluation_s", "update_s", "broadcast_s", "perturb_s", "generate_s")
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith(timing)} for r in rs]  # noqa
+    assert strip(records) == strip(ckpt.read_metrics(reference / ckpt.METRICS_FILE))
+    assert len({r for record in records for r in record["rewards"]}) > 1
+    assert same_tensors(torch.load(run / "final_model.pth"), torch.load(reference / "final_model.pth"))
+    assert same_tensors(weights(run / "final_model"), weights(reference / "final_model"))
+
+    # Its output forms evaluate the same: the HF directory, the HF-named .pth and the published
+    # vLLM-named .pth on the bundled base.
+    published = run / "model_saves" / "final_model_iteration_3" / "pytorch_model.pth"
+    results = {}
+    for label, model_args in {"hf": ["--model_path", str(run / "final_model")],
+                              "pth": ["--model_path", str(run / "final_model.pth")],
+                              "published": ["--model_path", str(published)]}.items():
+        out = tmp_path / f"eval-{label}"
+        run_script([PYTHON, "countdown/eval_countdown.py", *model_args, "--base_model_name",
+                    "bundled", "--eval_samples", "3", "--max_new_tokens", "16", "--torch_dtype",
+                    "bfloat16", "--mixed_precision", "no", "--save_responses",
+                    "--output_dir", str(out)])
+        details = json.loads((out / "eval_detailed_results.json").read_text())
+        results[label] = [(r["response"], r["reward"]) for r in details]
+    assert results["hf"] == results["pth"] == results["published"]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def test_the_untrained_model_saved_to_a_directory_has_kl_exactly_zero_to_the_bundled_base(tmp_path):
+    from es_llm.models import load_model, save_model
+
+    model, tokenizer = load_model("bundled", "bf16")
+    save_model(model, tokenizer, tmp_path / "untrained")
+    run_script([PYTHON, "eval_conciseness.py", "--model_path", str(tmp_path / "untrained"),
+                "--base_model_name", "bundled", "--num_samples", "2", "--max_new_tokens", "12",
+                "--output_dir", str(tmp_path / "eval")])
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["kl_mean"] == 0.0 and summary["kl_token_mean"] == 0.0
+
+
+# --------------------------------------------------------------------------- layout
+
+
+TWO_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+                 "1", "--machine_rank", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def layout_run(tmp_path, name, threads, extra=(), launcher=(PYTHON,)):
+    out = tmp_path / name
+    args = conciseness(out, 1, *extra)
+    args[args.index("--gpu_threads") + 1] = str(threads)
+    run_script([*launcher, *args[1:]] if launcher != (PYTHON,) else args)
+    return without_time(ckpt.read_metrics(out / ckpt.METRICS_FILE)), weights(out)
+
+
+def test_layout_in_bf16_depends_on_the_number_of_copies_not_on_their_split(tmp_path):
+    """Both sides of the README's layout claim, in bf16 without masters. A thread copy is restored
+    by subtracting the noise, so member i sees the rounding left by the members before it on its
+    copy (copy i mod processes x threads): 1 copy and 2 copies differ, 2 threads in 1 process and 1
+    thread in each of 2 processes agree. With fp32 masters (exact restore) 1 and 2 copies agree."""
+    one, w_one = layout_run(tmp_path, "one", 1)
+    threads, w_threads = layout_run(tmp_path, "threads", 2)
+    processes, w_processes = layout_run(tmp_path, "processes", 1, launcher=TWO_PROCESSES)
+    assert threads == processes and same_tensors(w_threads, w_processes)
+    assert one != threads and not same_tensors(w_one, w_threads)
+    masters = ("--master_weights", "fp32")
+    one, w_one = layout_run(tmp_path, "one-masters", 1, masters)
+    threads, w_threads = layout_run(tmp_path, "threads-masters", 2, masters)
+    assert one == threads and same_tensors(w_one, w_threads)
+
+
+# --------------------------------------------------------------------------- published drift
+
+
+@torch.no_grad()
+def published_loop(precision, iterations, population, sigma, alpha, max_new_tokens, seed=33):
+    """MISSION.md section 1 literally, one process, one thread: thread 0's model is the canonical
+    model, perturbed by adding sigma * eps and restored by adding -sigma * eps in the parameter
+    dtype; the prompt plus response is scored; z from a numpy float32 array; the update sums
+    z_i * eps_i, divides by N and adds alpha times that. Returns (rewards per iteration, weights)."""
+    import numpy as np
+
+    from es_llm.generation import Generator
+    from es_llm.models import load_model
+    from es_llm.tasks import conciseness_reward
+
+    model, tokenizer = load_model("bundled", precision)
+    generate = Generator(tokenizer, PROMPTS, max_new_tokens)
+    params = list(model.parameters())
+
+    def noise(p, s):
+        g = torch.Generator(device=p.device)
+        g.manual_seed(int(s))
+        return torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype)
+
+    rng, history = np.random.RandomState(seed), []
+    for _ in range(iterations):
+        seeds = rng.randint(0, 2**30, size=population, dtype=np.int64)
+        rewards = torch.zeros(population, dtype=torch.float32)
+        for i, s in enumerate(seeds):
+            for p in params:
+                p.add_(sigma * noise(p, s))
+            texts = generate(model, with_prompt=True)
+            rewards[i] = float(np.mean(conciseness_reward(PROMPTS, texts, ["8", "No"])))
+            for p in params:
+                p.add_(-sigma * noise(p, s))
+        r = rewards.numpy()
+        z = (r - r.mean()) / (r.std() + 1e-8)
+        for p in params:
+            update = torch.zeros_like(p)
+            for s, zi in zip(seeds, z):
+                update.add_(noise(p, s) * float(zi))
+            update.div_(population)
+            p.add_(alpha * update)
+        history.append([float(x) for x in rewards])
+    return history, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_published_drift_gives_the_published_rewards_and_weights(tmp_path, precision):
+    from es_llm.tasks import Task, conciseness_reward
+    from es_llm.trainer import TrainConfig, train
+
+    cfg = TrainConfig(task="conciseness", model_name="bundled", output_dir=str(tmp_path / "run"),
+                      num_iterations=2, population_size=4, sigma=0.01, alpha=0.005,
+                      max_new_tokens=16, gpu_threads=1, precision=precision,
+                      reward_on_prompt_and_response=True, published_drift=True)
+    train(cfg, Task("conciseness", PROMPTS, conciseness_reward, {"target": ["8", "No"]}))
+    expected_rewards, expected_weights = published_loop(precision, 2, 4, 0.01, 0.005, 16)
+    ran = ckpt.read_metrics(tmp_path / "run" / ckpt.METRICS_FILE)
+    assert [r["rewards"] for r in ran] == expected_rewards
+    saved = weights(tmp_path / "run")
+    assert all(torch.equal(saved[n], t) for n, t in expected_weights.items())
