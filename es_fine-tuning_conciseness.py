@@ -26,7 +26,7 @@ TARGETS = ["8", "No"]
 
 def main():
     args = build_parser(__doc__, globals()).parse_args()
-    run_training(args, Task("conciseness", PROMPTS, conciseness_reward, {"target": TARGETS}))
+    run_training(args, lambda: Task("conciseness", PROMPTS, conciseness_reward, {"target": TARGETS}))
 
 
 if __name__ == "__main__":

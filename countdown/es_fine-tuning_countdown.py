@@ -31,11 +31,7 @@ SAVE_EVERY = 100
 
 def main():
     args = build_parser(__doc__, globals()).parse_args()
-    try:
-        task = make_task(args.data_sample)
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
-    run_training(args, task)
+    run_training(args, lambda: make_task(args.data_sample))
 
 
 if __name__ == "__main__":

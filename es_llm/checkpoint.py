@@ -13,27 +13,15 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 from safetensors.torch import load_file, save_file
 
 from .models import save_model
+from .strategy import rng_from_json, rng_state_to_json  # noqa: F401 (re-exported)
 
 STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
 MASTER_FILE = "master_weights.safetensors"
 CHECKPOINT_PREFIX = "checkpoint-"
-
-
-def rng_state_to_json(rng: np.random.RandomState) -> list:
-    name, keys, pos, has_gauss, cached = rng.get_state()
-    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-
-
-def rng_from_json(state) -> np.random.RandomState:
-    rng = np.random.RandomState()
-    name, keys, pos, has_gauss, cached = state
-    rng.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    return rng
 
 
 def write_json_atomic(path: Path, obj) -> None:

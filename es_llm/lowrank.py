@@ -24,7 +24,10 @@ eps_i for the other parameters), computed in fp32: for a 2-D weight one matmul o
 weight-scaled A's with the stacked B's.
 """
 import math
+import time
 from contextlib import contextmanager
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -80,6 +83,28 @@ def lowrank_update(tensors, seeds, z, alpha: float, rank: int, n: int | None = N
             tensor.add_(delta)
         else:
             tensor.copy_(tensor.float().add_(delta))
+
+
+def evaluate_batched(lowrank, generate, task, seeds, signs, sigma: float, max_sequences: int,
+                     prune: bool = True, with_prompt: bool = False):
+    """Members (seeds[j], signs[j]) generated together on `lowrank.model`, at most `max_sequences`
+    sequences (members x prompts) per generate call. Returns [(j, mean reward, completions)] in
+    order, and the seconds spent per phase ({"noise", "generate"})."""
+    per_call = max(1, max_sequences // len(task.prompts))
+    timings = {"noise": 0.0, "generate": 0.0}
+    results = []
+    for chunk in range(0, len(seeds), per_call):
+        part = list(range(chunk, min(chunk + per_call, len(seeds))))
+        t0 = time.perf_counter()
+        with lowrank.perturbed([seeds[j] for j in part], sigma, [signs[j] for j in part]) as rows:
+            t1 = time.perf_counter()
+            texts = generate.repeated(lowrank.model, len(part), with_prompt=with_prompt,
+                                      on_rows=rows.select_rows if prune else None)
+        timings["noise"] += t1 - t0
+        timings["generate"] += time.perf_counter() - t1
+        for j, completions in zip(part, texts):
+            results.append((j, float(np.mean(task.score(completions, seed=seeds[j]))), completions))
+    return results, timings
 
 
 def _is_weight_times_hidden_norm(module: nn.Module) -> bool:

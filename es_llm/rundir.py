@@ -8,7 +8,10 @@
   a resumed run going to another directory needs that one free of runs (or --overwrite). It writes
   nothing: `clear_and_check_writable` does, once every check has passed.
 """
+import shlex
 import shutil
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from safetensors import safe_open
@@ -167,3 +170,98 @@ def clear_and_check_writable(run_dir: Path, remove, name_flag: str) -> None:
         else:
             path.unlink(missing_ok=True)
     ckpt.ensure_writable(Path(run_dir), name_flag)
+
+
+def resume_command(argv, run_dir: Path) -> str:
+    """This run's command line with --resume RUN_DIR in place of any --resume / --overwrite."""
+    kept, skip = [], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not (arg.startswith("--resume=") or arg == "--overwrite"):
+            kept.append(arg)
+    return shlex.join(["python", argv[0], *kept, "--resume", str(run_dir)])
+
+
+class Run:
+    """One run directory through a run: opened (every check, before the model loads), begun (after
+    it loads: what --overwrite removes goes, metrics.jsonl starts), then one record per iteration,
+    checkpoints, a stop that saves and prints the resume command, and the final save.
+
+    `mismatches(saved_config)` lists the settings a checkpoint must share with this run; `log` is
+    called with every record on the main process (trackers, printed lines)."""
+
+    def __init__(self, cfg, out, name_flag: str, is_main: bool, mismatches, log=None):
+        self.cfg, self.out, self.name_flag, self.is_main = cfg, Path(out), name_flag, is_main
+        self.log = log or (lambda record: None)
+        self.resume = load_resume(cfg.resume, mismatches, cfg.num_iterations) if cfg.resume else None
+        self.remove = plan_run_dir(self.out, self.resume, cfg.overwrite, name_flag)
+        if self.resume:
+            check_readable(self.resume["checkpoint"])
+        if is_main:
+            ckpt.ensure_writable(self.out, name_flag)
+        self.start = self.resume["start"] if self.resume else 0
+        self.records = list(self.resume["records"]) if self.resume else []
+        self.rng_state = self.resume["state"]["rng_state"] if self.resume else None
+        self.weights = str(weights_dir(self.resume["checkpoint"])) if self.resume else None
+        self.masters = ckpt.load_masters(self.resume["checkpoint"]) if self.resume else None
+
+    def begin(self) -> None:
+        if self.is_main:
+            clear_and_check_writable(self.out, self.remove, self.name_flag)
+            ckpt.write_metrics(self.out / METRICS_FILE, self.records)
+            if self.start:
+                print(f"resuming from {self.resume['checkpoint']} at iteration {self.start}",
+                      flush=True)
+
+    def state(self, iteration: int, strategy, finished=False) -> dict:
+        return {"iteration": iteration, "finished": finished, "rng_state": strategy.state(),
+                "config": asdict(self.cfg)}
+
+    def add(self, record: dict, evaluator, strategy) -> None:
+        """Keep, append to metrics.jsonl, log, and checkpoint every --save_every iterations (the
+        last one included, as published)."""
+        self.records.append(record)
+        if not self.is_main:
+            return
+        ckpt.append_metrics(self.out / METRICS_FILE, record)
+        self.log(record)
+        iteration = record["iteration"]
+        if self.cfg.save_every and iteration % self.cfg.save_every == 0:
+            self.checkpoint(evaluator, strategy, iteration)
+
+    def checkpoint(self, evaluator, strategy, iteration: int) -> Path:
+        model, tokenizer, masters = evaluator.saveable()
+        return ckpt.save_checkpoint(self.out, model, tokenizer, self.state(iteration, strategy),
+                                    self.records, masters, self.cfg.keep_checkpoints)
+
+    def stop(self, evaluator, strategy, last: int) -> None:
+        """Save the last completed iteration (if any), print the resume command, exit 130."""
+        if self.is_main:
+            if last > 0:
+                saved = self.out / f"{CHECKPOINT_PREFIX}{last}"
+                if not (saved / STATE_FILE).exists():
+                    saved = self.checkpoint(evaluator, strategy, last)
+                print(f"\ninterrupted after iteration {last}: checkpoint saved to {saved}\n"
+                      f"Resume with:\n  {resume_command(sys.argv, self.out)}\n"
+                      f"(launched with accelerate launch: the same launch command plus --resume "
+                      f"{self.out})", file=sys.stderr, flush=True)
+            else:
+                print("\ninterrupted before the first iteration finished: nothing to save",
+                      file=sys.stderr, flush=True)
+        evaluator.finish()
+        sys.exit(130)
+
+    def finish(self, evaluator, strategy) -> Path:
+        if self.is_main:
+            state = self.state(self.cfg.num_iterations, strategy, finished=True)
+            evaluator.save_final(self.out, state, self.records)
+            if self.records:
+                first, final = self.records[0], self.records[-1]
+                print(f"Mean reward: {first['reward_mean']:.4f} at iteration {first['iteration']}"
+                      f" -> {final['reward_mean']:.4f} at iteration {final['iteration']}",
+                      flush=True)
+        evaluator.finish()
+        return self.out

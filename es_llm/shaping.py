@@ -12,9 +12,15 @@ a pair's two weights act on the same noise, so the update regenerates it once, w
 import numpy as np
 import torch
 
-from .strategy import normalize_rewards
-
 FITNESS_SHAPINGS = ("zscore", "centered_rank")
+
+
+def normalize_rewards(rewards) -> torch.Tensor:
+    """z = (r - mean) / (std + 1e-8), population std: the published expression, on a numpy float32
+    array (numpy's pairwise sums, so the bits are the published ones), returned as a float32 tensor."""
+    r = np.asarray(torch.as_tensor(rewards, dtype=torch.float32).cpu().numpy(), dtype=np.float32)
+    z = (r - r.mean()) / (r.std() + 1e-8)
+    return torch.from_numpy(np.asarray(z, dtype=np.float32))
 
 
 def centered_ranks(rewards) -> torch.Tensor:

@@ -1,20 +1,60 @@
-"""The ES strategy: normalise the population's rewards and move the weights along the noise.
+"""The ES strategy: which members to evaluate (ask), how their rewards move the weights (tell).
 
-Both are pure functions of (weights, seeds, rewards): anyone holding the logged seeds and rewards
-can recompute the update exactly.
+`Strategy` holds the seeded generator of population seeds (its state is saved in checkpoints),
+antithetic pairing and fitness shaping; `es_update` is the published full-rank update. Both are pure
+functions of (weights, seeds, rewards): anyone holding the logged seeds and rewards can recompute
+the update exactly.
 """
 import numpy as np
 import torch
 
 from .noise import per_tensor, tensor_noise
+from .shaping import (antithetic_seeds, member_signs, normalize_rewards,  # noqa: F401 (re-exported)
+                      shape_fitness, update_terms)
+
+SEED_HIGH = 2**30
 
 
-def normalize_rewards(rewards) -> torch.Tensor:
-    """z = (r - mean) / (std + 1e-8), population std: the published expression, on a numpy float32
-    array (numpy's pairwise sums, so the bits are the published ones), returned as a float32 tensor."""
-    r = np.asarray(torch.as_tensor(rewards, dtype=torch.float32).cpu().numpy(), dtype=np.float32)
-    z = (r - r.mean()) / (r.std() + 1e-8)
-    return torch.from_numpy(np.asarray(z, dtype=np.float32))
+class Strategy:
+    """ask() draws the population's seeds (numpy, seeded once, as published: N integers in
+    [0, 2**30), or N/2 each used by an antithetic +/- pair); tell() turns the population's rewards
+    into the update's (seeds, weights): shaped rewards (z-scores by default), one term per
+    antithetic pair."""
+
+    def __init__(self, population_size: int, initial_seed: int = 33, antithetic: bool = False,
+                 fitness_shaping: str = "zscore", rng_state=None):
+        self.population_size, self.antithetic = population_size, antithetic
+        self.fitness_shaping = fitness_shaping
+        self.rng = np.random.RandomState(initial_seed)
+        if rng_state is not None:
+            self.rng = rng_from_json(rng_state)
+        self.signs = member_signs(population_size, antithetic)
+
+    def ask(self) -> list:
+        if not self.antithetic:
+            seeds = self.rng.randint(0, SEED_HIGH, size=self.population_size, dtype=np.int64)
+        else:
+            pairs = self.rng.randint(0, SEED_HIGH, size=self.population_size // 2, dtype=np.int64)
+            seeds = antithetic_seeds(pairs)
+        return [int(s) for s in seeds]
+
+    def tell(self, seeds, rewards):
+        return update_terms(seeds, shape_fitness(rewards, self.fitness_shaping), self.antithetic)
+
+    def state(self) -> list:
+        return rng_state_to_json(self.rng)
+
+
+def rng_state_to_json(rng: np.random.RandomState) -> list:
+    name, keys, pos, has_gauss, cached = rng.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def rng_from_json(state) -> np.random.RandomState:
+    rng = np.random.RandomState()
+    name, keys, pos, has_gauss, cached = state
+    rng.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return rng
 
 
 @torch.no_grad()

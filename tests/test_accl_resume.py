@@ -29,7 +29,6 @@ SETTINGS = ["--engine", "transformers", "--num_engines", "2", "--population_size
             "--max_new_tokens", "32", "--data_sample", "16", "--precision", "fp32",
             "--noise_mode", "iid", "--sigma", "0.05", "--alpha", "0.02"]
 MASTERS = ["--master_weights", "fp32"]
-TIMING = {"time_s", "evaluation_s", "update_s", "broadcast_s", "perturb_s", "generate_s"}
 
 
 def load_script():
@@ -46,7 +45,7 @@ def command(model_dir, experiment, iterations, *extra, run_name=None):
 
 
 def metrics(run):
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time_")}
             for line in (run / ckpt.METRICS_FILE).read_text().splitlines()]
 
 
@@ -86,7 +85,8 @@ def four(tiny_model_dir, experiment):
 
 @pytest.mark.slow
 def test_checkpoints_hold_what_resume_needs(four):
-    assert [p.name for p in ckpt.list_checkpoints(four)] == ["checkpoint-2", "checkpoint-3"]
+    # every iteration, the last one included (as published); the newest 2 kept
+    assert [p.name for p in ckpt.list_checkpoints(four)] == ["checkpoint-3", "checkpoint-4"]
     checkpoint = four / "checkpoint-3"
     state = ckpt.load_state(checkpoint)
     assert state["iteration"] == 3 and not state["finished"]
@@ -120,7 +120,7 @@ def test_resume_from_a_checkpoint_into_another_run_without_masters(tiny_model_di
     run_script(command(tiny_model_dir, experiment, 4, *static, "--save_every", "2",
                        run_name="static"))
     reference = experiment / "static"
-    assert [p.name for p in ckpt.list_checkpoints(reference)] == ["checkpoint-2"]
+    assert [p.name for p in ckpt.list_checkpoints(reference)] == ["checkpoint-2", "checkpoint-4"]
     assert ckpt.load_masters(reference / "checkpoint-2") is None
     run_script(command(tiny_model_dir, experiment, 4, *static, "--resume",
                        str(reference / "checkpoint-2"), run_name="static-resumed"))
@@ -185,7 +185,7 @@ def fake_checkpoint(run, iteration, finished=False, **config):
     in the run directory itself, else in checkpoint-<iteration>/."""
     script = load_script()
     args = script.parse_args(["--model_name", "tiny", *SETTINGS, *MASTERS])
-    settings = {**vars(args), **config}
+    settings = {**vars(args), "task": "countdown", **config}
     directory = run if finished else run / f"{ckpt.CHECKPOINT_PREFIX}{iteration}"
     weights = directory / "final_model" if finished else directory
     weights.mkdir(parents=True, exist_ok=True)
@@ -293,8 +293,7 @@ def test_resume_picks_the_newest_state_and_finds_its_weights(tmp_path):
 
 
 def test_resume_command_replaces_resume_and_overwrite(tmp_path):
-    script = load_script()
-    line = script.resume_command(["--run_name", "a b", "--resume", "x", "--overwrite",
+    line = rundir.resume_command([str(SCRIPT), "--run_name", "a b", "--resume", "x", "--overwrite",
                                   "--resume=y", "--num_iterations", "5"], tmp_path / "a b")
     args = shlex.split(line)
     assert args[0] == "python" and args[1].endswith("es_fine-tuning_countdown_accl.py")
@@ -303,8 +302,8 @@ def test_resume_command_replaces_resume_and_overwrite(tmp_path):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--save_every", "-1"], "--save_every must be >= 0"),
-    (["--keep_checkpoints", "-2"], "--keep_checkpoints must be >= 0"),
+    (["--save_every", "-1"], "save_every must be >= 0"),
+    (["--keep_checkpoints", "-2"], "keep_checkpoints must be >= 0"),
     (["--run_name", "../elsewhere"], "--run_name must be a plain directory name"),
     (["--run_name", "converted"], "--run_name must be a plain directory name"),
 ])

@@ -14,7 +14,8 @@ from es_llm.models import load_model
 from es_llm.noise import tensor_noise
 from es_llm.shaping import centered_ranks, member_signs, shape_fitness, update_terms
 from es_llm.strategy import es_update, normalize_rewards
-from es_llm.trainer import Population, TrainConfig, draw_seeds, resume_mismatches
+from es_llm.strategy import Strategy
+from es_llm.trainer import Population, TrainConfig, resume_mismatches
 
 
 def config(**overrides):
@@ -55,14 +56,15 @@ def test_unknown_shaping_is_refused():
 
 
 def test_antithetic_draws_half_the_seeds_each_used_by_a_plus_and_a_minus_member():
-    cfg = config(population_size=6, antithetic=True)
-    seeds = draw_seeds(np.random.RandomState(33), cfg)
+    strategy = Strategy(6, 33, antithetic=True)
+    seeds = strategy.ask()
     pairs = np.random.RandomState(33).randint(0, 2**30, size=3, dtype=np.int64)
-    assert seeds.tolist() == [int(s) for s in np.repeat(pairs, 2)]
+    assert seeds == [int(s) for s in np.repeat(pairs, 2)]
+    assert strategy.signs == [1.0, -1.0, 1.0, -1.0, 1.0, -1.0]
     assert member_signs(6, True) == [1.0, -1.0, 1.0, -1.0, 1.0, -1.0]
     assert member_signs(3, False) == [1.0, 1.0, 1.0]
-    plain = draw_seeds(np.random.RandomState(33), config(population_size=6))
-    assert plain.tolist() == np.random.RandomState(33).randint(0, 2**30, size=6).tolist()
+    plain = Strategy(6, 33).ask()
+    assert plain == np.random.RandomState(33).randint(0, 2**30, size=6).tolist()
 
 
 def test_antithetic_needs_an_even_population():

@@ -54,8 +54,9 @@ def test_resume_from_a_checkpoint_directory_with_master_weights(tiny_model_dir, 
     extra = ("--master_weights", "fp32", "--save_every", "1")
     full, part = tmp_path / "full", tmp_path / "part"
     run_script(conciseness(tiny_model_dir, full, 3, *extra))
-    run_script(conciseness(tiny_model_dir, part, 3, *extra, "--keep_checkpoints", "1"))
-    assert [p.name for p in ckpt.list_checkpoints(part)] == ["checkpoint-2"]
+    run_script(conciseness(tiny_model_dir, part, 3, *extra, "--keep_checkpoints", "2"))
+    # every --save_every iterations, the last one included (as published); the newest 2 kept
+    assert [p.name for p in ckpt.list_checkpoints(part)] == ["checkpoint-2", "checkpoint-3"]
     resumed = tmp_path / "resumed"
     run_script(conciseness(tiny_model_dir, resumed, 3, *extra, "--resume", str(part / "checkpoint-2")))
     assert metrics(resumed) == metrics(full)

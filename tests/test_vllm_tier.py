@@ -19,7 +19,7 @@ from utils.engines import VLLMEngine, hf_layout, resolve_base_model  # noqa: E40
 
 PROMPTS = ["Solve: 3 + 5 =", "If all birds can fly and penguins are birds, can penguins fly?"]
 LINEAR = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
-          "up_proj.weight", "down_proj.weight")
+          "up_proj.weight", "down_proj.weight", "qkv_proj.weight", "gate_up_proj.weight")
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +79,42 @@ def test_linear_perturbation_changes_output_and_restore_returns_it(engine):
     assert engine.generate(PROMPTS) == base
 
 
+def in_vllm_order(state, layout):
+    """HF-named tensors as vLLM's (fused) tensors, in vLLM's order, and the way back."""
+    from es_llm.vllm_names import hf_to_vllm, vllm_to_hf
+
+    config = dict(layout["config"], tie_word_embeddings=bool(layout["tied"]))
+    fused = hf_to_vllm({n: state[n].clone() for n in layout["names"]}, config)
+    return fused, lambda tensors: vllm_to_hf(dict(zip(fused, tensors)), config)
+
+
+def test_vllm_noise_is_drawn_over_the_fused_tensors_in_vllm_order(engine, smollm2_dir):
+    """As published: noise of qkv_proj's shape, not q, k and v each; the engine's names."""
+    layout = hf_layout(smollm2_dir)
+    before = engine.state_dict()
+    assert any("qkv_proj" in n for n in engine.names())
+    engine.perturb(11, 0.01)
+    after = engine.state_dict()
+    engine.restore(11, 0.01)
+    fused, back = in_vllm_order(before, layout)
+    tensors = list(fused.values())
+    for k, t in enumerate(tensors):
+        t.add_(tensor_noise(t, 11, k, "correlated").mul_(0.01))
+    expected = back(tensors)
+    assert all(torch.equal(after[n], expected[n]) for n in layout["names"])
+
+
 def test_vllm_update_equals_plain_es_update(engine, smollm2_dir):
     seeds, z = [5, 6, 7], normalize_rewards([0.0, 0.5, 1.1])
+    layout = hf_layout(smollm2_dir)
     before = engine.state_dict()
     engine.update(seeds, z, 0.001)
     after = engine.state_dict()
-    expected = [before[n] for n in hf_layout(smollm2_dir)["names"]]
-    es_update(expected, seeds, z, 0.001, "correlated")
-    diff = max((after[n] - e).abs().max().item()
-               for n, e in zip(hf_layout(smollm2_dir)["names"], expected))
+    fused, back = in_vllm_order(before, layout)
+    tensors = list(fused.values())
+    es_update(tensors, seeds, z, 0.001, "correlated")
+    expected = back(tensors)
+    diff = max((after[n] - expected[n]).abs().max().item() for n in layout["names"])
     assert diff < 1e-6
     engine.load_state_dict(before)
     assert engine.fingerprint() != "" and engine.state_dict()["model.norm.weight"].equal(
@@ -123,3 +150,21 @@ def test_two_vllm_engines_train_then_eval_countdown_vllm(tmp_path):
         responses[label] = [record["response"] for record in details]
     # The .pth on its base model and the HF directory are the same model: no name mismatch.
     assert responses["pth"] == responses["hf"]
+
+
+def test_hf_noise_names_give_the_transformers_engines_noise(smollm2_dir):
+    """--vllm_noise hf: the noise over HF-named views in HF order, as the plain trainers draw it."""
+    layout = hf_layout(smollm2_dir)
+    hf_engine = VLLMEngine(smollm2_dir, "fp32", 16, "correlated", layout, noise_names="hf")
+    try:
+        assert hf_engine.names() == layout["names"]
+        seeds, z = [5, 6, 7], normalize_rewards([0.0, 0.5, 1.1])
+        before = hf_engine.state_dict()
+        hf_engine.update(seeds, z, 0.001)
+        after = hf_engine.state_dict()
+        expected = [before[n].clone() for n in layout["names"]]
+        es_update(expected, seeds, z, 0.001, "correlated")
+        assert max((after[n] - e).abs().max().item() for n, e in zip(layout["names"], expected)) < 1e-6
+    finally:
+        del hf_engine
+        gc.collect()

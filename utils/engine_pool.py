@@ -15,7 +15,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 ROOT = Path(__file__).resolve().parents[1]
 PLACEMENT_TIMEOUT_S = 300
-SCHEDULES = ("dynamic", "static")
+from es_llm.trainer import SCHEDULES
 
 
 def _pythonpath() -> str:
@@ -65,7 +65,8 @@ class EnginePool:
     """`num_engines` engines of one kind, each a Ray actor on its own bundle (a GPU on GPUs)."""
 
     def __init__(self, kind: str, num_engines: int, engine_kwargs: dict, task, use_gpu: bool,
-                 cpus_per_engine: int = 1, bind_cpus: bool = False):
+                 cpus_per_engine: int = 1, bind_cpus: bool = False,
+                 collective_timeout_s: float = 1800.0):
         self.actors, self.pg = [], None
         try:
             bundle = {"CPU": cpus_per_engine, **({"GPU": 1} if use_gpu else {})}
@@ -91,7 +92,8 @@ class EnginePool:
             self.call_all("names")  # waits until every engine has loaded (or raises its error)
             host, port = ray.get(self.actors[0].rendezvous.remote())
             backend = "nccl" if use_gpu else "gloo"
-            ray.get([a.call.remote("init_collective", host, port, rank, num_engines, backend)
+            ray.get([a.call.remote("init_collective", host, port, rank, num_engines, backend,
+                                   collective_timeout_s)
                      for rank, a in enumerate(self.actors)])
         except BaseException:  # a failed start (or Ctrl-C during it) releases what it took
             self.shutdown()
@@ -103,16 +105,32 @@ class EnginePool:
     def call_main(self, method: str, *args):
         return ray.get(self.actors[0].call.remote(method, *args))
 
-    def evaluate(self, seeds, sigma: float, on_result=None, schedule: str = "dynamic") -> list:
-        """Each member's result dict (reward, timings, first completion), in seed order.
+    def evaluate(self, seeds, sigma: float, signs=None, on_result=None, schedule: str = "dynamic",
+                 batched: bool = False) -> list:
+        """Each member's result dict (reward, timings, first completion), in seed order; member i
+        is perturbed by signs[i] * sigma (antithetic pairs; default +1).
 
         dynamic: a seed goes to whichever engine is free first (the published scheduling).
         static: member i goes to engine i % num_engines, each engine taking its members in order;
         an engine that restores by subtracting the noise (no fp32 masters) drifts by rounding with
-        every member it evaluates, so only this makes such runs reproducible bit for bit."""
+        every member it evaluates, so only this makes such runs reproducible bit for bit.
+        batched (lowrank mode): engine e generates its members i = e mod num_engines together."""
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+        signs = [1.0] * len(seeds) if signs is None else [float(x) for x in signs]
         engines = len(self.actors)
+        if batched:
+            parts = [list(range(e, len(seeds), engines)) for e in range(engines)]
+            refs = [self.actors[e].call.remote("evaluate_batch", [int(seeds[i]) for i in part],
+                                               sigma, [signs[i] for i in part])
+                    for e, part in enumerate(parts) if part]
+            results = [None] * len(seeds)
+            for part, batch in zip([p for p in parts if p], ray.get(refs)):
+                for i, result in zip(part, batch):
+                    results[i] = result
+                    if on_result:
+                        on_result(i, result)
+            return results
         queues = ([deque(range(len(seeds)))] * engines if schedule == "dynamic"
                   else [deque(range(e, len(seeds), engines)) for e in range(engines)])
         results = [None] * len(seeds)
@@ -120,7 +138,7 @@ class EnginePool:
 
         def submit(e):
             i = queues[e].popleft()
-            running[self.actors[e].call.remote("evaluate", int(seeds[i]), sigma)] = (i, e)
+            running[self.actors[e].call.remote("evaluate", int(seeds[i]), sigma, signs[i])] = (i, e)
 
         for e in range(engines):
             if queues[e]:
@@ -135,9 +153,9 @@ class EnginePool:
                 on_result(i, results[i])
         return results
 
-    def update(self, seeds, z, alpha: float) -> None:
+    def update(self, seeds, z, alpha: float, n=None) -> None:
         """The update on engine 0 only; broadcast() then gives it to the others."""
-        self.call_main("update", [int(s) for s in seeds], [float(x) for x in z], alpha)
+        self.call_main("update", [int(s) for s in seeds], [float(x) for x in z], alpha, n)
 
     def broadcast(self) -> None:
         self.call_all("broadcast", 0)

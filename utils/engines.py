@@ -14,183 +14,30 @@ every engine, and the saved `.pth` is an HF state dict: it loads into an HF mode
 engines broadcast through (NCCL on GPUs, gloo on CPUs), created once, beside whatever group the
 engine uses internally.
 """
-import hashlib
 import importlib.util
 import os
 import shutil
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from es_llm.checkpoint import replace_directory
 from es_llm.models import BUNDLED_MODEL, PRECISIONS, load_model, model_short_name, save_model
-from es_llm.noise import MasterWeights, add_noise
+from es_llm.lowrank import LOWRANK, BatchedLowRank, evaluate_batched
+from es_llm.weightset import WEIGHT_OPS, CollectiveGroup, WeightSet  # noqa: F401 (re-exported)
 
-ENGINES = ("vllm", "transformers")
+from es_llm.trainer import ENGINES  # noqa: F401 (re-exported)
 VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # vLLM memory: on CPU an explicit KV-cache size in RAM per engine; on GPU a share of its memory
 # (kept below vLLM's usual 0.9 to leave room for --master_weights fp32).
 VLLM_CPU_KV_CACHE_BYTES = 1 << 30
 VLLM_GPU_MEMORY_UTILIZATION = 0.7
-COLLECTIVE_TIMEOUT_S = 1800
-# The WeightSet operations an engine may be asked to run (the vLLM worker refuses any other name).
-WEIGHT_OPS = ("perturb", "restore", "update", "init_collective", "broadcast", "state_dict",
-              "master_state", "load_state_dict", "fingerprint", "names")
 
 
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
-
-
-def default_engine() -> str:
-    return "vllm" if vllm_available() else "transformers"
-
-
-class CollectiveGroup:
-    """A process group among the engines only: its own TCP store, rank 0 hosting it."""
-
-    def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str,
-                 timeout_s: float = COLLECTIVE_TIMEOUT_S):
-        timeout = timedelta(seconds=timeout_s)
-        self.rank, self.world_size = rank, world_size
-        self.store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
-        if backend == "gloo":
-            self.group = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
-        elif backend == "nccl":
-            if not hasattr(dist, "ProcessGroupNCCL"):
-                raise RuntimeError("backend 'nccl' needs a CUDA build of torch; on CPU use 'gloo'")
-            self.group = dist.ProcessGroupNCCL(self.store, rank, world_size)
-        else:
-            raise ValueError(f"unknown collective backend {backend!r}; expected 'nccl' or 'gloo'")
-
-    def broadcast(self, tensors, src: int) -> None:
-        options = dist.BroadcastOptions()
-        options.rootRank = src
-        works = [self.group.broadcast([t], options) for t in tensors]
-        for work in works:
-            work.wait()
-
-
-class WeightSet:
-    """The ES operations on one engine's weights, given as (HF name, tensor) pairs in HF order.
-
-    `named_tensors()` is asked again before every operation (an engine may swap a parameter's
-    storage), and `after_change()` runs after every change (vLLM on CPU re-packs its linear layers).
-    With `master_weights="fp32"` an fp32 copy is the true state: perturbation is cast from it,
-    restore is exact, and the update accumulates in fp32 (see es_llm.noise.MasterWeights).
-    """
-
-    def __init__(self, named_tensors, noise_mode: str, master_weights: str = "none",
-                 after_change=None):
-        if master_weights not in ("none", "fp32"):
-            raise ValueError(f"master_weights must be 'none' or 'fp32', got {master_weights!r}")
-        self.named_tensors = named_tensors
-        self.noise_mode = noise_mode
-        self.after_change = after_change or (lambda: None)
-        self.masters = MasterWeights(self.params()) if master_weights == "fp32" else None
-        self.group = None
-
-    def names(self) -> list:
-        return [name for name, _ in self.named_tensors()]
-
-    def params(self) -> list:
-        return [tensor for _, tensor in self.named_tensors()]
-
-    def perturb(self, seed: int, sigma: float) -> None:
-        if self.masters:
-            self.masters.perturb(self.params(), seed, sigma, self.noise_mode)
-        else:
-            add_noise(self.params(), seed, sigma, self.noise_mode)
-        self.after_change()
-
-    def restore(self, seed: int, sigma: float) -> None:
-        """Undo perturb(seed, sigma): exact with master weights, else by subtracting the noise."""
-        if self.masters:
-            self.masters.copy_to(self.params())
-        else:
-            add_noise(self.params(), seed, -sigma, self.noise_mode)
-        self.after_change()
-
-    def update(self, seeds, z, alpha: float) -> None:
-        """N seeded additions, one seed at a time: theta += (alpha / N) * z_i * eps_i."""
-        target = self.masters.tensors if self.masters else self.params()
-        n = len(seeds)
-        for seed, zi in zip(seeds, z):
-            add_noise(target, int(seed), alpha / n * float(zi), self.noise_mode)
-        if self.masters:
-            self.masters.copy_to(self.params())
-        self.after_change()
-
-    def init_collective(self, host: str, port: int, rank: int, world_size: int, backend: str,
-                        timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
-        self.group = CollectiveGroup(host, port, rank, world_size, backend, timeout_s)
-
-    @torch.no_grad()
-    def broadcast(self, src: int = 0) -> None:
-        """Every engine ends with engine `src`'s weights (and master weights)."""
-        if self.group is None:
-            raise RuntimeError("broadcast before init_collective: the engines have no group yet")
-        tensors = self.masters.tensors if self.masters else self.params()
-        self.group.broadcast(tensors, src)
-        if self.group.rank != src:
-            if self.masters:
-                self.masters.copy_to(self.params())
-            self.after_change()
-
-    def state_dict(self) -> dict:
-        """{HF name: CPU copy}; copies, so a view into a fused tensor saves only its own slice."""
-        return {name: t.detach().to("cpu", copy=True).contiguous()
-                for name, t in self.named_tensors()}
-
-    def master_state(self):
-        """{HF name: CPU copy of its fp32 master weight}, or None without master weights."""
-        if not self.masters:
-            return None
-        return {name: m.detach().to("cpu", copy=True).contiguous()
-                for name, m in zip(self.names(), self.masters.tensors)}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict, masters=None) -> None:
-        """Load weights by HF name; `masters` (fp32, by HF name, as master_state() gives them)
-        become the master weights, else the masters are cast again from the loaded weights."""
-        if masters is not None and not self.masters:
-            raise ValueError("fp32 master weights were given, but this engine keeps none "
-                             "(--master_weights none)")
-        named = self.named_tensors()
-        missing = [name for name, _ in named if name not in state]
-        if missing:
-            raise KeyError(f"the weights to load lack {len(missing)} tensor(s) of this model, "
-                           f"e.g. {missing[:3]}; were they saved from another architecture?")
-        for name, tensor in named:
-            if tuple(state[name].shape) != tuple(tensor.shape):
-                raise ValueError(f"{name}: saved shape {tuple(state[name].shape)} does not match "
-                                 f"the model's {tuple(tensor.shape)}")
-            tensor.copy_(state[name])
-        if self.masters and masters is not None:
-            for (name, tensor), master in zip(named, self.masters.tensors):
-                if name not in masters or tuple(masters[name].shape) != tuple(tensor.shape):
-                    raise ValueError(f"the master weights to load lack {name!r} or give it "
-                                     f"another shape; were they saved from another model?")
-                master.copy_(masters[name])
-            self.masters.copy_to(self.params())
-        elif self.masters:
-            self.masters = MasterWeights(self.params())
-        self.after_change()
-
-    def fingerprint(self) -> str:
-        """sha256 of every weight (and master weight), bit for bit."""
-        digest = hashlib.sha256()
-        tensors = list(self.named_tensors())
-        if self.masters:
-            tensors += [(f"master:{n}", t) for (n, _), t in zip(tensors, self.masters.tensors)]
-        for name, t in tensors:
-            digest.update(name.encode())
-            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        return digest.hexdigest()
 
 
 class Engine:
@@ -218,11 +65,11 @@ class Engine:
     def restore(self, seed, sigma):
         return self.weight_op("restore", seed, sigma)
 
-    def update(self, seeds, z, alpha):
-        return self.weight_op("update", list(seeds), [float(x) for x in z], alpha)
+    def update(self, seeds, z, alpha, n=None):
+        return self.weight_op("update", [int(s) for s in seeds], [float(x) for x in z], alpha, n)
 
-    def init_collective(self, host, port, rank, world_size, backend):
-        return self.weight_op("init_collective", host, port, rank, world_size, backend)
+    def init_collective(self, host, port, rank, world_size, backend, timeout_s):
+        return self.weight_op("init_collective", host, port, rank, world_size, backend, timeout_s)
 
     def broadcast(self, src=0):
         return self.weight_op("broadcast", src)
@@ -242,27 +89,34 @@ class Engine:
     def names(self) -> list:
         return self.weight_op("names")
 
-    def evaluate(self, seed: int, sigma: float) -> dict:
-        """Perturb, generate the task's prompts, restore, score: the member's mean reward."""
+    def evaluate(self, seed: int, sigma: float, sign: float = 1.0) -> dict:
+        """Perturb by sign * sigma * eps, generate the task's prompts, restore, score: the
+        member's mean reward."""
         t0 = time.perf_counter()
-        self.perturb(seed, sigma)
+        self.perturb(seed, sign * sigma)
         t1 = time.perf_counter()
         try:
             completions = self.generate(self.task.prompts)
         finally:
             t2 = time.perf_counter()
-            self.restore(seed, sigma)
+            self.restore(seed, sign * sigma)
         t3 = time.perf_counter()
         rewards = self.task.score(completions, seed=seed)
-        return {"reward": float(np.mean(rewards)), "perturb_s": (t1 - t0) + (t3 - t2),
+        return {"reward": float(np.mean(rewards)), "noise_s": (t1 - t0) + (t3 - t2),
                 "generate_s": t2 - t1, "completion": completions[0]}
+
+    def evaluate_batch(self, seeds, sigma: float, signs) -> list:
+        """Lowrank mode: the members generated together; one result dict each, in order."""
+        raise NotImplementedError(f"{type(self).__name__} cannot evaluate a population in one "
+                                  f"batch: --noise_mode lowrank needs --engine transformers")
 
 
 class TransformersEngine(Engine):
     """An HF model on this process's device; generation with `generate`, one batch of prompts."""
 
     def __init__(self, model_path: str, precision: str, max_new_tokens: int, noise_mode: str,
-                 master_weights: str = "none", cache_dir=None, device=None, **_):
+                 master_weights: str = "none", cache_dir=None, device=None, rank: int = 1,
+                 lowrank_batch: int = 256, prune_finished: bool = True, **_):
         from es_llm.generation import Generator
 
         self._generator_cls = Generator
@@ -270,7 +124,9 @@ class TransformersEngine(Engine):
         self.model, self.tokenizer = load_model(model_path, precision, cache_dir, device)
         self.max_new_tokens = max_new_tokens
         self.weights = WeightSet(lambda: list(self.model.named_parameters()), noise_mode,
-                                 master_weights)
+                                 master_weights, rank=rank)
+        self.lowrank = BatchedLowRank(self.model, rank) if noise_mode == LOWRANK else None
+        self.lowrank_batch, self.prune_finished = lowrank_batch, prune_finished
         self._generator = None
 
     def set_task(self, task) -> None:
@@ -285,6 +141,15 @@ class TransformersEngine(Engine):
     def weight_op(self, name: str, *args):
         return getattr(self.weights, name)(*args)
 
+    def evaluate_batch(self, seeds, sigma: float, signs) -> list:
+        if self.lowrank is None:
+            return super().evaluate_batch(seeds, sigma, signs)
+        results, timings = evaluate_batched(self.lowrank, self._generator, self.task, seeds, signs,
+                                            sigma, self.lowrank_batch, self.prune_finished)
+        share = {f"{phase}_s": seconds / len(seeds) for phase, seconds in timings.items()}
+        return [{"reward": reward, "completion": completions[0], **share}
+                for _, reward, completions in results]
+
 
 class VLLMEngine(Engine):
     """A vLLM engine (tensor parallel 1) whose worker carries utils.worker_extn.WorkerExtension.
@@ -296,7 +161,11 @@ class VLLMEngine(Engine):
 
     def __init__(self, model_path: str, precision: str, max_new_tokens: int, noise_mode: str,
                  layout: dict, master_weights: str = "none", max_model_len=None, cache_dir=None,
-                 seed: int = 0, **_):
+                 seed: int = 0, noise_names: str = "vllm", **_):
+        if noise_mode == LOWRANK:
+            raise NotImplementedError("--noise_mode lowrank is not available with vLLM engines yet "
+                                      "(a later version batches the population as LoRA adapters); "
+                                      "use --engine transformers")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         import utils.worker_extn  # noqa: F401  (patches vLLM's CPU linear layers before loading)
         from vllm import LLM
@@ -311,7 +180,7 @@ class VLLMEngine(Engine):
                        enforce_eager=on_cpu, enable_prefix_caching=False,
                        max_model_len=max_model_len, download_dir=cache_dir,
                        worker_extension_cls="utils.worker_extn.WorkerExtension", **memory)
-        self.llm.collective_rpc("es_setup", args=(layout, noise_mode, master_weights))
+        self.llm.collective_rpc("es_setup", args=(layout, noise_mode, master_weights, noise_names))
 
     def generate(self, prompts, temperature: float = 0.0, top_p: float = 1.0, seed=None) -> list:
         from vllm import SamplingParams
@@ -351,16 +220,21 @@ def hf_layout(model_path: str, cache_dir=None) -> dict:
     """The HF model's parameters, built on the meta device (no weights are read).
 
     names, shapes: `named_parameters()` order, the order noise is drawn in;
-    tied: {state-dict name: the parameter it shares}, e.g. lm_head.weight -> embed_tokens.weight.
+    tied: {state-dict name: the parameter it shares}, e.g. lm_head.weight -> embed_tokens.weight;
+    config: the sizes es_llm.vllm_names needs to split vLLM's fused tensors into HF ones.
     """
     model = _meta_model(model_path, cache_dir)
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = {key: getattr(text, key, None) for key in ("num_attention_heads", "num_key_value_heads",
+                                                         "head_dim", "hidden_size",
+                                                         "intermediate_size")}
     params = list(model.named_parameters())
     first = {id(p): name for name, p in params}
     unique = set(first.values())
     tied = {name: first[id(p)] for name, p in model.named_parameters(remove_duplicate=False)
             if name not in unique}
     return {"names": [n for n, _ in params], "shapes": [list(p.shape) for _, p in params],
-            "tied": tied}
+            "tied": tied, "config": config}
 
 
 def full_state_dict(weights: dict, layout: dict) -> dict:

@@ -4,7 +4,7 @@
 called through `LLM.collective_rpc`:
 
     es_setup(layout, noise_mode, master_weights)  map the HF names onto the worker's tensors
-    es_weight_op(name, *args)                     run one operation of utils.engines.WeightSet:
+    es_weight_op(name, *args)                     run one operation of es_llm.weightset.WeightSet:
                                                   perturb, restore, update, init_collective,
                                                   broadcast, state_dict, load_state_dict,
                                                   fingerprint, names
@@ -27,7 +27,7 @@ parameters directly and nothing needs re-dispatching.
 """
 import torch
 
-from utils.engines import WEIGHT_OPS, WeightSet
+from es_llm.weightset import WEIGHT_OPS, WeightSet
 
 
 def _on_cpu() -> bool:
@@ -109,10 +109,45 @@ def hf_named_tensors(model, layout: dict) -> list:
     return named
 
 
+def vllm_named_tensors(model) -> list:
+    """[(vLLM name, tensor)] in vLLM's `named_parameters()` order (fused tensors whole)."""
+    return [(name, param.detach()) for name, param in model.named_parameters()]
+
+
+def hf_names(model, layout: dict) -> list:
+    return [name for name, _ in hf_named_tensors(model, layout)]
+
+
+def to_hf(state: dict, layout: dict) -> dict:
+    """vLLM-named tensors -> HF-named ones in HF order (rows past the HF shape, a padded
+    vocabulary's, are dropped)."""
+    from es_llm.vllm_names import vllm_to_hf
+
+    hf = vllm_to_hf(state, layout["config"])
+    out = {}
+    for name, shape in zip(layout["names"], layout["shapes"]):
+        tensor = hf[name]
+        out[name] = tensor[:shape[0]].contiguous() if tensor.ndim and tensor.shape[0] != shape[0] \
+            else tensor
+    return out
+
+
+def from_hf(state: dict, layout: dict) -> dict:
+    """HF-named tensors -> vLLM names (fused); a tied lm_head is dropped."""
+    from es_llm.vllm_names import hf_to_vllm
+
+    config = dict(layout["config"], tie_word_embeddings=bool(layout["tied"]))
+    return hf_to_vllm({n: state[n] for n in layout["names"] if n in state}, config)
+
+
 class WorkerExtension:
     """Mixed into vLLM's worker class; `self.model_runner` is the worker's."""
 
-    def es_setup(self, layout: dict, noise_mode: str, master_weights: str = "none") -> int:
+    def es_setup(self, layout: dict, noise_mode: str, master_weights: str = "none",
+                 noise_names: str = "vllm") -> int:
+        """noise_names "vllm": noise over vLLM's own parameters (fused qkv_proj and gate_up_proj)
+        in vLLM's order, as published; "hf": over HF-named views of them in HF order, the same
+        noise as the transformers engine draws. Weights are exchanged by HF name either way."""
         model = self.model_runner.get_model()
         layers = packed_cpu_layers(model) if _on_cpu() else []
         emptied = [n for n, m in model.named_modules() if m in layers and m.weight.numel() == 0]
@@ -120,10 +155,18 @@ class WorkerExtension:
             raise RuntimeError(f"vLLM's CPU backend removed the weights of {len(emptied)} linear "
                                f"layers (e.g. {emptied[0]}): utils.worker_extn was imported after "
                                f"the model loaded, so its keep-weights patch came too late")
-        self.es_weights = WeightSet(lambda: hf_named_tensors(model, layout), noise_mode,
-                                    master_weights,
-                                    after_change=(lambda: redispatch(layers)) if layers else None)
-        return len(layout["names"])
+        after = (lambda: redispatch(layers)) if layers else None
+        if noise_names == "hf":
+            self.es_weights = WeightSet(lambda: hf_named_tensors(model, layout), noise_mode,
+                                        master_weights, after_change=after)
+            return len(layout["names"])
+        if noise_names != "vllm":
+            raise ValueError(f"noise_names must be 'vllm' or 'hf', got {noise_names!r}")
+        hf_names(model, layout)  # the same checks: every HF tensor must be found in vLLM's
+        self.es_weights = WeightSet(lambda: vllm_named_tensors(model), noise_mode, master_weights,
+                                    after_change=after, to_hf=lambda state: to_hf(state, layout),
+                                    from_hf=lambda state: from_hf(state, layout))
+        return len(self.es_weights.names())
 
     def es_weight_op(self, name: str, *args):
         if name not in WEIGHT_OPS:

@@ -1,0 +1,99 @@
+"""The ES loop, one for every trainer (MISSION.md section 1).
+
+Per iteration: the strategy asks for the population's seeds (on the main rank; the evaluator makes
+every rank agree on them and on a stop request), the evaluator scores every member, the strategy
+turns the rewards into update terms, and the evaluator applies the update its own way (every rank
+locally, or engine 0 then a broadcast). The run directory logs, checkpoints, stops and saves.
+
+An evaluator provides: is_main; agree(strategy, stop) -> seeds, or None to stop; evaluate(seeds,
+signs, on_result) -> (rewards, timings); update(seeds, weights, n) -> timings; saveable() ->
+(model, tokenizer, fp32 masters or None); save_final(out, state, records); finish().
+"""
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the run to stop after the current iteration; a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name} received: stopping after the current iteration "
+              f"and saving a checkpoint (Ctrl-C again to abort without saving)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def iteration_record(iteration, seeds, rewards, seconds, timings=None, signs=None,
+                     generations=None) -> dict:
+    """One line of metrics.jsonl; `timings` (seconds per phase) are added as time_<phase>_s, `signs`
+    (antithetic runs) give each member's sign, `generations` the sample generations so far."""
+    r = np.asarray(rewards, dtype=np.float64)
+    record = {"iteration": iteration, "seeds": [int(s) for s in seeds],
+              "rewards": [float(x) for x in r], "reward_mean": float(r.mean()),
+              "reward_std": float(r.std()), "reward_min": float(r.min()),
+              "reward_max": float(r.max()), "time_s": seconds}
+    if signs is not None:
+        record["signs"] = [int(x) for x in signs]
+    if generations is not None:
+        record["generations"] = int(generations)
+    record.update({f"time_{phase}_s": value for phase, value in (timings or {}).items()})
+    return record
+
+
+def report_iteration(iteration: int, total: int, record: dict, device="cpu") -> None:
+    """The published per-iteration lines (2 decimals), and the GPU memory line on a GPU."""
+    tqdm.write(f"Iteration {iteration}/{total}, Time: {record['time_s']:.2f}s, "
+               f"Mean: {record['reward_mean']:.2f}, Min: {record['reward_min']:.2f}, "
+               f"Max: {record['reward_max']:.2f}")
+    if torch.device(device).type == "cuda":
+        tqdm.write(f"GPU Memory: {torch.cuda.memory_allocated(device) / 1024**2:.2f}MB allocated, "
+                   f"{torch.cuda.max_memory_allocated(device) / 1024**2:.2f}MB peak")
+
+
+def run_es(cfg, evaluator, run, strategy, num_prompts: int):
+    """Iterations run.start + 1 .. cfg.num_iterations; returns the run directory."""
+    n = cfg.population_size
+    with StopRequest() as stop:
+        bar = tqdm(range(run.start + 1, cfg.num_iterations + 1), initial=run.start,
+                   total=cfg.num_iterations, disable=not evaluator.is_main, desc="ES iterations")
+        for iteration in bar:
+            t0 = time.time()
+            seeds = evaluator.agree(strategy, stop.requested)
+            if seeds is None:
+                run.stop(evaluator, strategy, iteration - 1)
+
+            def show(i, reward, completion):
+                if cfg.verbose:
+                    sign = ("+" if strategy.signs[i] > 0 else "-") if cfg.antithetic else ""
+                    tqdm.write(f"member {i} seed {sign}{seeds[i]}: reward {reward:.4f} "
+                               f"{completion[:120]!r}")
+
+            rewards, timings = evaluator.evaluate(seeds, strategy.signs, show)
+            update_seeds, weights = strategy.tell(seeds, rewards)
+            timings.update(evaluator.update(update_seeds, weights, n))
+            record = iteration_record(iteration, seeds, rewards, time.time() - t0, timings,
+                                      strategy.signs if cfg.antithetic else None,
+                                      generations=iteration * n * num_prompts)
+            run.add(record, evaluator, strategy)
+        bar.close()
+    return run.finish(evaluator, strategy)

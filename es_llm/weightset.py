@@ -1,0 +1,180 @@
+"""An engine's weights and the ES operations on them, wherever the engine keeps them.
+
+`WeightSet` runs perturb, restore, the update, broadcast, save and load on a list of (name, tensor)
+pairs: the HF model's parameters (the transformers engine), HF-named views of vLLM's tensors, or
+vLLM's own fused tensors (utils/worker_extn.py). `CollectiveGroup` is the process group the engines
+broadcast through (NCCL on GPUs, gloo on CPUs), created once, beside whatever group the engine uses
+internally. Nothing here imports an engine, so both engines and vLLM's worker import it.
+"""
+import hashlib
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .lowrank import LOWRANK, lowrank_update
+from .noise import MasterWeights, add_noise
+
+COLLECTIVE_TIMEOUT_S = 1800
+# The WeightSet operations an engine may be asked to run (the vLLM worker refuses any other name).
+WEIGHT_OPS = ("perturb", "restore", "update", "init_collective", "broadcast", "state_dict",
+              "master_state", "load_state_dict", "fingerprint", "names")
+
+
+class CollectiveGroup:
+    """A process group among the engines only: its own TCP store, rank 0 hosting it."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str,
+                 timeout_s: float = COLLECTIVE_TIMEOUT_S):
+        timeout = timedelta(seconds=timeout_s)
+        self.rank, self.world_size = rank, world_size
+        self.store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+        if backend == "gloo":
+            self.group = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
+        elif backend == "nccl":
+            if not hasattr(dist, "ProcessGroupNCCL"):
+                raise RuntimeError("backend 'nccl' needs a CUDA build of torch; on CPU use 'gloo'")
+            self.group = dist.ProcessGroupNCCL(self.store, rank, world_size)
+        else:
+            raise ValueError(f"unknown collective backend {backend!r}; expected 'nccl' or 'gloo'")
+
+    def broadcast(self, tensors, src: int) -> None:
+        options = dist.BroadcastOptions()
+        options.rootRank = src
+        works = [self.group.broadcast([t], options) for t in tensors]
+        for work in works:
+            work.wait()
+
+
+class WeightSet:
+    """The ES operations on one engine's weights, given as (HF name, tensor) pairs in HF order.
+
+    `named_tensors()` is asked again before every operation (an engine may swap a parameter's
+    storage), and `after_change()` runs after every change (vLLM on CPU re-packs its linear layers).
+    With `master_weights="fp32"` an fp32 copy is the true state: perturbation is cast from it,
+    restore is exact, and the update accumulates in fp32 (see es_llm.noise.MasterWeights).
+    """
+
+    def __init__(self, named_tensors, noise_mode: str, master_weights: str = "none",
+                 after_change=None, to_hf=None, from_hf=None, rank: int = 1):
+        if master_weights not in ("none", "fp32"):
+            raise ValueError(f"master_weights must be 'none' or 'fp32', got {master_weights!r}")
+        self.named_tensors = named_tensors
+        self.rank = rank
+        # An engine that draws noise over its own tensors (vLLM's fused ones) exchanges weights by
+        # HF name all the same: to_hf / from_hf convert a {name: tensor} dict.
+        self.to_hf = to_hf or (lambda state: state)
+        self.from_hf = from_hf or (lambda state: state)
+        self.noise_mode = noise_mode
+        self.after_change = after_change or (lambda: None)
+        # Lowrank accumulates its update in fp32: a model held in a lower precision gets masters.
+        lowrank_masters = noise_mode == LOWRANK and any(p.dtype != torch.float32
+                                                        for p in self.params())
+        self.masters = MasterWeights(self.params()) if master_weights == "fp32" or lowrank_masters \
+            else None
+        self.group = None
+
+    def names(self) -> list:
+        return [name for name, _ in self.named_tensors()]
+
+    def params(self) -> list:
+        return [tensor for _, tensor in self.named_tensors()]
+
+    def perturb(self, seed: int, sigma: float) -> None:
+        if self.masters:
+            self.masters.perturb(self.params(), seed, sigma, self.noise_mode)
+        else:
+            add_noise(self.params(), seed, sigma, self.noise_mode)
+        self.after_change()
+
+    def restore(self, seed: int, sigma: float) -> None:
+        """Undo perturb(seed, sigma): exact with master weights, else by subtracting the noise."""
+        if self.masters:
+            self.masters.copy_to(self.params())
+        else:
+            add_noise(self.params(), seed, -sigma, self.noise_mode)
+        self.after_change()
+
+    def update(self, seeds, z, alpha: float, n: int | None = None) -> None:
+        """N seeded additions, one seed at a time: theta += (alpha / N) * z_i * eps_i (as published).
+        N is the population size, len(seeds) unless given (antithetic pairs give one term per pair);
+        lowrank: alpha * (1/N) * sum_i z_i * A_i B_i^T / sqrt(R), in fp32."""
+        target = self.masters.tensors if self.masters else self.params()
+        n = n or len(seeds)
+        if self.noise_mode == LOWRANK:
+            lowrank_update(target, [int(s) for s in seeds], z, alpha, self.rank, n=n)
+        else:
+            for seed, zi in zip(seeds, z):
+                add_noise(target, int(seed), alpha / n * float(zi), self.noise_mode)
+        if self.masters:
+            self.masters.copy_to(self.params())
+        self.after_change()
+
+    def init_collective(self, host: str, port: int, rank: int, world_size: int, backend: str,
+                        timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
+        self.group = CollectiveGroup(host, port, rank, world_size, backend, timeout_s)
+
+    @torch.no_grad()
+    def broadcast(self, src: int = 0) -> None:
+        """Every engine ends with engine `src`'s weights (and master weights)."""
+        if self.group is None:
+            raise RuntimeError("broadcast before init_collective: the engines have no group yet")
+        tensors = self.masters.tensors if self.masters else self.params()
+        self.group.broadcast(tensors, src)
+        if self.group.rank != src:
+            if self.masters:
+                self.masters.copy_to(self.params())
+            self.after_change()
+
+    def state_dict(self) -> dict:
+        """{HF name: CPU copy}; copies, so a view into a fused tensor saves only its own slice."""
+        return self.to_hf({name: t.detach().to("cpu", copy=True).contiguous()
+                           for name, t in self.named_tensors()})
+
+    def master_state(self):
+        """{HF name: CPU copy of its fp32 master weight}, or None without master weights."""
+        if not self.masters:
+            return None
+        return self.to_hf({name: m.detach().to("cpu", copy=True).contiguous()
+                           for name, m in zip(self.names(), self.masters.tensors)})
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict, masters=None) -> None:
+        """Load weights by HF name; `masters` (fp32, by HF name, as master_state() gives them)
+        become the master weights, else the masters are cast again from the loaded weights."""
+        if masters is not None and not self.masters:
+            raise ValueError("fp32 master weights were given, but this engine keeps none "
+                             "(--master_weights none)")
+        state = self.from_hf(state)
+        masters = self.from_hf(masters) if masters is not None else None
+        named = self.named_tensors()
+        missing = [name for name, _ in named if name not in state]
+        if missing:
+            raise KeyError(f"the weights to load lack {len(missing)} tensor(s) of this model, "
+                           f"e.g. {missing[:3]}; were they saved from another architecture?")
+        for name, tensor in named:
+            if tuple(state[name].shape) != tuple(tensor.shape):
+                raise ValueError(f"{name}: saved shape {tuple(state[name].shape)} does not match "
+                                 f"the model's {tuple(tensor.shape)}")
+            tensor.copy_(state[name])
+        if self.masters and masters is not None:
+            for (name, tensor), master in zip(named, self.masters.tensors):
+                if name not in masters or tuple(masters[name].shape) != tuple(tensor.shape):
+                    raise ValueError(f"the master weights to load lack {name!r} or give it "
+                                     f"another shape; were they saved from another model?")
+                master.copy_(masters[name])
+            self.masters.copy_to(self.params())
+        elif self.masters:
+            self.masters = MasterWeights(self.params())
+        self.after_change()
+
+    def fingerprint(self) -> str:
+        """sha256 of every weight (and master weight), bit for bit."""
+        digest = hashlib.sha256()
+        tensors = list(self.named_tensors())
+        if self.masters:
+            tensors += [(f"master:{n}", t) for (n, _), t in zip(tensors, self.masters.tensors)]
+        for name, t in tensors:
+            digest.update(name.encode())
+            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return digest.hexdigest()

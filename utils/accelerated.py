@@ -1,0 +1,240 @@
+"""The accelerated version's evaluator and run: one inference engine per GPU, each a Ray actor.
+
+The loop is es_llm/loop.py, as for every trainer. Here the evaluator hands seeds to the engines
+(utils/engine_pool.py: whichever engine is free, as published, or a static schedule; in lowrank mode
+each engine generates its share of the population in batches), the update is applied on engine 0
+as N seeded additions of (alpha / N) * z_i * eps_i and broadcast to the others, and the saves are
+the published ones (model_saves/) beside an HF directory and checkpoints.
+"""
+import os
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+CONVERTED = "converted"
+PUBLISHED_SAVES = "model_saves"
+
+
+def default_run_name(cfg) -> str:
+    from es_llm.models import model_short_name
+
+    return (f"countdown_{model_short_name(cfg.model_name)}_{cfg.engine}_pop{cfg.population_size}"
+            f"_sigma{cfg.sigma}_alpha{cfg.alpha}_{cfg.noise_mode}_{cfg.precision}"
+            f"_{datetime.now():%Y%m%d-%H%M%S}")
+
+
+def run_dir_of(cfg) -> Path:
+    """<experiment_dir>/<run_name>; with --resume and no --run_name, the resumed run's directory."""
+    from es_llm.checkpoint import resolve_checkpoint
+    from es_llm.rundir import run_home
+
+    if cfg.run_name:
+        return Path(cfg.experiment_dir) / cfg.run_name
+    if cfg.resume:
+        return run_home(resolve_checkpoint(cfg.resume))
+    return Path(cfg.experiment_dir) / default_run_name(cfg)
+
+
+def save_published_base(base: str, run_dir: Path, cache_dir=None) -> None:
+    """model_saves/base_model: the base model in fp16, as published (once per run directory)."""
+    from es_llm.checkpoint import replace_directory
+    from es_llm.models import load_model, save_model
+
+    target = run_dir / PUBLISHED_SAVES / "base_model"
+    if (target / "config.json").exists():
+        return
+    model, tokenizer = load_model(base, "fp16", cache_dir)
+    tmp = target.with_name(target.name + ".tmp")
+    save_model(model, tokenizer, tmp)
+    replace_directory(tmp, target)
+
+
+def save_published_pth(state: dict, base: str, run_dir: Path, iteration: int, cache_dir=None) -> Path:
+    """model_saves/final_model_iteration_<N>/pytorch_model.pth: the final weights with vLLM's
+    (fused) parameter names, as published; both evaluation scripts read it."""
+    import torch
+    from transformers import AutoConfig
+
+    from es_llm.vllm_names import hf_to_vllm
+
+    path = run_dir / PUBLISHED_SAVES / f"final_model_iteration_{iteration}" / "pytorch_model.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(hf_to_vllm(state, AutoConfig.from_pretrained(base, cache_dir=cache_dir)), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+class PoolEvaluator:
+    """The population on the engine pool; the update on engine 0, then broadcast."""
+
+    is_main = True
+
+    def __init__(self, cfg, pool, base: str, layout: dict, accelerator):
+        self.cfg, self.pool, self.base, self.layout = cfg, pool, base, layout
+        self.accelerator = accelerator
+
+    def agree(self, strategy, stop: bool):
+        return None if stop else strategy.ask()
+
+    def evaluate(self, seeds, signs, on_result):
+        from es_llm.lowrank import LOWRANK
+
+        t0 = time.time()
+        results = self.pool.evaluate(seeds, self.cfg.sigma, signs,
+                                     lambda i, r: on_result(i, r["reward"], r["completion"]),
+                                     self.cfg.schedule, batched=self.cfg.noise_mode == LOWRANK)
+        # As the plain trainers all-reduce them: rewards in float32.
+        rewards = [float(np.float32(r["reward"])) for r in results]
+        return rewards, {"evaluate": time.time() - t0,
+                         "noise": float(np.mean([r["noise_s"] for r in results])),
+                         "generate": float(np.mean([r["generate_s"] for r in results]))}
+
+    def update(self, seeds, weights, n: int) -> dict:
+        t0 = time.perf_counter()
+        self.pool.update(seeds, [float(w) for w in weights], self.cfg.alpha, n)
+        t1 = time.perf_counter()
+        self.pool.broadcast()
+        return {"update": t1 - t0, "broadcast": time.perf_counter() - t1}
+
+    def state(self) -> dict:
+        from utils.engines import full_state_dict
+
+        return full_state_dict(self.pool.call_main("state_dict"), self.layout)
+
+    def saveable(self):
+        from utils.engines import hf_model
+
+        model, tokenizer = hf_model(self.state(), self.base, self.cfg.precision,
+                                    self.cfg.hf_cache_dir)
+        return model, tokenizer, self.pool.call_main("master_state")
+
+    def save_final(self, out: Path, state_file: dict, records) -> None:
+        """final_model.pth, final_model/, the published .pth, masters, metrics, then
+        trainer_state.json ("finished") last; an older one goes first, so a crash half-way never
+        leaves a finished state beside other weights."""
+        import torch
+        from safetensors.torch import save_file
+
+        from es_llm import checkpoint as ckpt
+        from utils.engines import save_hf_model
+
+        fingerprints = self.pool.call_all("fingerprint")
+        if len(set(fingerprints)) != 1:
+            raise RuntimeError(f"the engines' weights differ after the final broadcast: "
+                               f"{fingerprints}")
+        (out / ckpt.STATE_FILE).unlink(missing_ok=True)
+        state = self.state()
+        torch.save(state, out / "final_model.pth.tmp")
+        os.replace(out / "final_model.pth.tmp", out / "final_model.pth")
+        save_hf_model(state, self.base, out / "final_model", self.cfg.precision,
+                      self.cfg.hf_cache_dir)
+        save_published_pth(state, self.base, out, self.cfg.num_iterations, self.cfg.hf_cache_dir)
+        masters = self.pool.call_main("master_state")
+        if masters is not None:
+            save_file(masters, str(out / (ckpt.MASTER_FILE + ".tmp")))
+            os.replace(out / (ckpt.MASTER_FILE + ".tmp"), out / ckpt.MASTER_FILE)
+        ckpt.write_metrics(out / ckpt.METRICS_FILE, records)
+        ckpt.write_json_atomic(out / ckpt.STATE_FILE, state_file)
+        print(f"Training finished: final weights in {out / 'final_model.pth'} and "
+              f"{out / 'final_model'}/ (all {self.cfg.num_engines} engines identical)", flush=True)
+
+    def finish(self) -> None:
+        self.accelerator.end_training()
+
+
+def train_accelerated(cfg, task) -> int:
+    """Run the accelerated version; returns the exit status (0, 130 when stopped)."""
+    if cfg.cuda_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.cuda_devices  # before Ray or torch see the GPUs
+    # Until the loop takes over SIGTERM (to stop after an iteration and save), it unwinds through
+    # the clean-up below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    import ray
+    from transformers import AutoTokenizer
+
+    from es_llm import tracking
+    from es_llm.checkpoint import write_json_atomic
+    from es_llm.loop import report_iteration, run_es
+    from es_llm.rundir import Run
+    from es_llm.strategy import Strategy
+    from es_llm.trainer import resume_mismatches
+    from utils.engine_pool import EnginePool, start_ray
+    from utils.engines import hf_layout, resolve_base_model
+
+    started = time.time()
+    cfg.output_dir = str(run_dir_of(cfg))
+    logging_dir = cfg.logging_dir or cfg.output_dir
+    accelerator = tracking.tracking_accelerator(cfg.report_to, logging_dir, cpu=True)
+
+    def log(record):
+        report_iteration(record["iteration"], cfg.num_iterations, record)
+        tqdm.write(f"  perturb+restore {record['time_noise_s']:.2f}s, update "
+                   f"{record['time_update_s']:.2f}s, broadcast {record['time_broadcast_s']:.2f}s")
+        tracking.log(accelerator, record)
+
+    # Every check before anything is written (user errors propagate to the script's front).
+    cfg.validate()
+    run = Run(cfg, cfg.output_dir, "--run_name", True, lambda saved: resume_mismatches(saved, cfg),
+              log)
+    base = resolve_base_model(cfg.model_name, Path(cfg.experiment_dir) / CONVERTED)
+    layout = hf_layout(base, cfg.hf_cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base, cache_dir=cfg.hf_cache_dir)
+    run.begin()
+    longest_prompt = max(len(ids) for ids in tokenizer(task.prompts)["input_ids"])
+    run_dir = run.out
+    write_json_atomic(run_dir / "config.json", {**vars(cfg), "base_model": base})
+    print(f"run directory: {run_dir}", flush=True)
+
+    cores = len(os.sched_getaffinity(0))
+    local = cfg.ray_address == "local"
+    cpus_per_engine = max(1, cores // cfg.num_engines) if local else 1
+    pool, status = None, 1
+    try:
+        start_ray(cfg.ray_address, cfg.verbose,
+                  num_cpus=max(cores, cfg.num_engines * cpus_per_engine) if local else None)
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        engine_kwargs = {"model_path": base, "precision": cfg.precision,
+                         "max_new_tokens": cfg.max_new_tokens, "noise_mode": cfg.noise_mode,
+                         "master_weights": cfg.master_weights, "cache_dir": cfg.hf_cache_dir,
+                         "layout": layout, "max_model_len": longest_prompt + cfg.max_new_tokens,
+                         "seed": cfg.initial_seed, "noise_names": cfg.vllm_noise,
+                         "rank": cfg.rank, "lowrank_batch": cfg.lowrank_batch,
+                         "prune_finished": cfg.prune_finished}
+        t0 = time.time()
+        pool = EnginePool(cfg.engine, cfg.num_engines, engine_kwargs, task, use_gpu,
+                          cpus_per_engine, bind_cpus=local and not use_gpu,
+                          collective_timeout_s=cfg.collective_timeout)
+        if run.resume:  # engine 0 takes the checkpoint's weights (and fp32 masters) ...
+            from es_llm.checkpoint import load_weights
+
+            pool.call_main("load_state_dict", load_weights(run.weights), run.masters)
+        pool.broadcast()  # ... and every engine starts from engine 0's weights
+        print(f"{cfg.num_engines} {cfg.engine} engines on {'GPU' if use_gpu else 'CPU'} ready "
+              f"in {time.time() - t0:.1f}s", flush=True)
+        save_published_base(base, run_dir, cfg.hf_cache_dir)
+        tracking.start(accelerator, vars(cfg), logging_dir)
+        strategy = Strategy(cfg.population_size, cfg.initial_seed, cfg.antithetic,
+                            cfg.fitness_shaping, run.rng_state)
+        evaluator = PoolEvaluator(cfg, pool, base, layout, accelerator)
+        run_es(cfg, evaluator, run, strategy, len(task.prompts))
+        elapsed = time.time() - started
+        print(f"Training completed in {elapsed:.2f}s ({elapsed / 60:.2f} minutes)", flush=True)
+        status = 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping the engines (no checkpoint saved)", file=sys.stderr,
+              flush=True)
+        status = 130
+    except SystemExit as leaving:
+        status = leaving.code
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
+    return status
