@@ -6,22 +6,14 @@ Launch:  python es_fine-tuning.py --task examples/word_count_task.py --model_nam
 """
 import sys
 
-from es_llm.cli import build_parser, run_training
+from es_llm.cli import PAPER_CONSTANTS, build_parser, run_training
 
-# Experiment constants (the paper's values); the flags default to them.
-NUM_ITERATIONS = 1000
-POPULATION_SIZE = 30
-SIGMA = 0.001
-ALPHA = 0.0005
-max_new_tokens = 100
-do_sample = False
-initial_seed = 33
-NOISE_MODE = "correlated"
-REWARD_ON_PROMPT_AND_RESPONSE = False
+# Experiment constants: the paper's conciseness values; edit them here, or override them with flags.
+CONSTANTS = dict(PAPER_CONSTANTS)
 
 
 def main():
-    args = build_parser(__doc__, globals()).parse_args()
+    args = build_parser(__doc__, CONSTANTS).parse_args()
     if not args.task_file:
         sys.exit("error: give your task with --task PATH.py (a file defining reward() and DATASET "
                  "or load_dataset(); see examples/)")

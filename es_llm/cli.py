@@ -16,6 +16,11 @@ from .tasks import load_task_file
 from .tracking import REPORT_TO
 from .trainer import ENGINES, SCHEDULES, TRAINER_NOISE_MODES, TrainConfig, default_engine, train
 
+# The paper's experiment constants (conciseness), for fronts that keep none of their own.
+PAPER_CONSTANTS = {"NUM_ITERATIONS": 1000, "POPULATION_SIZE": 30, "SIGMA": 0.001, "ALPHA": 0.0005,
+                   "max_new_tokens": 100, "do_sample": False, "initial_seed": 33,
+                   "NOISE_MODE": "correlated", "REWARD_ON_PROMPT_AND_RESPONSE": False}
+
 # Errors that are the user's to fix: reported as one clear message, without a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ModelNotFoundError,
                NotImplementedError)

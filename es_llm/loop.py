@@ -5,7 +5,7 @@ every rank agree on them and on a stop request), the evaluator scores every memb
 turns the rewards into update terms, and the evaluator applies the update its own way (every rank
 locally, or engine 0 then a broadcast). The run directory logs, checkpoints, stops and saves.
 
-An evaluator provides: is_main; agree(strategy, stop) -> seeds, or None to stop; evaluate(seeds,
+An evaluator provides: is_main; label (a prefix for its printed lines); agree(strategy, stop) -> seeds, or None to stop; evaluate(seeds,
 signs, on_result) -> (rewards, timings); update(seeds, weights, n) -> timings; saveable() ->
 (model, tokenizer, fp32 masters or None); save_final(out, state, records); finish().
 """
@@ -85,8 +85,8 @@ def run_es(cfg, evaluator, run, strategy, num_prompts: int):
             def show(i, reward, completion):
                 if cfg.verbose:
                     sign = ("+" if strategy.signs[i] > 0 else "-") if cfg.antithetic else ""
-                    tqdm.write(f"member {i} seed {sign}{seeds[i]}: reward {reward:.4f} "
-                               f"{completion[:120]!r}")
+                    tqdm.write(f"{evaluator.label}member {i} seed {sign}{seeds[i]}: reward "
+                               f"{reward:.4f} {completion[:120]!r}")
 
             rewards, timings = evaluator.evaluate(seeds, strategy.signs, show)
             update_seeds, weights = strategy.tell(seeds, rewards)

@@ -317,6 +317,7 @@ class LocalEvaluator:
         self.generate = Generator(tokenizer, task.prompts, cfg.max_new_tokens, cfg.do_sample)
         self.pool = ThreadPoolExecutor(cfg.gpu_threads)
         self.mine = list(range(accelerator.process_index, cfg.population_size, self.world))
+        self.label = f"[rank {accelerator.process_index}] " if self.world > 1 else ""
 
     def agree(self, strategy, stop: bool):
         """The main rank's stop flag and seeds, on every rank (None: stop)."""

@@ -70,10 +70,27 @@ def save_published_pth(state: dict, base: str, run_dir: Path, iteration: int, ca
     return path
 
 
+def lost_engine_message(error, run_dir: Path) -> str:
+    """What to do after an engine (or its node) died mid-run: the last checkpoint and the command
+    that resumes from it (with the engines that are left: --num_engines may change)."""
+    from es_llm.checkpoint import list_checkpoints
+    from es_llm.rundir import resume_command
+
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    latest = list_checkpoints(run_dir)
+    if not latest:
+        return (f"\nan engine was lost ({type(error).__name__}: {first}); the run stopped before "
+                f"its first checkpoint (--save_every), so it must start again")
+    return (f"\nan engine was lost ({type(error).__name__}: {first}); the run stopped. Its last "
+            f"checkpoint is {latest[-1]}.\nResume with:\n  {resume_command(sys.argv, run_dir)}\n"
+            f"(add --num_engines N for the engines the cluster still has room for)")
+
+
 class PoolEvaluator:
     """The population on the engine pool; the update on engine 0, then broadcast."""
 
     is_main = True
+    label = ""
 
     def __init__(self, cfg, pool, base: str, layout: dict, accelerator):
         self.cfg, self.pool, self.base, self.layout = cfg, pool, base, layout
@@ -230,6 +247,9 @@ def train_accelerated(cfg, task) -> int:
         print("\ninterrupted: stopping the engines (no checkpoint saved)", file=sys.stderr,
               flush=True)
         status = 130
+    except ray.exceptions.RayError as error:  # an engine, or the node it ran on, was lost
+        print(lost_engine_message(error, run_dir), file=sys.stderr, flush=True)
+        status = 1
     except SystemExit as leaving:
         status = leaving.code
     finally:
