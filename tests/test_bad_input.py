@@ -67,20 +67,6 @@ def test_data_sample_larger_than_the_train_split_is_refused():
 
 
 @pytest.mark.slow
-def test_a_finished_run_is_not_overwritten_without_overwrite(tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    args = [PYTHON, "es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir),
-            "--num_iterations", "1", "--population_size", "2", "--max_new_tokens", "2",
-            "--gpu_threads", "1", "--precision", "fp32", "--output_dir", str(out)]
-    run_script(args)
-    before = (out / "model.safetensors").read_bytes()
-    proc = run_script(args, check=False)
-    assert proc.returncode != 0 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
-    assert (out / "model.safetensors").read_bytes() == before
-    run_script(args + ["--overwrite"])
-
-
-@pytest.mark.slow
 def test_bad_flags_exit_before_loading_a_model(tmp_path):
     proc = run_script([PYTHON, "es_fine-tuning_conciseness.py", "--model_name", "bundled",
                        "--sigma", "-1", "--output_dir", str(tmp_path / "o")], check=False)

@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, ROOT, run_script, start_script
+from conftest import PYTHON, run_script, start_script
 from es_llm import checkpoint as ckpt
 from es_llm.models import load_model
 
@@ -33,22 +32,6 @@ def same_weights(a, b):
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.fixture(scope="module")
-def four_iterations(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    run_script(conciseness(tiny_model_dir, out, 4))
-    return out
-
-
-@pytest.mark.slow
-def test_two_plus_two_resumed_iterations_equal_four(tiny_model_dir, tmp_path, four_iterations):
-    out = tmp_path / "run"
-    run_script(conciseness(tiny_model_dir, out, 2))
-    run_script(conciseness(tiny_model_dir, out, 4, "--resume", str(out)))
-    assert metrics(out) == metrics(four_iterations)
-    assert same_weights(out, four_iterations)
-
-
 @pytest.mark.slow
 def test_resume_from_a_checkpoint_directory_with_master_weights(tiny_model_dir, tmp_path):
     extra = ("--master_weights", "fp32", "--save_every", "1")
@@ -61,41 +44,6 @@ def test_resume_from_a_checkpoint_directory_with_master_weights(tiny_model_dir, 
     run_script(conciseness(tiny_model_dir, resumed, 3, *extra, "--resume", str(part / "checkpoint-2")))
     assert metrics(resumed) == metrics(full)
     assert same_weights(resumed, full)
-
-
-@pytest.mark.slow
-def test_resume_with_another_population_is_refused_naming_the_mismatch(tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    run_script(conciseness(tiny_model_dir, out, 1))
-    args = conciseness(tiny_model_dir, out, 2, "--resume", str(out))
-    args[args.index("--population_size") + 1] = "6"
-    proc = run_script(args, check=False)
-    assert proc.returncode != 0
-    assert "population_size: checkpoint has 4, this run has 6" in proc.stderr
-
-
-@pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(tiny_model_dir, tmp_path, four_iterations):
-    out = tmp_path / "run"
-    proc = subprocess.Popen(conciseness(tiny_model_dir, out, 4), cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "Iteration 1/4" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    output = "".join(lines) + proc.stdout.read()
-    assert proc.wait(timeout=120) != 0
-    assert "--resume" in output and "checkpoint saved to" in output
-    saved = ckpt.list_checkpoints(out)
-    assert saved, output
-    iteration = ckpt.load_state(saved[-1])["iteration"]
-    assert 1 <= iteration < 4
-    run_script(conciseness(tiny_model_dir, out, 4, "--resume", str(out)))
-    assert metrics(out) == metrics(four_iterations)
-    assert same_weights(out, four_iterations)
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(tiny_model_dir, tmp_path, monkeypatch):
