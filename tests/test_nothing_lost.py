@@ -149,3 +149,19 @@ def test_resume_into_another_runs_directory_is_refused_without_overwrite(trainer
     proc = run_script(trainer.command(other, 6, "--resume", str(four)), check=False)
     assert proc.returncode != 0 and "already holds a finished run" in proc.stderr
     assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--sigma", "-1", "sigma must be a positive number"),
+    ("--population_size", "0", "population_size must be >= 1"),
+    ("--model_name", "no/such-model-anywhere", "could not load model"),
+])
+def test_bad_input_is_refused_with_the_reason_and_writes_no_run(trainer, tmp_path, flag, value,
+                                                                 message):
+    out = tmp_path / "run"
+    args = trainer.command(out, 2)
+    args[args.index(flag) + 1] = value
+    proc = run_script(args, check=False, env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert not (out / ckpt.METRICS_FILE).exists() and not ckpt.list_checkpoints(out)

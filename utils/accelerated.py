@@ -199,7 +199,8 @@ def train_accelerated(cfg, task) -> int:
     cfg.validate()
     run = Run(cfg, cfg.output_dir, "--run_name", True, lambda saved: resume_mismatches(saved, cfg),
               log)
-    base = resolve_base_model(cfg.model_name, Path(cfg.experiment_dir) / CONVERTED)
+    base = resolve_base_model(cfg.model_name, Path(cfg.experiment_dir) / CONVERTED,
+                              cfg.hf_cache_dir)
     layout = hf_layout(base, cfg.hf_cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(base, cache_dir=cfg.hf_cache_dir)
     run.begin()

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from es_llm.checkpoint import replace_directory
-from es_llm.models import BUNDLED_MODEL, PRECISIONS, load_model, model_short_name, save_model
+from es_llm.models import (BUNDLED_MODEL, PRECISIONS, load_model, model_not_found,
+                           model_short_name, save_model)
 from es_llm.lowrank import LOWRANK, BatchedLowRank, evaluate_batched
 from es_llm.weightset import WEIGHT_OPS, CollectiveGroup, WeightSet  # noqa: F401 (re-exported)
 
@@ -271,12 +272,20 @@ def save_hf_model(state: dict, base_model: str, directory, precision: str, cache
     replace_directory(tmp, directory)
 
 
-def resolve_base_model(model_name: str, convert_dir) -> str:
+def resolve_base_model(model_name: str, convert_dir, cache_dir=None) -> str:
     """An HF directory or hub id both engines load. The bundled model and .gguf files are
     dequantised once into `convert_dir` (fp32, so every precision casts from the same weights)."""
     local = Path(model_name).expanduser()
     if model_name != BUNDLED_MODEL and local.suffix != ".gguf":
-        return str(local) if local.is_dir() else model_name
+        if local.is_dir():
+            return str(local)
+        from transformers import AutoConfig
+
+        try:  # a hub id: found (or downloaded) now, with the loader's error if it cannot be
+            AutoConfig.from_pretrained(model_name, cache_dir=cache_dir)
+        except OSError as error:
+            raise model_not_found(model_name, error) from error
+        return model_name
     target = Path(convert_dir) / f"{model_short_name(model_name)}-fp32"
     if not (target / "config.json").exists():
         model, tokenizer = load_model(model_name, "fp32")
