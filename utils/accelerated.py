@@ -76,7 +76,8 @@ def lost_engine_message(error, run_dir: Path) -> str:
     from es_llm.checkpoint import list_checkpoints
     from es_llm.rundir import resume_command
 
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    first = " ... ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else ""
     latest = list_checkpoints(run_dir)
     if not latest:
         return (f"\nan engine was lost ({type(error).__name__}: {first}); the run stopped before "
@@ -240,7 +241,11 @@ def train_accelerated(cfg, task) -> int:
         strategy = Strategy(cfg.population_size, cfg.initial_seed, cfg.antithetic,
                             cfg.fitness_shaping, run.rng_state)
         evaluator = PoolEvaluator(cfg, pool, base, layout, accelerator)
-        run_es(cfg, evaluator, run, strategy, len(task.prompts))
+        try:
+            run_es(cfg, evaluator, run, strategy, len(task.prompts))
+        except ray.exceptions.RayError as error:  # an engine, or the node it ran on, was lost
+            print(lost_engine_message(error, run_dir), file=sys.stderr, flush=True)
+            return 1  # (the clean-up below still runs)
         elapsed = time.time() - started
         print(f"Training completed in {elapsed:.2f}s ({elapsed / 60:.2f} minutes)", flush=True)
         status = 0
@@ -248,9 +253,6 @@ def train_accelerated(cfg, task) -> int:
         print("\ninterrupted: stopping the engines (no checkpoint saved)", file=sys.stderr,
               flush=True)
         status = 130
-    except ray.exceptions.RayError as error:  # an engine, or the node it ran on, was lost
-        print(lost_engine_message(error, run_dir), file=sys.stderr, flush=True)
-        status = 1
     except SystemExit as leaving:
         status = leaving.code
     finally:
