@@ -168,3 +168,14 @@ def test_hf_noise_names_give_the_transformers_engines_noise(smollm2_dir):
     finally:
         del hf_engine
         gc.collect()
+
+
+def test_vllm_engines_refuse_the_lowrank_mode_with_a_clear_message(smollm2_dir):
+    from es_llm.trainer import AcceleratedConfig
+
+    cfg = AcceleratedConfig(task="countdown", model_name="bundled", output_dir=".",
+                            engine="vllm", noise_mode="lowrank")
+    with pytest.raises(ValueError, match="lowrank is not available with vLLM engines"):
+        cfg.validate()
+    with pytest.raises(NotImplementedError, match="--engine transformers"):
+        VLLMEngine(smollm2_dir, "fp32", 16, "lowrank", hf_layout(smollm2_dir))
