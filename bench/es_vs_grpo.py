@@ -26,6 +26,10 @@ PRESETS = {
     "mini": {"sigmas": [0.003, 0.01], "betas": [0.0, 0.04], "seeds": [33, 34, 35],
              "population": 8, "iterations": 15, "tokens": 32, "learning_rate": 1e-5,
              "eval_samples": 4, "precision": "bf16"},
+    # A first look (one setting each, 3 seeds): 8 x 2 x 10 = 160 generations per run.
+    "pilot": {"sigmas": [0.01], "betas": [0.04], "seeds": [33, 34, 35], "population": 8,
+              "iterations": 10, "tokens": 24, "learning_rate": 1e-5, "eval_samples": 4,
+              "precision": "bf16"},
     "smoke": {"sigmas": [0.05], "betas": [0.04], "seeds": [33, 34], "population": 4,
               "iterations": 2, "tokens": 6, "learning_rate": 1e-5, "eval_samples": 1,
               "precision": "fp32"},
