@@ -108,16 +108,20 @@ def main(argv=None):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from es_llm.models import load_model, save_model
+    from es_llm.models import PRECISIONS, load_model, save_model
+    from utils.engines import resolve_base_model
 
     task = load_task(args)
+    out = Path(args.output_dir)
     prompts_per_step = args.prompts_per_step or len(task.prompts)
-    model, tokenizer = load_model(args.model_name, args.precision, args.hf_cache_dir)
+    # The bundled model or a .gguf file becomes a dense HF directory first (the fp32 copy the
+    # accelerated version's engines load): TRL loads GRPO's reference model from the model's path.
+    source = resolve_base_model(args.model_name, out / "converted", args.hf_cache_dir)
+    model, tokenizer = load_model(source, args.precision, args.hf_cache_dir)
     model.requires_grad_(True)
     model.train()
     dataset = Dataset.from_dict({"prompt": list(task.prompts),
                                  **{k: list(v) for k, v in task.columns.items()}})
-    out = Path(args.output_dir)
     config = GRPOConfig(
         output_dir=str(out / "trainer"), learning_rate=args.learning_rate,
         per_device_train_batch_size=prompts_per_step * args.num_generations,
@@ -125,7 +129,8 @@ def main(argv=None):
         max_completion_length=args.max_new_tokens, temperature=args.temperature,
         beta=args.beta, max_steps=args.max_steps, seed=args.seed, logging_steps=1,
         save_strategy="no", report_to="none", use_cpu=not __import__("torch").cuda.is_available(),
-        bf16=False, fp16=False, remove_unused_columns=False)
+        bf16=False, fp16=False, remove_unused_columns=False,
+        model_init_kwargs={"dtype": str(PRECISIONS[args.precision]).removeprefix("torch.")})
     trainer = GRPOTrainer(model=model, reward_funcs=[RewardRecorder(task, out / "metrics.jsonl")],
                           args=config, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()

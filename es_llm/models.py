@@ -69,6 +69,8 @@ def load_model(model_name: str, precision: str = "bf16", cache_dir=None, device=
     if "gguf_file" in kwargs:
         # The weights are dense tensors now; drop the GGUF marker so save_pretrained works.
         model.hf_quantizer = None
+        if getattr(model, "is_quantized", False):
+            model.is_quantized = False  # else transformers' Trainer (GRPO) refuses to train it
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         cast_parameters(model, dtype)

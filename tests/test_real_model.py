@@ -65,6 +65,7 @@ def test_bundled_and_saved_directory_compute_the_same_logits(tmp_path, precision
 
     bundled, tokenizer = load_model("bundled", precision)
     assert bundled.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert not getattr(bundled, "is_quantized", False)  # dense now: trainable (GRPO), saveable
     expected = logits(bundled, tokenizer)
     save_model(bundled, tokenizer, tmp_path / "saved")
     state = {"iteration": 1, "finished": False, "rng_state": None, "config": {}}
