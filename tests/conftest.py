@@ -63,4 +63,15 @@ def start_script(args, cwd=ROOT):
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def read_until(proc, prefix: str) -> list:
+    """The lines a started script prints up to the first that starts with `prefix` (fails if the
+    script ends first)."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f"the run ended before printing {prefix!r}:\n" + "".join(lines))
+
+
 PYTHON = sys.executable

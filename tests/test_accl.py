@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import PYTHON, ROOT, run_script, start_script
+from conftest import PYTHON, ROOT, read_until, run_script, start_script
 from es_llm.models import load_model
 from es_llm.strategy import es_update, normalize_rewards
 from utils.engines import (TransformersEngine, WeightSet, full_state_dict, hf_layout,
@@ -212,13 +212,7 @@ def test_ctrl_c_stops_engines_and_ray(tiny_model_dir, tmp_path):
          "--max_new_tokens", "4", "--data_sample", "2", "--precision", "fp32",
          "--experiment_dir", str(tmp_path), "--run_name", "run"])
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("Iteration 2/"):
-                break
-        else:
-            pytest.fail("the run ended before its second iteration:\n" + "".join(lines))
+        read_until(proc, "Iteration 2/")
         os.killpg(proc.pid, signal.SIGINT)
         rest = proc.stdout.read()
         assert proc.wait(timeout=120) == 130, rest

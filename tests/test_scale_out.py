@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, ROOT, run_script, start_script
+from conftest import PYTHON, ROOT, read_until, run_script, start_script
 from es_llm import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -114,11 +114,7 @@ def test_a_lost_worker_node_stops_the_run_which_resumes_on_the_node_left(tiny_mo
                 cluster.address, "--save_every", "1")
     proc = start_script(args)
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("Iteration 2/"):
-                break
+        lines = read_until(proc, "Iteration 2/")
         cluster.remove_node(worker)  # the worker node dies during (or just before) an iteration
         lost = time.time()
         rest = proc.stdout.read()
