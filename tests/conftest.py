@@ -14,13 +14,27 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def bundled_tokenizer_dir(tmp_path_factory):
+    """The bundled tokenizer as an HF directory. Reading it out of the GGUF file takes seconds, so
+    it is kept between runs in ~/.cache/es-llm (keyed by the file's size and time; written under a
+    temporary name and renamed, so a crash never leaves half of one)."""
+    import shutil
+
     from es_llm.models import bundled_model_path
     from transformers import AutoTokenizer
 
     gguf = bundled_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    path = tmp_path_factory.mktemp("tokenizer")
-    tokenizer.save_pretrained(path)
+    stat = gguf.stat()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "es-llm"
+    path = cache / f"test-tokenizer-{stat.st_size}-{int(stat.st_mtime)}"
+    if not (path / "tokenizer_config.json").exists():
+        tmp = tmp_path_factory.mktemp("tokenizer")
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(tmp, path.with_name(path.name + f".tmp{os.getpid()}"))
+            os.replace(path.with_name(path.name + f".tmp{os.getpid()}"), path)
+        except OSError:  # a read-only home, or another run got there first: use this run's copy
+            return tmp
     return path
 
 

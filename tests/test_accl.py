@@ -1,5 +1,6 @@
 """The accelerated trainer on the transformers engine: the update, the broadcast, the saved files,
 Ray across two engines, and clean shutdown."""
+import importlib.util
 import json
 import os
 import signal
@@ -18,6 +19,15 @@ from utils.engines import (TransformersEngine, WeightSet, full_state_dict, hf_la
 SCRIPT = str(ROOT / "es_fine-tuning_countdown_accl.py")
 SEEDS = [11, 2024, 777, 31337]
 REWARDS = [0.1, 0.6, 0.0, 1.1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("es_accl_main", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 PLAIN_FIELDS = {"iteration", "seeds", "rewards", "reward_mean", "reward_std", "reward_min",
                 "reward_max", "time_s"}
 
@@ -94,12 +104,19 @@ def test_pth_has_hf_names_and_hf_directory_reloads_identically(tiny_model_dir, t
         assert torch.equal(hf[name], pth[name]), name
 
 
-def test_bad_model_is_a_clear_error_before_ray_starts(tmp_path):
-    proc = run_script([PYTHON, SCRIPT, "--model_name", str(tmp_path / "missing"), "--engine",
-                       "transformers", "--experiment_dir", str(tmp_path)], check=False)
-    assert proc.returncode != 0
-    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
-    assert "Ray" not in proc.stdout + proc.stderr
+def test_bad_model_is_a_clear_error_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    script = load_script()
+    previous = signal.getsignal(signal.SIGTERM)  # main() installs its own SIGTERM handler
+    try:
+        with pytest.raises(SystemExit) as exit_:  # the script's main, in this process
+            script.main(["--model_name", str(tmp_path / "missing"), "--engine", "transformers",
+                         "--experiment_dir", str(tmp_path)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_.value.code not in (0, None) and str(exit_.value.code).startswith("error:")
+    assert not ray.is_initialized() and "Ray" not in "".join(capsys.readouterr())
 
 
 @pytest.mark.slow

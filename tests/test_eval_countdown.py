@@ -361,9 +361,10 @@ def test_vllm_script_glue_with_a_stand_in_for_vllm(tmp_path, tiny_model_dir, mon
 
 
 def test_bad_flags_exit_with_the_reason(tmp_path):
-    proc = run_script([PYTHON, str(SCRIPT), "--model_path", "X", "--eval_samples", "0",
-                       "--output_dir", str(tmp_path)], check=False)
-    assert proc.returncode != 0 and "--eval_samples must be >= 1" in proc.stderr
+    with pytest.raises(SystemExit) as exit_:  # the script's main, in this process
+        ev.main(["--model_path", "X", "--eval_samples", "0", "--output_dir", str(tmp_path)])
+    assert exit_.value.code not in (0, None)
+    assert "--eval_samples must be >= 1" in str(exit_.value.code)
 
 
 @pytest.mark.slow

@@ -60,9 +60,13 @@ def test_task_file_errors_name_the_file_and_what_is_missing(tmp_path):
 
 
 def test_data_without_task_is_refused():
-    proc = run_script([PYTHON, "es_fine-tuning_conciseness.py", "--data", "rows.jsonl",
-                       "--model_name", "x"], check=False)
-    assert proc.returncode != 0 and "--data replaces a task file's prompts" in proc.stderr
+    from es_llm.cli import PAPER_CONSTANTS, build_parser, run_training
+
+    args = build_parser("", PAPER_CONSTANTS).parse_args(["--data", "rows.jsonl", "--model_name", "x"])
+    with pytest.raises(SystemExit) as exit_:  # what the scripts' main() does, in this process
+        run_training(args, lambda: pytest.fail("the script's own task must not be built"))
+    assert exit_.value.code not in (0, None)
+    assert "--data replaces a task file's prompts" in str(exit_.value.code)
 
 
 # --------------------------------------------------------------------------- end to end
