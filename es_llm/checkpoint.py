@@ -16,7 +16,6 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from .models import save_model
-from .strategy import rng_from_json, rng_state_to_json  # noqa: F401 (re-exported)
 
 STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"

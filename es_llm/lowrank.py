@@ -85,6 +85,13 @@ def lowrank_update(tensors, seeds, z, alpha: float, rank: int, n: int | None = N
             tensor.copy_(tensor.float().add_(delta))
 
 
+def keeps_masters(master_weights: str, noise_mode: str, params) -> bool:
+    """fp32 master weights when asked for, and always in lowrank mode for a model held below fp32
+    (its update is accumulated in fp32, and a bf16 weight would lose most of it)."""
+    return master_weights == "fp32" or (
+        noise_mode == LOWRANK and any(p.dtype != torch.float32 for p in params))
+
+
 def evaluate_batched(lowrank, generate, task, seeds, signs, sigma: float, max_sequences: int,
                      prune: bool = True, with_prompt: bool = False):
     """Members (seeds[j], signs[j]) generated together on `lowrank.model`, at most `max_sequences`

@@ -1,6 +1,6 @@
 """A run directory's rules, shared by every trainer: what resuming reads, what may be written where.
 
-- `load_resume` reads the checkpoint to resume from (its state, its metrics, its weights) and checks
+- `load_resume` reads the checkpoint to resume from (its state and metrics) and checks
   it against this run's settings before any work; a file that cannot be read is named, with the
   earlier checkpoints that could be used instead.
 - `plan_run_dir` decides whether this run may write into a directory: a new run needs one that holds
@@ -18,11 +18,13 @@ from safetensors import safe_open
 
 from . import checkpoint as ckpt
 from .checkpoint import CHECKPOINT_PREFIX, MASTER_FILE, METRICS_FILE, STATE_FILE, resolve_checkpoint
+from .tracking import PROJECT
 
 # The names a trainer writes into a run directory (what makes it "hold a run", and what
-# --overwrite may remove); a model saved in place adds its config, weights and tokenizer files.
-RUN_FILE_PREFIXES = (CHECKPOINT_PREFIX, f".{CHECKPOINT_PREFIX}", "events.out.tfevents.",
-                     "final_model", "model_saves", METRICS_FILE, STATE_FILE, MASTER_FILE, ".final")
+# --overwrite may remove): its files, and the trackers' directories (es_llm.tracking: TensorBoard
+# under PROJECT/, wandb under wandb/); a model saved in place adds its config, weights and tokenizer.
+RUN_FILE_PREFIXES = (CHECKPOINT_PREFIX, f".{CHECKPOINT_PREFIX}", "final_model", "model_saves",
+                     METRICS_FILE, STATE_FILE, MASTER_FILE, ".final", PROJECT, "wandb")
 
 
 class CheckpointError(ValueError):
@@ -75,14 +77,15 @@ def _unreadable(checkpoint: Path, path: Path, error) -> CheckpointError:
 
 
 def check_readable(checkpoint: Path) -> None:
-    """Read every tensor file of the checkpoint through, so a damaged one is named before any work."""
+    """Open every tensor file of the checkpoint, so a damaged one is named before any work:
+    safetensors checks the header and that the file covers every tensor it lists (a truncated file
+    fails), without reading the tensors, which the model load then reads once."""
     files = sorted(weights_dir(checkpoint).glob("*.safetensors"))
     files += [p for p in [Path(checkpoint) / MASTER_FILE] if p.is_file() and p not in files]
     for path in files:
         try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    f.get_tensor(key)
+            with safe_open(str(path), framework="pt"):
+                pass
         except Exception as error:  # safetensors raises its own SafetensorError, or OSError
             raise _unreadable(checkpoint, path, error) from error
 

@@ -22,7 +22,7 @@ from . import checkpoint as ckpt
 from . import tracking
 from .generation import Generator
 from .loop import report_iteration, run_es
-from .lowrank import LOWRANK, BatchedLowRank, evaluate_batched, lowrank_update
+from .lowrank import LOWRANK, BatchedLowRank, evaluate_batched, keeps_masters, lowrank_update
 from .models import PRECISIONS, load_model
 from .noise import NOISE_MODES, MasterWeights, add_noise, subtract_noise
 from .rundir import Run
@@ -188,9 +188,8 @@ class Population:
         self.base_params = [p for _, p in model.named_parameters()]
         lowrank = cfg.noise_mode == LOWRANK
         # Lowrank always accumulates its update in fp32: a model held in a lower precision gets masters.
-        use_masters = cfg.master_weights == "fp32" or (
-            lowrank and any(p.dtype != torch.float32 for p in self.base_params))
-        self.masters = MasterWeights(self.base_params) if use_masters else None
+        self.masters = MasterWeights(self.base_params) if keeps_masters(
+            cfg.master_weights, cfg.noise_mode, self.base_params) else None
         if self.masters and masters is not None:
             self.masters.tensors = [masters[n].to(self.base_params[0].device) for n in self.names]
             self.masters.copy_to(self.base_params)

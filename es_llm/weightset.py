@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .lowrank import LOWRANK, lowrank_update
+from .lowrank import LOWRANK, keeps_masters, lowrank_update
 from .noise import MasterWeights, add_noise
 
 COLLECTIVE_TIMEOUT_S = 1800
@@ -67,11 +67,8 @@ class WeightSet:
         self.from_hf = from_hf or (lambda state: state)
         self.noise_mode = noise_mode
         self.after_change = after_change or (lambda: None)
-        # Lowrank accumulates its update in fp32: a model held in a lower precision gets masters.
-        lowrank_masters = noise_mode == LOWRANK and any(p.dtype != torch.float32
-                                                        for p in self.params())
-        self.masters = MasterWeights(self.params()) if master_weights == "fp32" or lowrank_masters \
-            else None
+        self.masters = MasterWeights(self.params()) if keeps_masters(
+            master_weights, noise_mode, self.params()) else None
         self.group = None
 
     def names(self) -> list:

@@ -77,6 +77,16 @@ def start_script(args, cwd=ROOT):
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def load_module(path, name: str):
+    """A script (its name may hold dashes) loaded as a module, without running its main()."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def read_until(proc, prefix: str) -> list:
     """The lines a started script prints up to the first that starts with `prefix` (fails if the
     script ends first)."""

@@ -1,6 +1,5 @@
 """The accelerated trainer on the transformers engine: the update, the broadcast, the saved files,
 Ray across two engines, and clean shutdown."""
-import importlib.util
 import json
 import os
 import signal
@@ -10,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import PYTHON, ROOT, read_until, run_script, start_script
+from conftest import PYTHON, ROOT, load_module, read_until, run_script, start_script
 from es_llm.models import load_model
 from es_llm.strategy import es_update, normalize_rewards
 from utils.engines import (TransformersEngine, WeightSet, full_state_dict, hf_layout,
@@ -19,13 +18,6 @@ from utils.engines import (TransformersEngine, WeightSet, full_state_dict, hf_la
 SCRIPT = str(ROOT / "es_fine-tuning_countdown_accl.py")
 SEEDS = [11, 2024, 777, 31337]
 REWARDS = [0.1, 0.6, 0.0, 1.1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("es_accl_main", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 PLAIN_FIELDS = {"iteration", "seeds", "rewards", "reward_mean", "reward_std", "reward_min",
@@ -107,7 +99,7 @@ def test_pth_has_hf_names_and_hf_directory_reloads_identically(tiny_model_dir, t
 def test_bad_model_is_a_clear_error_before_ray_starts(tmp_path, capsys):
     import ray
 
-    script = load_script()
+    script = load_module(SCRIPT, "es_accl")
     previous = signal.getsignal(signal.SIGTERM)  # main() installs its own SIGTERM handler
     try:
         with pytest.raises(SystemExit) as exit_:  # the script's main, in this process

@@ -4,7 +4,6 @@ The slow tests train the tests' tiny model (fp32) on 2 transformers engines unde
 tests/accl_varied_reward.py: the real script on a reward the tiny model can earn, so that every
 iteration moves the weights (on Countdown's reward it scores 0, and the update would be zero).
 """
-import importlib.util
 import json
 import shlex
 import signal
@@ -13,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import PYTHON, ROOT, run_script
+from conftest import PYTHON, ROOT, load_module, run_script
 from es_llm import checkpoint as ckpt
 from es_llm import rundir
 from utils.engines import WeightSet
@@ -29,10 +28,7 @@ MASTERS = ["--master_weights", "fp32"]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("es_accl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(SCRIPT, "es_accl")
 
 
 def command(model_dir, experiment, iterations, *extra, run_name=None):

@@ -1,7 +1,6 @@
 """countdown/eval_countdown.py, eval_countdown_vllm.py (the parts that need no vLLM) and
 countdown/scripts/eval.sh: the published command lines and defaults, item selection, scoring with the
 trainer's reward, the summary.json shape, and runs on a tiny model (in process, a few tokens)."""
-import importlib.util
 import json
 import os
 import stat
@@ -18,7 +17,7 @@ from es_llm.evaluation import Sample, guess_base_model
 from es_llm.generation import Generator
 from es_llm.models import load_model
 from es_llm.vllm_names import hf_to_vllm
-from tests.conftest import PYTHON, ROOT, run_script
+from tests.conftest import PYTHON, ROOT, load_module, run_script
 
 SCRIPT = ROOT / "countdown" / "eval_countdown.py"
 TRAINER = ROOT / "countdown" / "es_fine-tuning_countdown.py"
@@ -32,13 +31,6 @@ GENERATION_KEYS = {"max_new_tokens", "do_sample", "temperature", "top_p", "batch
 RECORD_FIELDS = {"index", "id", "prompt", "response", "numbers", "target", "reward",
                  "format_reward", "answer_reward", "correct"}
 N_ITEMS = len(load_countdown_data(split="all"))
-
-
-def load_module(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 ev = load_module(SCRIPT, "eval_countdown")

@@ -1,19 +1,15 @@
 """The GRPO baseline (baselines/grpo.py): same task objects, same reward, comparable budgets."""
-import importlib.util
 import json
 
 import pytest
 
-from conftest import PYTHON, ROOT, run_script
+from conftest import PYTHON, ROOT, load_module, run_script
 
 pytest.importorskip("trl", reason="the GRPO baseline needs requirements-baselines.txt")
 
 
 def grpo_module():
-    spec = importlib.util.spec_from_file_location("grpo", ROOT / "baselines" / "grpo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(ROOT / "baselines" / "grpo.py", "grpo")
 
 
 @pytest.mark.parametrize("task", ["conciseness", "countdown", str(ROOT / "examples" / "word_count_task.py")])

@@ -1,16 +1,12 @@
 """The trainers' published command lines, output names and printed lines (MISSION.md sections 1-2)."""
-import importlib.util
-
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, load_module
 
 
 def script_parser(path):
-    spec = importlib.util.spec_from_file_location("script", ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_module(ROOT / path, "script")
     from es_llm.cli import build_parser
 
     return build_parser(module.__doc__, vars(module))

@@ -27,7 +27,7 @@ from es_llm.checkpoint import replace_directory
 from es_llm.models import (BUNDLED_MODEL, PRECISIONS, load_model, model_not_found,
                            model_short_name, save_model)
 from es_llm.lowrank import LOWRANK, BatchedLowRank, evaluate_batched
-from es_llm.weightset import WEIGHT_OPS, CollectiveGroup, WeightSet  # noqa: F401 (re-exported)
+from es_llm.weightset import WeightSet
 
 from es_llm.trainer import ENGINES  # noqa: F401 (re-exported)
 VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
