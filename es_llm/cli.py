@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .models import BUNDLED_MODEL, PRECISIONS, ModelNotFoundError, model_short_name
-from .lowrank import LOWRANK
+from .lowrank import LOWRANK, LOWRANK_TARGETS
 from .shaping import FITNESS_SHAPINGS
 from .tasks import load_task_file
 from .tracking import REPORT_TO
@@ -66,6 +66,10 @@ def build_parser(description: str, constants: dict, accelerated: bool = False
                         "population evaluated in batched generate calls on one model")
     p.add_argument("--rank", type=int, default=1,
                    help="lowrank: rank R of each 2-D weight's perturbation sigma * A B^T / sqrt(R)")
+    p.add_argument("--lowrank_targets", default="all", choices=LOWRANK_TARGETS,
+                   help="lowrank: which parameters carry noise: all, or lora: only the decoder "
+                        "projections' weights (q/k/v/o, gate/up/down), the layers vLLM's LoRA "
+                        "adapters cover (needed with --engine vllm)")
     p.add_argument("--lowrank_batch", type=int, default=256,
                    help="lowrank: most sequences (members x prompts) per batched generate call, the "
                         "memory budget; a call holds max(1, this // prompts) members")
@@ -159,6 +163,8 @@ def default_output_dir(args, num_questions: int, task_name: str = "conciseness")
             f"_question_num{num_questions}")
     if args.noise_mode == LOWRANK:
         name += f"_{args.noise_mode}_rank{args.rank}"
+        if args.lowrank_targets != "all":
+            name += f"_{args.lowrank_targets}"
     if args.antithetic:
         name += "_antithetic"
     if args.fitness_shaping != "zscore":

@@ -19,6 +19,11 @@ hooks add each member's term to the shared base computation:
 A tied lm_head uses the embedding's factors: factors are keyed by the parameter itself.
 A `RowMap` holds which member each row belongs to, so generation can drop finished rows mid-way.
 
+`--lowrank_targets lora` narrows the noise to the layers vLLM's LoRA adapters cover: the 2-D
+weights of the decoder's projections (q/k/v/o_proj, gate/up/down_proj; `LORA_MODULES`), with the
+same index k and so the same factors as above; embeddings, norms, biases and the lm_head keep their
+weights. This is the set the vLLM engine's low-rank mode perturbs (one LoRA adapter per member).
+
 The update is alpha * (1/N) sum_i z_i sign_i A_i B_i^T / sqrt(R) (and alpha * (1/N) sum_i z_i sign_i
 eps_i for the other parameters), computed in fp32: for a 2-D weight one matmul of the stacked,
 weight-scaled A's with the stacked B's.
@@ -33,6 +38,8 @@ import torch
 from torch import nn
 
 LOWRANK = "lowrank"
+LOWRANK_TARGETS = ("all", "lora")
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 COLUMN_LOOP_MAX_RANK = 4  # up to this rank the hooks add R rank-one terms; above, one batched matmul
 
 
@@ -47,6 +54,18 @@ def factors(like: torch.Tensor, seed: int, k: int, rank: int):
     return torch.randn(like.shape, **draw)
 
 
+def target_indices(names, targets: str = "all"):
+    """Indices k of the parameters (HF names, in order) that carry noise: every one ("all"), or
+    the 2-D weights of the projections vLLM's LoRA covers ("lora")."""
+    if targets not in LOWRANK_TARGETS:
+        raise ValueError(f"lowrank targets must be one of {LOWRANK_TARGETS}, got {targets!r}")
+    names = list(names)
+    if targets == "all":
+        return set(range(len(names)))
+    return {k for k, name in enumerate(names)
+            if name.endswith(".weight") and name.split(".")[-2] in LORA_MODULES}
+
+
 def perturbation(like: torch.Tensor, seed: int, k: int, rank: int) -> torch.Tensor:
     """The dense fp32 perturbation (before sigma) of the k-th parameter: A B^T / sqrt(R), or eps."""
     drawn = factors(like, seed, k, rank)
@@ -57,15 +76,19 @@ def perturbation(like: torch.Tensor, seed: int, k: int, rank: int) -> torch.Tens
 
 
 @torch.no_grad()
-def lowrank_update(tensors, seeds, z, alpha: float, rank: int, n: int | None = None) -> None:
+def lowrank_update(tensors, seeds, z, alpha: float, rank: int, n: int | None = None,
+                   only=None) -> None:
     """tensor += alpha * (1/N) * sum_i z_i * perturbation_i, in place, computed in fp32.
 
     For a 2-D tensor: [z_1 A_1, ..., z_N A_N] @ [B_1, ..., B_N]^T * alpha / (N sqrt R), one matmul.
-    N is len(seeds) unless given (antithetic pairs pass one term per pair).
+    N is len(seeds) unless given (antithetic pairs pass one term per pair). `only`: the indices k
+    that carry noise (target_indices); the other tensors are left as they are.
     """
     n = n or len(seeds)
     weights = [float(w) for w in z]
     for k, tensor in enumerate(tensors):
+        if only is not None and k not in only:
+            continue
         if tensor.ndim == 2:
             a_list, b_list = [], []
             for seed, weight in zip(seeds, weights):
@@ -123,15 +146,23 @@ def _is_weight_times_hidden_norm(module: nn.Module) -> bool:
 class BatchedLowRank:
     """Evaluates several low-rank-perturbed members of one model in one batched forward pass."""
 
-    def __init__(self, model: nn.Module, rank: int):
+    def __init__(self, model: nn.Module, rank: int, targets: str = "all"):
         self.model = model
         self.rank = rank
-        self.params = [p for _, p in model.named_parameters()]
+        named = list(model.named_parameters())
+        self.params = [p for _, p in named]
+        self.only = target_indices([n for n, _ in named], targets)
         index = {id(p): k for k, p in enumerate(self.params)}
         self.linears, self.embeddings, self.norms = [], [], []
         for name, module in model.named_modules():
             own = dict(module.named_parameters(recurse=False))
-            if not own:
+            if not own or not any(index[id(p)] in self.only for p in own.values()):
+                continue
+            if targets == "lora":  # a projection's weight only; its bias keeps its value
+                if not isinstance(module, nn.Linear):
+                    raise NotImplementedError(f"--lowrank_targets lora: {name} is a "
+                                              f"{type(module).__name__}, not an nn.Linear")
+                self.linears.append((module, index[id(module.weight)], None))
                 continue
             kind = (f"{name or 'the model'} ({type(module).__name__}) holding "
                     f"{sorted(own)} of shapes {[tuple(p.shape) for p in own.values()]}")
@@ -149,8 +180,8 @@ class BatchedLowRank:
                     f"evaluation supports nn.Linear, nn.Embedding and RMSNorm modules that compute "
                     f"weight * hidden (Llama, Qwen, Mistral). Use --noise_mode iid or correlated "
                     f"for this model.")
-        for p in self.params:
-            if p.ndim > 2:
+        for k, p in enumerate(self.params):
+            if p.ndim > 2 and k in self.only:
                 raise NotImplementedError(f"--noise_mode lowrank: a parameter of shape "
                                           f"{tuple(p.shape)} has more than 2 dimensions")
 
@@ -162,6 +193,8 @@ class BatchedLowRank:
         scale = torch.tensor([s * sigma for s in signs], dtype=torch.float32)
         terms = {}
         for k, p in enumerate(self.params):
+            if k not in self.only:
+                continue
             c = scale.to(p.device)
             drawn = [factors(p, seed, k, self.rank) for seed in seeds]
             if p.ndim == 2:

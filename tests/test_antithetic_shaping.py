@@ -79,6 +79,14 @@ def test_rank_without_lowrank_is_refused():
     config(rank=4, noise_mode="lowrank").validate()
 
 
+def test_lowrank_targets_without_lowrank_or_unknown_are_refused():
+    with pytest.raises(ValueError, match="--lowrank_targets lora only applies to --noise_mode"):
+        config(lowrank_targets="lora").validate()
+    with pytest.raises(ValueError, match="lowrank_targets must be one of"):
+        config(lowrank_targets="attention", noise_mode="lowrank").validate()
+    config(lowrank_targets="lora", noise_mode="lowrank").validate()
+
+
 @pytest.mark.parametrize("mode", ["correlated", "iid", "lowrank"])
 def test_one_term_per_pair_equals_the_member_by_member_signed_update(mode):
     torch.manual_seed(0)

@@ -53,12 +53,38 @@ def test_grpo_runs_and_counts_generations_like_es(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_the_comparison_script_trains_evaluates_and_tabulates(tiny_model_dir, tmp_path):
-    """bench/es_vs_grpo.py end to end at its smoke size: both methods, two seeds, the same budget."""
-    run_script([PYTHON, "bench/es_vs_grpo.py", "--model_name", str(tiny_model_dir), "--preset",
-                "smoke", "--out", str(tmp_path)], timeout=900)
+    """bench/es_vs_grpo.py end to end at its smoke size: the base model, both methods, two seeds,
+    the same budget; run again, it reads what it wrote instead of training again."""
+    command = [PYTHON, "bench/es_vs_grpo.py", "--model_name", str(tiny_model_dir), "--preset",
+               "smoke", "--out", str(tmp_path)]
+    run_script(command, timeout=900)
     results = json.loads((tmp_path / "results.json").read_text())
-    assert {(r["method"], r["seed"]) for r in results} == {("es", 33), ("es", 34), ("grpo", 33),
-                                                           ("grpo", 34)}
-    assert len({r["generations"] for r in results}) == 1  # equal budgets
-    assert "| ES | sigma 0.05 | 2 |" in (tmp_path / "table.md").read_text()
+    assert [(r["method"], r["seed"]) for r in results] == [
+        ("base", None), ("es", 33), ("es", 34), ("grpo", 33), ("grpo", 34)]
+    assert results[0]["kl"] == 0.0 and results[0]["generations"] == 0
+    assert {r["generations"] for r in results[1:]} == {4 * 2 * 2}  # equal budgets
+    table = (tmp_path / "table.md").read_text()
+    assert "| ES | sigma 0.05 | 2 | 16 |" in table and "| GRPO | beta 0.04, lr 1e-05 | 2 | 16 |" in table
     assert (tmp_path / "reward_vs_kl.png").stat().st_size > 0
+    again = run_script(command, timeout=300)
+    assert "training and evaluating" not in again.stdout
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+
+
+@pytest.mark.slow
+def test_the_countdown_comparison_reports_held_out_accuracy(tiny_model_dir, tmp_path):
+    """The Countdown preset: ES low-rank and GRPO trained on the same items at the same budget,
+    each evaluated on test items (accuracy, format and answer reward), the base model first."""
+    run_script([PYTHON, "bench/es_vs_grpo.py", "--model_name", str(tiny_model_dir), "--preset",
+                "countdown_smoke", "--out", str(tmp_path)], timeout=900)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["setting"] for r in results] == ["base model", "sigma 0.05, low-rank",
+                                               "beta 0.04, lr 1e-05"]
+    assert {r["generations"] for r in results[1:]} == {4 * 2 * 2}
+    for r in results:
+        assert 0 <= r["accuracy"] <= 100 and 0 <= r["format_reward"] <= 1
+    summary = json.loads((tmp_path / "eval" / "es_sigma0.05_lowrank_seed33" / "summary.json")
+                         .read_text())
+    assert summary["eval_stats"]["num_samples"] == 4  # test items, from the end of the file
+    assert "| ES | sigma 0.05, low-rank | 1 | 16 |" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "countdown.png").stat().st_size > 0

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2
 
 from conftest import PYTHON, run_script
 from es_llm.generation import Generator
-from es_llm.lowrank import BatchedLowRank, factors, lowrank_update
+from es_llm.lowrank import BatchedLowRank, factors, lowrank_update, target_indices
 from es_llm.models import load_model
 from es_llm.shaping import shape_fitness, update_terms
 
@@ -32,11 +32,14 @@ def reference_factors(shape, seed, k, rank):
     return torch.randn(shape, generator=g, dtype=torch.float32)
 
 
-def explicitly_perturbed(model, seed, sign, sigma, rank):
-    """A copy of the model with W + sign * sigma * A B^T / sqrt(R) (2-D) or + sign * sigma * eps."""
+def explicitly_perturbed(model, seed, sign, sigma, rank, only=None):
+    """A copy of the model with W + sign * sigma * A B^T / sqrt(R) (2-D) or + sign * sigma * eps
+    (the parameters whose index is in `only`, if given)."""
     member = copy.deepcopy(model)
     with torch.no_grad():
         for k, p in enumerate(member.parameters()):
+            if only is not None and k not in only:
+                continue
             drawn = reference_factors(p.shape, seed, k, rank)
             delta = drawn[0] @ drawn[1].T / math.sqrt(rank) if p.ndim == 2 else drawn
             p.add_(sign * sigma * delta)
@@ -94,6 +97,47 @@ def test_batched_forward_gives_each_member_the_logits_of_its_explicitly_perturbe
                                        atol=1e-5 * float(expected.abs().max()))
         # The hooks are gone and the weights untouched: a plain forward is the base model again.
         assert torch.equal(model(**batch).logits, base)
+
+
+LORA_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2"])
+def test_lora_targets_perturb_only_the_projection_weights_with_the_same_factors(which, request):
+    """--lowrank_targets lora: the projections' 2-D weights carry noise, with the index k (so the
+    factors) they have among all parameters; embeddings, norms, biases and the lm_head do not."""
+    model, tokenizer = request.getfixturevalue(which)
+    names = [n for n, _ in model.named_parameters()]
+    only = target_indices(names, "lora")
+    assert {names[k] for k in only} == {n for n in names if n.endswith(".weight")
+                                        and n.split(".")[-2] in LORA_NAMES}
+    assert 0 < len(only) < len(names) and target_indices(names, "all") == set(range(len(names)))
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        with BatchedLowRank(model, 2, "lora").perturbed(SEEDS, SIGMA, SIGNS):
+            logits = model(input_ids=batch["input_ids"].repeat(len(SEEDS), 1),
+                           attention_mask=batch["attention_mask"].repeat(len(SEEDS), 1)).logits
+        for i, (seed, sign) in enumerate(zip(SEEDS, SIGNS)):
+            expected = explicitly_perturbed(model, seed, sign, SIGMA, 2, only)(**batch).logits
+            everywhere = explicitly_perturbed(model, seed, sign, SIGMA, 2)(**batch).logits
+            got = logits[i * len(PROMPTS):(i + 1) * len(PROMPTS)]
+            torch.testing.assert_close(got, expected, rtol=1e-5,
+                                       atol=1e-5 * float(expected.abs().max()))
+            assert (everywhere - expected).abs().max() > 1e-3  # "all" is another perturbation
+
+
+def test_the_lora_targets_update_leaves_the_other_parameters_alone(tiny_llama):
+    model, _ = tiny_llama
+    names = [n for n, _ in model.named_parameters()]
+    tensors = [p.detach().clone() for p in model.parameters()]
+    before = [t.clone() for t in tensors]
+    only = target_indices(names, "lora")
+    z = shape_fitness([1.0, 0.0, 2.0])
+    lowrank_update(tensors, [1, 2, 3], z, 0.1, 2, only=only)
+    everything = [t.clone() for t in before]
+    lowrank_update(everything, [1, 2, 3], z, 0.1, 2)
+    for k, (t, b, e) in enumerate(zip(tensors, before, everything)):
+        assert torch.equal(t, e if k in only else b), names[k]
 
 
 def test_batched_greedy_text_equals_each_explicitly_perturbed_models_text(tiny_llama):

@@ -170,12 +170,71 @@ def test_hf_noise_names_give_the_transformers_engines_noise(smollm2_dir):
         gc.collect()
 
 
-def test_vllm_engines_refuse_the_lowrank_mode_with_a_clear_message(smollm2_dir):
+def test_vllm_lowrank_needs_the_lora_targets_with_a_clear_message(smollm2_dir):
     from es_llm.trainer import AcceleratedConfig
 
     cfg = AcceleratedConfig(task="countdown", model_name="bundled", output_dir=".",
                             engine="vllm", noise_mode="lowrank")
-    with pytest.raises(ValueError, match="lowrank is not available with vLLM engines"):
+    with pytest.raises(ValueError, match="add --lowrank_targets lora"):
         cfg.validate()
-    with pytest.raises(NotImplementedError, match="--engine transformers"):
+    AcceleratedConfig(task="countdown", model_name="bundled", output_dir=".", engine="vllm",
+                      noise_mode="lowrank", lowrank_targets="lora").validate()
+    with pytest.raises(ValueError, match="--lowrank_targets lora"):
         VLLMEngine(smollm2_dir, "fp32", 16, "lowrank", hf_layout(smollm2_dir))
+
+
+def test_vllm_lora_members_match_the_transformers_lowrank_mode(smollm2_dir):
+    """Each member a LoRA adapter in one vLLM generate call: the same greedy text and reward as
+    the transformers engine's low-rank mode on the same layers with the same factors; and the
+    update changes the same weights by the same amounts (the projections only)."""
+    from es_llm.tasks import Task, conciseness_reward
+    from utils.engines import TransformersEngine
+
+    task = Task("conciseness", PROMPTS, conciseness_reward, {"target": ["8", "No"]})
+    seeds, signs, sigma = [5, 2**30 - 1, 77, 5], [1.0, 1.0, -1.0, -1.0], 0.02
+    layout = hf_layout(smollm2_dir)
+    hf = TransformersEngine(smollm2_dir, "fp32", 16, "lowrank", lowrank_targets="lora")
+    hf.set_task(task)
+    expected = hf.evaluate_batch(seeds, sigma, signs)
+    base_text = hf.generate(PROMPTS)[0]
+    vllm_engine = VLLMEngine(smollm2_dir, "fp32", 16, "lowrank", layout, lowrank_targets="lora",
+                             population_size=len(seeds), lowrank_batch=2 * len(PROMPTS))
+    try:
+        vllm_engine.set_task(task)
+        got = vllm_engine.evaluate_batch(seeds, sigma, signs)  # two generate calls of 2 members
+        assert [g["completion"] for g in got] == [e["completion"] for e in expected]
+        assert [g["reward"] for g in got] == [e["reward"] for e in expected]
+        assert any(e["completion"] != base_text for e in expected), "sigma should move the text"
+        assert vllm_engine.generate(PROMPTS)[0] == base_text  # no adapter: the base model
+        assert not list(vllm_engine._adapter_dir.iterdir())  # adapter files removed
+
+        z = normalize_rewards([e["reward"] + i for i, e in enumerate(expected)])
+        before = vllm_engine.state_dict()
+        vllm_engine.update(seeds, z, 0.01)
+        hf.update(seeds, z, 0.01)
+        after, reference = vllm_engine.state_dict(), hf.state_dict()
+        for name in layout["names"]:
+            projection = name.split(".")[-2] in {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                 "gate_proj", "up_proj", "down_proj"}
+            assert torch.equal(after[name], before[name]) != projection, name
+            assert (after[name] - reference[name]).abs().max().item() < 1e-6, name
+    finally:
+        del vllm_engine
+        gc.collect()
+
+
+@pytest.mark.slow
+def test_the_accelerated_vllm_lowrank_run_equals_the_transformers_engines(tmp_path):
+    """The whole loop: 2 iterations with vLLM LoRA members give the transformers engine's
+    low-rank rewards (same layers, same factors)."""
+    metrics = {}
+    for engine in ("vllm", "transformers"):
+        run_script([PYTHON, str(ROOT / "es_fine-tuning_countdown_accl.py"), "--model_name",
+                    "bundled", "--engine", engine, "--num_engines", "1", "--population_size",
+                    "4", "--num_iterations", "2", "--max_new_tokens", "16", "--data_sample", "2",
+                    "--sigma", "0.02", "--alpha", "0.01", "--noise_mode", "lowrank",
+                    "--lowrank_targets", "lora", "--precision", "fp32", "--experiment_dir",
+                    str(tmp_path), "--run_name", engine], timeout=900)
+        metrics[engine] = [json.loads(line)["rewards"] for line in
+                           (tmp_path / engine / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics["vllm"]) == 2 and metrics["vllm"] == metrics["transformers"]

@@ -223,7 +223,9 @@ def train_accelerated(cfg, task) -> int:
                          "master_weights": cfg.master_weights, "cache_dir": cfg.hf_cache_dir,
                          "layout": layout, "max_model_len": longest_prompt + cfg.max_new_tokens,
                          "seed": cfg.initial_seed, "noise_names": cfg.vllm_noise,
-                         "rank": cfg.rank, "lowrank_batch": cfg.lowrank_batch,
+                         "rank": cfg.rank, "lowrank_targets": cfg.lowrank_targets,
+                         "lowrank_batch": cfg.lowrank_batch,
+                         "population_size": cfg.population_size,
                          "prune_finished": cfg.prune_finished}
         t0 = time.time()
         pool = EnginePool(cfg.engine, cfg.num_engines, engine_kwargs, task, use_gpu,

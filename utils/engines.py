@@ -17,6 +17,7 @@ engine uses internally.
 import importlib.util
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -117,7 +118,8 @@ class TransformersEngine(Engine):
 
     def __init__(self, model_path: str, precision: str, max_new_tokens: int, noise_mode: str,
                  master_weights: str = "none", cache_dir=None, device=None, rank: int = 1,
-                 lowrank_batch: int = 256, prune_finished: bool = True, **_):
+                 lowrank_targets: str = "all", lowrank_batch: int = 256,
+                 prune_finished: bool = True, **_):
         from es_llm.generation import Generator
 
         self._generator_cls = Generator
@@ -125,8 +127,9 @@ class TransformersEngine(Engine):
         self.model, self.tokenizer = load_model(model_path, precision, cache_dir, device)
         self.max_new_tokens = max_new_tokens
         self.weights = WeightSet(lambda: list(self.model.named_parameters()), noise_mode,
-                                 master_weights, rank=rank)
-        self.lowrank = BatchedLowRank(self.model, rank) if noise_mode == LOWRANK else None
+                                 master_weights, rank=rank, targets=lowrank_targets)
+        self.lowrank = (BatchedLowRank(self.model, rank, lowrank_targets) if noise_mode == LOWRANK
+                        else None)
         self.lowrank_batch, self.prune_finished = lowrank_batch, prune_finished
         self._generator = None
 
@@ -162,11 +165,9 @@ class VLLMEngine(Engine):
 
     def __init__(self, model_path: str, precision: str, max_new_tokens: int, noise_mode: str,
                  layout: dict, master_weights: str = "none", max_model_len=None, cache_dir=None,
-                 seed: int = 0, noise_names: str = "vllm", **_):
-        if noise_mode == LOWRANK:
-            raise NotImplementedError("--noise_mode lowrank is not available with vLLM engines yet "
-                                      "(a later version batches the population as LoRA adapters); "
-                                      "use --engine transformers")
+                 seed: int = 0, noise_names: str = "vllm", rank: int = 1,
+                 lowrank_targets: str = "all", lowrank_batch: int = 256,
+                 population_size: int = 1, **_):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         import utils.worker_extn  # noqa: F401  (patches vLLM's CPU linear layers before loading)
         from vllm import LLM
@@ -175,24 +176,82 @@ class VLLMEngine(Engine):
         memory = ({"kv_cache_memory_bytes": VLLM_CPU_KV_CACHE_BYTES} if on_cpu
                   else {"gpu_memory_utilization": VLLM_GPU_MEMORY_UTILIZATION})
         self.max_new_tokens = max_new_tokens
+        self.lora = None
+        if noise_mode == LOWRANK:
+            if lowrank_targets != "lora":
+                raise ValueError("--noise_mode lowrank on vLLM engines makes each member a LoRA "
+                                 "adapter, which covers the decoder's projections only: add "
+                                 "--lowrank_targets lora")
+            # Noise over HF-named tensors in HF order: the adapters and the update draw the same
+            # factors as the transformers engine's low-rank mode.
+            noise_names = "hf"
+            self.lowrank_batch = lowrank_batch
+            slots = max(1, min(population_size, lowrank_batch))
+            self.lora = {"enable_lora": True, "max_loras": slots, "max_cpu_loras": slots,
+                         "max_lora_rank": next(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512)
+                                               if r >= rank)}
+            self._adapter_dir = Path(tempfile.mkdtemp(prefix="es-lora-", dir=(
+                "/dev/shm" if os.path.isdir("/dev/shm") else None)))
+            self._next_lora_id = 1
         # Eager on CPU: a compiled graph could keep calling a linear layer's old packed weight.
         self.llm = LLM(model=str(model_path), dtype=VLLM_DTYPES[precision], seed=seed,
                        tensor_parallel_size=1, distributed_executor_backend="uni",
                        enforce_eager=on_cpu, enable_prefix_caching=False,
                        max_model_len=max_model_len, download_dir=cache_dir,
-                       worker_extension_cls="utils.worker_extn.WorkerExtension", **memory)
-        self.llm.collective_rpc("es_setup", args=(layout, noise_mode, master_weights, noise_names))
+                       worker_extension_cls="utils.worker_extn.WorkerExtension", **memory,
+                       **(self.lora or {}))
+        self.llm.collective_rpc("es_setup", args=(layout, noise_mode, master_weights, noise_names,
+                                                  rank, lowrank_targets))
 
-    def generate(self, prompts, temperature: float = 0.0, top_p: float = 1.0, seed=None) -> list:
+    def generate(self, prompts, temperature: float = 0.0, top_p: float = 1.0, seed=None,
+                 lora_requests=None) -> list:
         from vllm import SamplingParams
 
         params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed,
                                 max_tokens=self.max_new_tokens)
-        outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        outputs = self.llm.generate(list(prompts), params, use_tqdm=False,
+                                    lora_request=lora_requests)
         return [out.outputs[0].text for out in outputs]
 
     def weight_op(self, name: str, *args):
         return self.llm.collective_rpc("es_weight_op", args=(name, *args))[0]
+
+    def evaluate_batch(self, seeds, sigma: float, signs) -> list:
+        """Lowrank mode: every member a LoRA adapter (its factors drawn from its seed, as the
+        transformers engine's low-rank mode draws them), all members' prompts in one `generate`
+        call per `lowrank_batch` sequences, one LoRA request per prompt (vLLM's multi-LoRA
+        batching). The adapters' files are removed once generated from."""
+        if self.lora is None:
+            return super().evaluate_batch(seeds, sigma, signs)
+        from vllm.lora.request import LoRARequest
+
+        prompts = list(self.task.prompts)
+        per_call = max(1, min(self.lora["max_loras"], self.lowrank_batch // len(prompts)))
+        results = []
+        for chunk in range(0, len(seeds), per_call):
+            part = list(range(chunk, min(chunk + per_call, len(seeds))))
+            t0 = time.perf_counter()
+            ids = list(range(self._next_lora_id, self._next_lora_id + len(part)))
+            self._next_lora_id += len(part)
+            paths = [str(self._adapter_dir / f"member{i}") for i in ids]
+            self.llm.collective_rpc("es_write_adapters", args=(
+                [int(seeds[j]) for j in part], sigma, [float(signs[j]) for j in part], paths))
+            requests = [LoRARequest(f"member{i}", i, path) for i, path in zip(ids, paths)]
+            t1 = time.perf_counter()
+            try:
+                texts = self.generate([p for _ in part for p in prompts],
+                                      lora_requests=[r for r in requests for _ in prompts])
+            finally:
+                for path in paths:
+                    shutil.rmtree(path, ignore_errors=True)
+            t2 = time.perf_counter()
+            share = {"noise_s": (t1 - t0) / len(part), "generate_s": (t2 - t1) / len(part)}
+            for n, j in enumerate(part):
+                completions = texts[n * len(prompts):(n + 1) * len(prompts)]
+                results.append({"reward": float(np.mean(self.task.score(completions,
+                                                                        seed=seeds[j]))),
+                                "completion": completions[0], **share})
+        return results
 
 
 def make_engine(kind: str, **kwargs) -> Engine:

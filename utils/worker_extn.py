@@ -8,6 +8,8 @@ called through `LLM.collective_rpc`:
                                                   perturb, restore, update, init_collective,
                                                   broadcast, state_dict, load_state_dict,
                                                   fingerprint, names
+    es_write_adapters(seeds, sigma, signs, paths) lowrank mode: each member's perturbation as a
+                                                  PEFT LoRA adapter directory (write_adapter)
 
 HF names. vLLM fuses q_proj/k_proj/v_proj into qkv_proj and gate_proj/up_proj into gate_up_proj
 (the model's `packed_modules_mapping`). Each HF tensor is a view of its rows of the fused tensor
@@ -81,16 +83,18 @@ def hf_named_tensors(model, layout: dict) -> list:
     index = {}
     for vllm_name, param in model.named_parameters():
         module_name, _, attr = vllm_name.rpartition(".")
-        parent, _, leaf = module_name.rpartition(".")
-        subs = packed.get(leaf)
         sizes = getattr(modules.get(module_name), "output_sizes", None)
+        # With LoRA enabled, vLLM wraps a layer and holds its weights in `<layer>.base_layer`.
+        logical = module_name.removesuffix(".base_layer")
+        parent, _, leaf = logical.rpartition(".")
+        subs = packed.get(leaf)
         if subs and sizes and len(subs) == len(sizes):
             offset = 0
             for sub, size in zip(subs, sizes):
                 index[f"{parent}.{sub}.{attr}" if parent else f"{sub}.{attr}"] = (param, offset)
                 offset += size
         else:
-            index[vllm_name] = (param, 0)
+            index[f"{logical}.{attr}"] = (param, 0)
     named = []
     for name, shape in zip(layout["names"], layout["shapes"]):
         if name not in index:
@@ -140,11 +144,42 @@ def from_hf(state: dict, layout: dict) -> dict:
     return hf_to_vllm({n: state[n] for n in layout["names"] if n in state}, config)
 
 
+def write_adapter(path, named, only, seed: int, scale: float, rank: int) -> None:
+    """Member `seed`'s low-rank perturbation scale * A B^T / sqrt(R) of each target weight (HF
+    name, index k: the factors es_llm.lowrank draws) as a PEFT LoRA adapter that vLLM loads:
+    lora_A = B^T (R x in), lora_B = scale / sqrt(R) * A (out x R), lora_alpha = r (scaling 1)."""
+    import json
+    import math
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from es_llm.lowrank import LORA_MODULES, factors
+
+    tensors, modules = {}, set()
+    for k, (name, tensor) in enumerate(named):
+        if k not in only:
+            continue
+        a, b = factors(tensor, seed, k, rank)
+        prefix = "base_model.model." + name.removesuffix(".weight")
+        tensors[f"{prefix}.lora_A.weight"] = b.T.contiguous().cpu()
+        tensors[f"{prefix}.lora_B.weight"] = a.mul_(scale / math.sqrt(rank)).cpu()
+        modules.add(name.split(".")[-2])
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "use_dora": False, "modules_to_save": None,
+        "target_modules": sorted(modules, key=LORA_MODULES.index)}))
+
+
 class WorkerExtension:
     """Mixed into vLLM's worker class; `self.model_runner` is the worker's."""
 
     def es_setup(self, layout: dict, noise_mode: str, master_weights: str = "none",
-                 noise_names: str = "vllm") -> int:
+                 noise_names: str = "vllm", rank: int = 1, targets: str = "all") -> int:
         """noise_names "vllm": noise over vLLM's own parameters (fused qkv_proj and gate_up_proj)
         in vLLM's order, as published; "hf": over HF-named views of them in HF order, the same
         noise as the transformers engine draws. Weights are exchanged by HF name either way."""
@@ -158,7 +193,8 @@ class WorkerExtension:
         after = (lambda: redispatch(layers)) if layers else None
         if noise_names == "hf":
             self.es_weights = WeightSet(lambda: hf_named_tensors(model, layout), noise_mode,
-                                        master_weights, after_change=after)
+                                        master_weights, after_change=after, rank=rank,
+                                        targets=targets)
             return len(layout["names"])
         if noise_names != "vllm":
             raise ValueError(f"noise_names must be 'vllm' or 'hf', got {noise_names!r}")
@@ -167,6 +203,12 @@ class WorkerExtension:
                                     after_change=after, to_hf=lambda state: to_hf(state, layout),
                                     from_hf=lambda state: from_hf(state, layout))
         return len(self.es_weights.names())
+
+    def es_write_adapters(self, seeds, sigma: float, signs, paths) -> None:
+        weights = self.es_weights
+        named = weights.named_tensors()
+        for seed, sign, path in zip(seeds, signs, paths):
+            write_adapter(path, named, weights.only, int(seed), sign * sigma, weights.rank)
 
     def es_weight_op(self, name: str, *args):
         if name not in WEIGHT_OPS:
