@@ -60,24 +60,20 @@ PRESETS = {
 }
 
 
-def label(arm) -> str:
+def describe(arm, seed=None):
+    """(the tables' label of an arm, the directory name of its run with this seed)."""
     if arm["method"] == "base":
-        return "base model"
+        return "base model", "base"
     if arm["method"] == "es":
-        text = f"sigma {arm['sigma']}" + (", low-rank" if arm.get("noise_mode") == "lowrank" else "")
+        label, name = f"sigma {arm['sigma']}", f"es_sigma{arm['sigma']}"
+        if arm.get("noise_mode") == "lowrank":
+            label, name = label + ", low-rank", name + "_lowrank"
     else:
-        text = f"beta {arm['beta']}, lr {arm['learning_rate']:g}"
-    return text + (f", {arm['iterations']} it." if "iterations" in arm else "")
-
-
-def name(arm, seed=None) -> str:
-    if arm["method"] == "base":
-        return "base"
-    if arm["method"] == "es":
-        text = f"es_sigma{arm['sigma']}" + ("_lowrank" if arm.get("noise_mode") == "lowrank" else "")
-    else:
-        text = f"grpo_beta{arm['beta']}_lr{arm['learning_rate']:g}"
-    return text + (f"_it{arm['iterations']}" if "iterations" in arm else "") + f"_seed{seed}"
+        label = f"beta {arm['beta']}, lr {arm['learning_rate']:g}"
+        name = f"grpo_beta{arm['beta']}_lr{arm['learning_rate']:g}"
+    if "iterations" in arm:
+        label, name = label + f", {arm['iterations']} it.", name + f"_it{arm['iterations']}"
+    return label, f"{name}_seed{seed}"
 
 
 def run(command, log: Path) -> None:
@@ -131,7 +127,7 @@ def degenerate(response: str) -> bool:
 def measure(arm, seed, p, args, out: Path) -> dict:
     """Trains (unless the arm is the base model) and evaluates one run, or reads what a previous
     invocation wrote: the evaluation's summary and `train.json` (generations, training time)."""
-    run_name = name(arm, seed)
+    setting, run_name = describe(arm, seed)
     model = None if arm["method"] == "base" else out / "runs" / run_name
     out_dir = out / "eval" / run_name
     summary, info = out_dir / "summary.json", out_dir / "train.json"
@@ -146,7 +142,7 @@ def measure(arm, seed, p, args, out: Path) -> dict:
             "generations": metrics[-1]["generations"] if metrics else 0,
             "train_s": round(sum(m["time_s"] for m in metrics), 1),
             "train_reward_max": max((m["reward_max"] for m in metrics), default=None)}))
-    result = {"method": arm["method"], "setting": label(arm), "seed": seed,
+    result = {"method": arm["method"], "setting": setting, "seed": seed,
               **json.loads(info.read_text())}
     data = json.loads(summary.read_text())
     if p["task"] == "countdown":
