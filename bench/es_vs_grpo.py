@@ -126,12 +126,13 @@ def degenerate(response: str) -> bool:
 
 def measure(arm, seed, p, args, out: Path) -> dict:
     """Trains (unless the arm is the base model) and evaluates one run, or reads what a previous
-    invocation wrote: the evaluation's summary and `train.json` (generations, training time)."""
+    invocation wrote: the evaluation's summary and `train.json` (generations, training time, best
+    training reward)."""
     setting, run_name = describe(arm, seed)
     model = None if arm["method"] == "base" else out / "runs" / run_name
     out_dir = out / "eval" / run_name
     summary, info = out_dir / "summary.json", out_dir / "train.json"
-    if not summary.exists():
+    if not info.exists():  # written last: a run cut short after its evaluation runs again
         print(f"{run_name}: training and evaluating", flush=True)
         if model is not None:
             train(arm, seed, p, args, model, out / "logs" / f"{run_name}.log")

@@ -3,7 +3,7 @@
 Runs in the vLLM tier's environment (.ci/vllm_tier.sh builds it):
 
     ~/.cache/es-llm/vllm-tier-venv/bin/python bench/vllm_population.py --task countdown \
-        --population 8 --items 32 --max_new_tokens 128 --output docs/vllm_population.md
+        --population 8 --items 32 --max_new_tokens 128
 
 Rows, one after the other in one process, the same seeds, the bundled model:
     plain batch     the unperturbed model generating every member's prompts in one call: the
@@ -13,8 +13,8 @@ Rows, one after the other in one process, the same seeds, the bundled model:
     LoRA batch      `--noise_mode lowrank --lowrank_targets lora`: every member a LoRA adapter,
                     all members' prompts in one generate call (VLLMEngine.evaluate_batch)
 Each row: seconds per iteration's evaluation (the update is not included), sequences and generated
-tokens per second, and its share of the plain batch's throughput; peak resident memory of the
-process after the row.
+tokens per second, and its share of the plain batch's throughput; the process's peak resident
+memory while the row ran.
 """
 import argparse
 import gc
@@ -22,8 +22,6 @@ import platform
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -72,14 +70,15 @@ def main(argv=None):
     common = dict(max_model_len=longest + args.max_new_tokens + 8)
     rows = []
 
-    def timed(name, evaluate, texts_of):
+    def timed(name, evaluate):
+        """Times evaluate(), which returns the texts it generated."""
         gc.collect()
         with PeakRSS() as memory:
             t0 = time.perf_counter()
-            out = evaluate()
+            texts = evaluate()
             seconds = time.perf_counter() - t0
         rows.append({"row": name, "s": seconds, "sequences": len(seeds) * len(task.prompts),
-                     "tokens": tokens_of(tokenizer, texts_of(out)), "peak_gib": memory.peak / 2**30})
+                     "tokens": tokens_of(tokenizer, texts), "peak_gib": memory.peak / 2**30})
         print(f"{name}: {seconds:.1f} s", flush=True)
 
     def plain_rows():
@@ -88,7 +87,7 @@ def main(argv=None):
         engine.set_task(task)
         everything = [p for _ in seeds for p in task.prompts]
         engine.generate(task.prompts[:1])  # warm-up
-        timed("plain batch (reference)", lambda: engine.generate(everything), lambda out: out)
+        timed("plain batch (reference)", lambda: engine.generate(everything))
 
         def per_member():
             texts = []
@@ -98,7 +97,7 @@ def main(argv=None):
                 engine.restore(seed, args.sigma)
             return texts
 
-        timed("per member (published loop)", per_member, lambda out: out)
+        timed("per member (published loop)", per_member)
 
     plain_rows()
     gc.collect()
@@ -108,17 +107,19 @@ def main(argv=None):
                       lowrank_batch=len(seeds) * len(task.prompts), **common)
     lora.set_task(task)
     lora.evaluate_batch(seeds[:1], args.sigma, signs[:1])  # warm-up (LoRA kernels)
-    texts = []
-    original = lora.generate
+    texts, generate = [], lora.generate
 
-    def keep(*a, **k):
-        out = original(*a, **k)
+    def keeping_texts(*a, **k):  # evaluate_batch returns rewards; the row counts the texts
+        out = generate(*a, **k)
         texts.extend(out)
         return out
 
-    lora.generate = keep
-    timed(f"LoRA batch (rank {args.rank})",
-          lambda: lora.evaluate_batch(seeds, args.sigma, signs), lambda out: texts)
+    def lora_batch():
+        lora.generate = keeping_texts
+        lora.evaluate_batch(seeds, args.sigma, signs)
+        return texts
+
+    timed(f"LoRA batch (rank {args.rank})", lora_batch)
 
     reference = rows[0]["tokens"] / rows[0]["s"]
     lines = [f"`{' '.join(sys.argv)}` on {platform.node()} ({torch.get_num_threads()} threads), "
@@ -135,7 +136,6 @@ def main(argv=None):
     if args.output:
         with open(args.output, "a") as f:
             f.write("\n" + text)
-    return np.array([r["s"] for r in rows])
 
 
 if __name__ == "__main__":
