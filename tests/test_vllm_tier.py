@@ -238,3 +238,22 @@ def test_the_accelerated_vllm_lowrank_run_equals_the_transformers_engines(tmp_pa
         metrics[engine] = [json.loads(line)["rewards"] for line in
                            (tmp_path / engine / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics["vllm"]) == 2 and metrics["vllm"] == metrics["transformers"]
+
+
+@pytest.mark.slow
+def test_the_gpu_check_and_every_work_unit_row_run_on_cpu(tmp_path):
+    """bench/gpu_check.sh at its tiny CPU sizes: the accelerated vLLM run, both trainers and both
+    work units with every row (vLLM per member and LoRA, and 1-engine Ray pools) succeed."""
+    out = tmp_path / "check"
+    proc = run_script(["bash", "bench/gpu_check.sh", str(out)], timeout=1200,
+                      env={"GPU_CHECK_ALLOW_CPU": "1", "PYTHON": PYTHON}, check=False)
+    table = (out / "gpu_check.md").read_text()
+    assert proc.returncode == 0, proc.stdout[-3000:] + (out / "gpu_check.log").read_text()[-5000:]
+    steps = [line for line in table.splitlines() if line.startswith("| ") and "| ok |" in line]
+    assert len(steps) == 5, table
+    for row in ("| paper-style loop |", "| ours, faithful |", "| vLLM batch (reference) |",
+                "| vLLM per member, 1 engine (published loop) |", "| vLLM LoRA batch, 1 engine",
+                "| accelerated, 1 vLLM engine, per member (published) |",
+                "| accelerated, 1 vLLM engine, LoRA batches"):
+        assert table.count(row) == 2, (row, table)  # in both work units
+    assert "not run" not in table
