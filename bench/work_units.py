@@ -118,16 +118,21 @@ def transformers_rows(bench: Bench, model, tokenizer, task):
         bench.row("paper-style loop", lambda seeds: _evaluation_of(paper_style_iteration(
             model, scratch, seeds, generate, task, a.sigma, a.alpha, "correlated")), generate)
         del scratch
+    for threads, key in ((1, "faithful"), (4, "faithful4")):
+        if key not in a.rows:
+            continue
+        reset(model, initial)
+        cfg = TrainConfig(task="bench", model_name=a.model_name, output_dir="-", sigma=a.sigma,
+                          alpha=a.alpha, population_size=a.population, gpu_threads=threads,
+                          precision=a.precision)
+        population = Population(model, cfg)
+        with ThreadPoolExecutor(threads) as workers:
+            bench.row("ours, faithful" + ("" if threads == 1 else f", --gpu_threads {threads} "
+                                          "(the trainers' default)"),
+                      lambda seeds: _evaluation_of(our_iteration(population, seeds, generate,
+                                                                 task, workers)), generate)
+        del population
     with ThreadPoolExecutor(1) as pool:
-        if "faithful" in a.rows:
-            reset(model, initial)
-            cfg = TrainConfig(task="bench", model_name=a.model_name, output_dir="-", sigma=a.sigma,
-                              alpha=a.alpha, population_size=a.population, gpu_threads=1,
-                              precision=a.precision)
-            population = Population(model, cfg)
-            bench.row("ours, faithful", lambda seeds: _evaluation_of(our_iteration(
-                population, seeds, generate, task, pool)), generate)
-            del population
         if "lowrank" in a.rows:
             reset(model, initial)
             population = lowrank_population(model, a, a.population, a.precision)
@@ -348,7 +353,7 @@ def report(args, rows, scaling, skipped) -> str:
     return "\n".join(lines) + "\n"
 
 
-ROWS = ("paper", "faithful", "lowrank", "generate", "vllm_batch", "vllm_member", "vllm_lora",
+ROWS = ("paper", "faithful", "faithful4", "lowrank", "generate", "vllm_batch", "vllm_member", "vllm_lora",
         "accl_member", "accl_lora")
 
 
@@ -388,6 +393,9 @@ def main(argv=None):
 
     model_dir = resolve_base_model(args.model, Path.home() / ".cache/es-llm/bench-converted")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"  # as load_model sets it: generation pads on the left
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     task = load_task(args.unit, args.items)
     longest = max(len(ids) for ids in tokenizer(list(task.prompts))["input_ids"])
     args.max_model_len = longest + max(args.max_new_tokens, args.scaling_tokens) + 8

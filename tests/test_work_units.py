@@ -16,12 +16,14 @@ def test_transformers_rows_and_scaling_of_the_countdown_unit(tmp_path):
     output = tmp_path / "units.md"
     rows, scaling = work_units.main([
         "--unit", "countdown", "--population", "2", "--items", "2", "--max_new_tokens", "4",
-        "--rows", "paper", "faithful", "lowrank", "generate", "vllm_lora",
+        "--rows", "paper", "faithful", "faithful4", "lowrank", "generate", "vllm_lora",
         "--scaling", "2", "3", "--scaling_items", "1", "--scaling_tokens", "4",
         "--scaling_engines", "lowrank", "--output", str(output)])
     names = [r["row"] for r in rows]
-    assert names[:3] == ["paper-style loop", "ours, faithful", "ours, lowrank rank 1"]
-    assert names[3].startswith("transformers generate (reference")
+    assert names[:4] == ["paper-style loop", "ours, faithful",
+                         "ours, faithful, --gpu_threads 4 (the trainers' default)",
+                         "ours, lowrank rank 1"]
+    assert names[4].startswith("transformers generate (reference")
     for r in rows:
         assert r["s"] > 0 and 0 < r["evaluate_s"] <= r["s"] and r["peak_gib"] > 0.1
         assert r["sequences"] == 4 and r["tokens"] > 0
