@@ -99,6 +99,11 @@ def plot_reward_curves(runs, labels, out: Path, title=None, x_axis="iteration") 
     ax.set_ylabel("training reward (population)")
     ax.set_title((f"{title}\n" if title else "") + f"training reward per {x_axis} "
                  "(line: population mean, band: min-max)", fontsize=10)
+    return _save(fig, ax, out)
+
+
+def _save(fig, ax, out: Path) -> Path:
+    """Grid, legend, layout, written to `out`; the figure is closed."""
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -122,12 +127,7 @@ def plot_reward_vs_kl(summaries, labels, out: Path, title=None) -> Path:
     ax.set_title((f"{title}\n" if title else "") + f"held-out reward vs KL from the base model "
                  f"({first.get('num_samples', '?')} samples/prompt, T={first.get('temperature', '?')})",
                  fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, out)
 
 
 def make_plots(args) -> list:

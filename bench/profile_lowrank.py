@@ -10,6 +10,7 @@ Each row is split into the prompt pass (the first forward of a call) and the dec
 the low-rank row's forward time into the hooks' own time (measured by timing the hooks) and the rest.
 """
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,17 @@ class Clock:
         self.steps = 0
 
 
+ROWS = {"member": "per member, generate", "member_pruned": "per member, pruning loop",
+        "batch": "plain batch, generate", "batch_pruned": "plain batch, pruning loop",
+        "lowrank_pruned": "low-rank batch, pruning loop", "lowrank": "low-rank batch, generate"}
+
+
+def faults_and_system_s():
+    """(minor page faults, system CPU seconds) of this process so far (/proc/self/stat)."""
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[7]), int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--population", type=int, default=4)
@@ -59,6 +71,7 @@ def main(argv=None):
     p.add_argument("--rank", type=int, default=1)
     p.add_argument("--sigma", type=float, default=0.001)
     p.add_argument("--precision", default="bf16")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
 
@@ -78,23 +91,28 @@ def main(argv=None):
     per_member = Generator(tokenizer, task.prompts, args.max_new_tokens)
     rows = []
 
-    def row(name, run):
+    def row(key, run):
+        if key not in args.rows:
+            return
+        name = ROWS[key]
         clock.reset()
         tokens = per_member.tokens_generated
+        faults, system = faults_and_system_s()
         t0 = time.perf_counter()
         run()
         total = time.perf_counter() - t0
+        faults_after, system_after = faults_and_system_s()
         rows.append((name, total, clock.prompt, clock.decode, clock.steps, clock.hooks,
-                     per_member.tokens_generated - tokens))
+                     per_member.tokens_generated - tokens, faults_after - faults,
+                     system_after - system))
         print(f"{name}: {total:.1f} s", flush=True)
 
     per_member(model)  # warm-up
-    row("per member, generate", lambda: [per_member(model) for _ in seeds])
-    row("per member, pruning loop",
+    row("member", lambda: [per_member(model) for _ in seeds])
+    row("member_pruned",
         lambda: [per_member.repeated(model, 1, on_rows=lambda keep: None) for _ in seeds])
-    row("plain batch, generate", lambda: per_member.repeated(model, len(seeds)))
-    row("plain batch, pruning loop",
-        lambda: per_member.repeated(model, len(seeds), on_rows=lambda keep: None))
+    row("batch", lambda: per_member.repeated(model, len(seeds)))
+    row("batch_pruned", lambda: per_member.repeated(model, len(seeds), on_rows=lambda keep: None))
     lowrank = BatchedLowRank(model, args.rank)
 
     def timed_hooks(rows_map):
@@ -129,18 +147,19 @@ def main(argv=None):
         finally:
             lr.RowMap.__init__ = original
 
-    row("low-rank batch, pruning loop", lambda: lowrank_row(True))
-    row("low-rank batch, generate", lambda: lowrank_row(False))
+    row("lowrank_pruned", lambda: lowrank_row(True))
+    row("lowrank", lambda: lowrank_row(False))
 
     print(f"\n`python bench/profile_lowrank.py {' '.join(argv or sys.argv[1:])}`: population "
           f"{args.population}, {args.items} Countdown prompts each, {args.max_new_tokens} new tokens, "
           f"{args.precision}, {torch.get_num_threads()} threads\n")
     print("| row | total s | prompt pass s | decoding s | decoding steps | s / step | hooks s | "
-          "tokens/s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, total, prompt, decode, steps, hooks, tokens in rows:
+          "tokens/s | minor page faults | system CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, total, prompt, decode, steps, hooks, tokens, faults, system in rows:
         print(f"| {name} | {total:.1f} | {prompt:.1f} | {decode:.1f} | {steps} | "
-              f"{decode / max(steps, 1):.3f} | {hooks:.1f} | {tokens / total:.0f} |")
+              f"{decode / max(steps, 1):.3f} | {hooks:.1f} | {tokens / total:.0f} | "
+              f"{faults / 1e6:.1f} M | {system:.1f} |")
 
 
 if __name__ == "__main__":

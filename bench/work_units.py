@@ -373,7 +373,7 @@ def main(argv=None):
     p.add_argument("--model", default="bundled", help="the bundled model, or an HF directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="of the transformers rows (vLLM picks its own)")
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    p.add_argument("--rows", nargs="*", default=list(ROWS), choices=ROWS)
     p.add_argument("--scaling", type=int, nargs="*", default=[], help="populations of the scaling table")
     p.add_argument("--scaling_items", type=int, default=2)
     p.add_argument("--scaling_tokens", type=int, default=128)

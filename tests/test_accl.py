@@ -211,6 +211,14 @@ def _session_processes(sid):
     return out.stdout.split()
 
 
+def _assert_session_ends(pid: int, within_s: float = 30) -> None:
+    """Every process of the run's session (Ray and its actors) is gone within `within_s`."""
+    deadline = time.time() + within_s
+    while _session_processes(pid) and time.time() < deadline:
+        time.sleep(1)
+    assert _session_processes(pid) == []
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_engines_and_ray(tiny_model_dir, tmp_path):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) saves a checkpoint of the
@@ -232,10 +240,7 @@ def test_ctrl_c_stops_engines_and_ray(tiny_model_dir, tmp_path):
         assert len(saved) == 1 and f"checkpoint saved to {saved[0]}" in rest, rest
         assert load_state(saved[0])["iteration"] >= 2
         assert f"--resume {tmp_path / 'run'}" in rest
-        deadline = time.time() + 30
-        while _session_processes(proc.pid) and time.time() < deadline:
-            time.sleep(1)
-        assert _session_processes(proc.pid) == []
+        _assert_session_ends(proc.pid)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -257,10 +262,7 @@ def test_engine_failure_exits_nonzero_and_leaves_nothing_running(tiny_model_dir,
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode not in (0, None), out
         assert "safetensors" in out.lower() or "header" in out.lower(), out[-3000:]
-        deadline = time.time() + 30
-        while _session_processes(proc.pid) and time.time() < deadline:
-            time.sleep(1)
-        assert _session_processes(proc.pid) == []
+        _assert_session_ends(proc.pid)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
