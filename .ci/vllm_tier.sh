@@ -4,10 +4,11 @@
 #
 # The environment is built once under $VLLM_TIER_VENV (default ~/.cache/es-llm/vllm-tier-venv) and
 # rebuilt when the package list below changes. Measured here (2 shared CPU cores): building it
-# took 3-6 minutes (~1 GB of packages); the 9 tests take about 4.5 minutes on a quiet machine
+# took 3-6 minutes (~1 GB of packages); the 10 tests take about 9 minutes on a quiet machine
 # (2026-11-29; vLLM engines start in ~20 s each): one in-process engine, a 2-engine
 # Ray run of 1 iteration on the bundled SmolLM2-135M, two evaluations with eval_countdown_vllm.py,
-# LoRA members against the transformers low-rank mode, and two 2-iteration low-rank runs.
+# LoRA members against the transformers low-rank mode, two 2-iteration low-rank runs, and
+# bench/gpu_check.sh at its CPU sizes (every work-unit row, 4.5 minutes).
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -170,6 +170,7 @@ def run_configs(args):
             # The literal reference loop: a canonical model and one scratch copy.
             import copy
             scratch = copy.deepcopy(model)
+            scratch.set_attn_implementation("sdpa")  # as published (ours shares the key/value heads)
             results.append(measure(f"paper-style loop, {precision}", args, lambda seeds: paper_style_iteration(
                 model, scratch, seeds, generate, task, args.sigma, args.alpha, args.noise_mode), generate, 0))
             final["paper"] = weights_of(model)

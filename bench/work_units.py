@@ -114,7 +114,9 @@ def transformers_rows(bench: Bench, model, tokenizer, task):
     if "paper" in a.rows:
         import copy
 
+        # As published: transformers' own "sdpa" attention (ours shares the key/value heads).
         scratch = copy.deepcopy(model)
+        scratch.set_attn_implementation("sdpa")
         bench.row("paper-style loop", lambda seeds: _evaluation_of(paper_style_iteration(
             model, scratch, seeds, generate, task, a.sigma, a.alpha, "correlated")), generate)
         del scratch

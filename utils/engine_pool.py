@@ -84,6 +84,11 @@ class EnginePool:
                 env = {"PYTHONPATH": _pythonpath()}
                 if binds[i]:
                     env["VLLM_CPU_OMP_THREADS_BIND"] = binds[i]
+                    # Engines sharing this machine's cores: each computes with its own share of
+                    # them. Without this, torch in every engine used all the cores, so 2 engines
+                    # ran 4 busy threads on 2 cores and each step waited on a descheduled
+                    # thread: 4x slower than one engine (docs/benchmarks.md, work units).
+                    env["OMP_NUM_THREADS"] = str(len(binds[i].split(",")))
                 self.actors.append(remote.options(
                     num_cpus=cpus_per_engine, num_gpus=1 if use_gpu else 0,
                     runtime_env={"env_vars": env},
