@@ -220,7 +220,8 @@ def _lora_iteration(engine, seeds, a, counter=None):
 
 
 def accelerated_row(bench: Bench, model_dir, layout, task, mode: str):
-    """The accelerated version's pool: `--num_engines` vLLM engines as Ray actors, one core each."""
+    """The accelerated version's pool: `--num_engines` vLLM engines as Ray actors (each on its
+    share of the cores, or on its own GPU)."""
     import ray
 
     from utils.engine_pool import EnginePool, start_ray
@@ -236,7 +237,9 @@ def accelerated_row(bench: Bench, model_dir, layout, task, mode: str):
     pool = None
     try:
         t0 = time.perf_counter()
-        pool = EnginePool("vllm", a.num_engines, kwargs, task, False, per_engine, bind_cpus=True)
+        on_gpu = torch.cuda.is_available()  # then one GPU per engine, as the accelerated version
+        pool = EnginePool("vllm", a.num_engines, kwargs, task, on_gpu, 1 if on_gpu else per_engine,
+                          bind_cpus=not on_gpu)
         pool.broadcast()
         print(f"  ({a.num_engines} engines ready in {time.perf_counter() - t0:.0f} s)", flush=True)
 

@@ -226,6 +226,7 @@ def published_loop(precision, iterations, population, sigma, alpha, max_new_toke
     from es_llm.tasks import conciseness_reward
 
     model, tokenizer = load_model("bundled", precision)
+    model.set_attn_implementation("sdpa")  # transformers' own attention, as published (ours: attention.py)
     generate = Generator(tokenizer, PROMPTS, max_new_tokens)
     params = list(model.parameters())
 
