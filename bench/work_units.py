@@ -75,8 +75,9 @@ class Bench:
     def seeds(self, population):
         return np.random.RandomState(0).randint(0, 2**30, size=population, dtype=np.int64).tolist()
 
-    def row(self, name, step, counter=None, population=None, kind="iteration"):
-        """Runs step(seeds) `--iterations` times; step returns the seconds of its evaluation."""
+    def row(self, name, step, counter=None, population=None, kind="iteration", key=None):
+        """Runs step(seeds) `--iterations` times; step returns the seconds of its evaluation.
+        `key`: the row's name in --rows, for the report's targets."""
         population = population or self.args.population
         seeds = self.seeds(population)
         gc.collect()
@@ -91,7 +92,7 @@ class Bench:
                 seconds.append(time.perf_counter() - t0)
                 evaluate.append(seconds[-1] if evaluate_s is None else evaluate_s)
                 tokens.append((counter.tokens_generated - before) if counter else None)
-        row = {"row": name, "kind": kind, "population": population, "s": float(np.mean(seconds)),
+        row = {"row": name, "kind": kind, "key": key, "population": population, "s": float(np.mean(seconds)),
                "evaluate_s": float(np.mean(evaluate)), "peak_gib": memory.peak / 2**30,
                "sequences": population * len(self.task.prompts),
                "tokens": None if tokens[0] is None else float(np.mean(tokens)),
@@ -118,7 +119,8 @@ def transformers_rows(bench: Bench, model, tokenizer, task):
         scratch = copy.deepcopy(model)
         scratch.set_attn_implementation("sdpa")
         bench.row("paper-style loop", lambda seeds: _evaluation_of(paper_style_iteration(
-            model, scratch, seeds, generate, task, a.sigma, a.alpha, "correlated")), generate)
+            model, scratch, seeds, generate, task, a.sigma, a.alpha, "correlated")), generate,
+                  key="paper")
         del scratch
     for threads, key in ((1, "faithful"), (4, "faithful4")):
         if key not in a.rows:
@@ -139,14 +141,14 @@ def transformers_rows(bench: Bench, model, tokenizer, task):
             reset(model, initial)
             population = lowrank_population(model, a, a.population, a.precision)
             bench.row(f"ours, lowrank rank {a.rank}", lambda seeds: _evaluation_of(our_iteration(
-                population, seeds, generate, task, pool)), generate)
+                population, seeds, generate, task, pool)), generate, key="lowrank")
             del population
     if "generate" in a.rows:
         reset(model, initial)
         batched = Generator(tokenizer, task.prompts * a.population, a.max_new_tokens,
                             batch_size=a.lowrank_batch)
         bench.row(f"transformers generate (reference, {a.lowrank_batch} sequences per call)",
-                  lambda seeds: untimed(batched, model), batched, kind="reference")
+                  lambda seeds: untimed(batched, model), batched, kind="reference", key="generate")
 
 
 def untimed(call, *args) -> None:
@@ -179,7 +181,8 @@ def vllm_rows(bench: Bench, model_dir, layout, task):
         if "vllm_batch" in a.rows:
             everything = list(task.prompts) * a.population
             bench.row("vLLM batch (reference)", lambda seeds: untimed(
-                counter.add, engine.generate(everything)), counter, kind="reference")
+                counter.add, engine.generate(everything)), counter, kind="reference",
+                key="vllm_batch")
         if "vllm_member" in a.rows:
             def per_member(seeds):
                 t0 = time.perf_counter()
@@ -198,7 +201,7 @@ def vllm_rows(bench: Bench, model_dir, layout, task):
     if "vllm_lora" in a.rows:
         engine = vllm_engine(a, model_dir, layout, task, a.max_new_tokens, lowrank=True)
         bench.row(f"vLLM LoRA batch, 1 engine (rank {a.rank})",
-                  lambda seeds: _lora_iteration(engine, seeds, a, counter), counter)
+                  lambda seeds: _lora_iteration(engine, seeds, a, counter), counter, key="vllm_lora")
         del engine
         gc.collect()
     for mode in ("member", "lora"):
@@ -261,9 +264,6 @@ def accelerated_row(bench: Bench, model_dir, layout, task, mode: str):
 
 def scaling_rows(args, model_dir, layout, tokenizer, have_vllm) -> list:
     """The low-rank modes at larger populations on a smaller unit, each against its plain batch."""
-    from bench.bench_es import lowrank_population, our_iteration
-    from concurrent.futures import ThreadPoolExecutor
-
     from es_llm.models import load_model
 
     sub = argparse.Namespace(**{**vars(args), "items": args.scaling_items,
@@ -273,18 +273,11 @@ def scaling_rows(args, model_dir, layout, tokenizer, have_vllm) -> list:
     lines = []
     if "lowrank" in args.scaling_engines:
         model, _ = load_model(model_dir, args.precision, device=args.device)
-        generate = Generator(tokenizer, task.prompts, args.scaling_tokens)
-        with ThreadPoolExecutor(1) as pool:
-            for n in args.scaling:
-                population = lowrank_population(model, sub, n, args.precision)
-                r = bench.row(f"transformers lowrank, population {n}", lambda seeds: _evaluation_of(
-                    our_iteration(population, seeds, generate, task, pool)), generate, n)
-                del population
-                plain = Generator(tokenizer, task.prompts * n, args.scaling_tokens,
-                                  batch_size=args.lowrank_batch)
-                p = bench.row(f"transformers generate, {n}", lambda seeds: untimed(plain, model),
-                              plain, n, "reference")
-                lines.append(("transformers lowrank", n, r, p))
+        for n in args.scaling:  # the unit's own rows, at population n
+            at_n = Bench(argparse.Namespace(**{**vars(sub), "population": n,
+                                               "rows": ["lowrank", "generate"]}), task, tokenizer)
+            transformers_rows(at_n, model, tokenizer, task)
+            lines.append(("transformers lowrank", n, *at_n.rows))
         del model
         gc.collect()
     if "vllm_lora" in args.scaling_engines and have_vllm:
@@ -320,7 +313,8 @@ def report(args, rows, scaling, skipped) -> str:
              f"tokens, {args.precision}, {args.iterations} timed iteration(s) per row", "",
              "| row | s / iteration | evaluation s | vs paper-style | generated tokens/s | "
              "peak RSS GiB | peak GPU GiB |", "|---|---|---|---|---|---|---|"]
-    paper = next((r for r in rows if r["row"] == "paper-style loop"), None)
+    by = {r["key"]: r for r in rows if r["key"]}
+    paper = by.get("paper")
     for r in rows:
         speed = f"{paper['s'] / r['s']:.2f}x" if paper and r["kind"] == "iteration" else ""
         tps = f"{r['tokens'] / r['evaluate_s']:.0f}" if r["tokens"] else ""
@@ -329,15 +323,12 @@ def report(args, rows, scaling, skipped) -> str:
                      f"{r['peak_gib']:.2f} | {gpu} |")
     for name in skipped:
         lines.append(f"| {name} | not run | | | | | |")
-    by = {r["row"].split(" (")[0].split(",")[0]: r for r in rows}
     targets = []
-    pairs = [("ours", "transformers generate"), ("vLLM LoRA batch", "vLLM batch")]
-    for mode, ref in pairs:
-        low = next((r for r in rows if r["row"].startswith(mode) and ("lowrank" in r["row"]
-                                                                      or "LoRA" in r["row"])), None)
-        if low and ref in by and low["tokens"] and by[ref]["tokens"]:
-            targets.append(f"- {low['row']}: evaluation throughput {throughput(low) / throughput(by[ref]):.0%} "
-                           f"of {by[ref]['row']} (target >= 80%)")
+    for low, ref in (("lowrank", "generate"), ("vllm_lora", "vllm_batch")):
+        if low in by and ref in by and by[low]["tokens"] and by[ref]["tokens"]:
+            low, ref = by[low], by[ref]
+            targets.append(f"- {low['row']}: evaluation throughput {throughput(low) / throughput(ref):.0%} "
+                           f"of {ref['row']} (target >= 80%)")
     if paper:
         fastest = min((r for r in rows if r["kind"] == "iteration"), key=lambda r: r["s"])
         goal = 5 if args.unit == "countdown" else 15
