@@ -11,8 +11,10 @@ configuration), `metrics.jsonl` (every iteration so far) and, with fp32 master w
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .models import save_model
@@ -23,25 +25,62 @@ MASTER_FILE = "master_weights.safetensors"
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
+class WriteError(OSError):
+    """A save that could not be written (a full disk, a quota, a lost permission, an I/O error):
+    its message names the path and the reason; what was half-written has been removed."""
+
+
+def _reason(error) -> str:
+    code = getattr(error, "errno", None)
+    text = os.strerror(code) if code else str(error).strip().splitlines()[-1] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+@contextmanager
+def saving(path: Path, *temporary: Path):
+    """Any failure to write inside becomes one WriteError naming `path` and the reason, after
+    the `temporary` files or directories are removed. (torch.save reports a failed write as a
+    RuntimeError, safetensors as a SafetensorError.)"""
+    try:
+        yield
+    except (OSError, SafetensorError, RuntimeError) as error:
+        for tmp in temporary:
+            if Path(tmp).is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, WriteError):
+            raise
+        raise WriteError(f"could not write {path} ({_reason(error)})") from error
+
+
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    with saving(path, tmp):
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
 
 
 def write_metrics(path: Path, records) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with saving(path, tmp):
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def append_metrics(path: Path, record) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    """One line more; a failed write is cut off again, so the file never ends in half a line."""
+    with saving(path), open(path, "a") as f:
+        size = f.tell()
+        try:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        except OSError:
+            f.truncate(size)
+            raise
 
 
 def read_metrics(path: Path) -> list:
@@ -63,10 +102,11 @@ def save_checkpoint(output_dir: Path, model, tokenizer, state: dict, records, ma
     """Write checkpoint-<iteration>/ atomically; keep only the newest `keep` if keep > 0."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{state['iteration']}"
     tmp = output_dir / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _write_run_files(tmp, model, tokenizer, state, records, masters)
-    replace_directory(tmp, final)
+    with saving(final, tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _write_run_files(tmp, model, tokenizer, state, records, masters)
+        replace_directory(tmp, final)
     if keep > 0:
         for stale in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(stale)
@@ -76,13 +116,14 @@ def save_checkpoint(output_dir: Path, model, tokenizer, state: dict, records, ma
 def save_final(output_dir: Path, model, tokenizer, state: dict, records, masters=None) -> None:
     """The final model goes directly into output_dir; trainer_state.json (finished) is written last."""
     tmp = output_dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _write_run_files(tmp, model, tokenizer, state, records, masters)
-    names = sorted(p.name for p in tmp.iterdir() if p.name != STATE_FILE) + [STATE_FILE]
-    for name in names:
-        os.replace(tmp / name, output_dir / name)
-    tmp.rmdir()
+    with saving(output_dir, tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _write_run_files(tmp, model, tokenizer, state, records, masters)
+        names = sorted(p.name for p in tmp.iterdir() if p.name != STATE_FILE) + [STATE_FILE]
+        for name in names:
+            os.replace(tmp / name, output_dir / name)
+        tmp.rmdir()
 
 
 def replace_directory(tmp: Path, final: Path) -> None:

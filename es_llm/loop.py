@@ -74,26 +74,34 @@ def run_es(cfg, evaluator, run, strategy, num_prompts: int):
     """Iterations run.start + 1 .. cfg.num_iterations; returns the run directory."""
     n = cfg.population_size
     with StopRequest() as stop:
-        bar = tqdm(range(run.start + 1, cfg.num_iterations + 1), initial=run.start,
-                   total=cfg.num_iterations, disable=not evaluator.is_main, desc="ES iterations")
-        for iteration in bar:
-            t0 = time.time()
-            seeds = evaluator.agree(strategy, stop.requested)
-            if seeds is None:
-                run.stop(evaluator, strategy, iteration - 1)
+        try:
+            _iterate(cfg, evaluator, run, strategy, num_prompts, stop)
+            return run.finish(evaluator, strategy)
+        except Exception as error:  # the note says where the run can go on from
+            raise run.failed(error) from error
 
-            def show(i, reward, completion):
-                if cfg.verbose:
-                    sign = ("+" if strategy.signs[i] > 0 else "-") if cfg.antithetic else ""
-                    tqdm.write(f"{evaluator.label}member {i} seed {sign}{seeds[i]}: reward "
-                               f"{reward:.4f} {completion[:120]!r}")
 
-            rewards, timings = evaluator.evaluate(seeds, strategy.signs, show)
-            update_seeds, weights = strategy.tell(seeds, rewards)
-            timings.update(evaluator.update(update_seeds, weights, n))
-            record = iteration_record(iteration, seeds, rewards, time.time() - t0, timings,
-                                      strategy.signs if cfg.antithetic else None,
-                                      generations=iteration * n * num_prompts)
-            run.add(record, evaluator, strategy)
-        bar.close()
-    return run.finish(evaluator, strategy)
+def _iterate(cfg, evaluator, run, strategy, num_prompts, stop) -> None:
+    n = cfg.population_size
+    bar = tqdm(range(run.start + 1, cfg.num_iterations + 1), initial=run.start,
+               total=cfg.num_iterations, disable=not evaluator.is_main, desc="ES iterations")
+    for iteration in bar:
+        t0 = time.time()
+        seeds = evaluator.agree(strategy, stop.requested)
+        if seeds is None:
+            run.stop(evaluator, strategy, iteration - 1)
+
+        def show(i, reward, completion):
+            if cfg.verbose:
+                sign = ("+" if strategy.signs[i] > 0 else "-") if cfg.antithetic else ""
+                tqdm.write(f"{evaluator.label}member {i} seed {sign}{seeds[i]}: reward "
+                           f"{reward:.4f} {completion[:120]!r}")
+
+        rewards, timings = evaluator.evaluate(seeds, strategy.signs, show)
+        update_seeds, weights = strategy.tell(seeds, rewards)
+        timings.update(evaluator.update(update_seeds, weights, n))
+        record = iteration_record(iteration, seeds, rewards, time.time() - t0, timings,
+                                  strategy.signs if cfg.antithetic else None,
+                                  generations=iteration * n * num_prompts)
+        run.add(record, evaluator, strategy)
+    bar.close()

@@ -167,12 +167,17 @@ def plan_run_dir(run_dir: Path, resume, overwrite: bool, name_flag: str) -> list
 def clear_and_check_writable(run_dir: Path, remove, name_flag: str) -> None:
     """Remove what plan_run_dir allowed (the finished marker first: a crash half-way must not leave
     a run that looks finished), then prove the directory writable."""
-    for path in sorted(remove, key=lambda p: p.name != STATE_FILE):
+    remove_paths(remove)
+    ckpt.ensure_writable(Path(run_dir), name_flag)
+
+
+def remove_paths(paths) -> None:
+    """Remove files and directories, the finished marker first."""
+    for path in sorted(paths, key=lambda p: p.name != STATE_FILE):
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
-    ckpt.ensure_writable(Path(run_dir), name_flag)
 
 
 def resume_command(argv, run_dir: Path) -> str:
@@ -186,6 +191,23 @@ def resume_command(argv, run_dir: Path) -> str:
         elif not (arg.startswith("--resume=") or arg == "--overwrite"):
             kept.append(arg)
     return shlex.join(["python", argv[0], *kept, "--resume", str(run_dir)])
+
+
+def resume_note(run_dir: Path) -> str:
+    """Where a run that stopped on an error can go on from: its last complete checkpoint and the
+    command that resumes it, or that there is none yet."""
+    latest = ckpt.list_checkpoints(run_dir)
+    if not latest:
+        return ("no checkpoint yet (--save_every N saves one every N iterations): the run must "
+                "start again")
+    return (f"the last complete checkpoint is {latest[-1]}.\nResume with:\n  "
+            f"{resume_command(sys.argv, run_dir)}\n(launched with accelerate launch: the same "
+            f"launch command plus --resume {run_dir})")
+
+
+class RunFailed(ValueError):
+    """A run stopped by an error the user can act on (a reward that broke its contract, a save
+    that could not be written): the error, then where the run can go on from."""
 
 
 class Run:
@@ -256,6 +278,23 @@ class Run:
                       file=sys.stderr, flush=True)
         evaluator.finish()
         sys.exit(130)
+
+    def failed(self, error: Exception) -> Exception:
+        """After an error stopped the run: a new run that recorded no iteration takes back what it
+        wrote (so the same command can run again); the error to raise, with the resume note
+        (a RunFailed for the user's errors, else `error` itself after printing the note)."""
+        if not self.is_main:
+            return error
+        if self.resume is None and not ckpt.read_metrics(self.out / METRICS_FILE):
+            try:
+                remove_paths(run_files(self.out))
+            except OSError:
+                pass  # the error being reported matters more than what it left behind
+        note = resume_note(self.out)
+        if isinstance(error, (ValueError, OSError)):
+            return RunFailed(f"{error}\n{note}")
+        error.add_note(f"the run stopped on this error; {note}")
+        return error
 
     def finish(self, evaluator, strategy) -> Path:
         if self.is_main:

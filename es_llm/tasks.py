@@ -11,19 +11,60 @@ each with a "prompt" key (the other keys become columns), or `load_dataset()` re
 names the task (default: the file's name). See examples/.
 """
 import importlib.util
+import inspect
 import json
 import math
+import numbers
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
+# What a reward function may return, one entry per completion (README, "Your own task").
+REWARD_CONTRACT = ("a list or tuple of real numbers (Python or numpy ints and floats, not bools), "
+                   "or a 1-D numpy array or torch tensor of them")
+
+
+class RewardError(ValueError):
+    """A reward function broke its contract: it raised, or returned something other than one real
+    number per completion."""
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _is_real(value) -> bool:
+    return (isinstance(value, (numbers.Real, np.integer, np.floating))
+            and not isinstance(value, (bool, np.bool_)))
+
+
+def reward_values(returned) -> list | None:
+    """The rewards as Python floats, or None when `returned` breaks REWARD_CONTRACT."""
+    if type(returned).__name__ == "Tensor" and hasattr(returned, "detach"):  # torch, not imported
+        if returned.ndim != 1 or returned.is_complex() or str(returned.dtype) == "torch.bool":
+            return None
+        return [float(x) for x in returned.detach().double().cpu().tolist()]
+    if isinstance(returned, np.ndarray):
+        if returned.ndim != 1 or returned.dtype.kind not in "iuf":
+            return None
+        return [float(x) for x in returned]
+    if not isinstance(returned, (list, tuple)) or not all(_is_real(x) for x in returned):
+        return None
+    return [float(x) for x in returned]
+
 
 @dataclass
 class Task:
+    """`source` says where the task comes from (a --task file's path), for error messages."""
     name: str
     prompts: list
     reward_fn: Callable
     columns: dict = field(default_factory=dict)
+    source: str = ""
 
     def __post_init__(self):
         if not self.prompts:
@@ -32,20 +73,66 @@ class Task:
             if len(values) != len(self.prompts):
                 raise ValueError(f"task {self.name!r}: column {key!r} has {len(values)} values "
                                  f"for {len(self.prompts)} prompts; give one per prompt")
+        self.check_reward_signature()
+
+    @property
+    def where(self) -> str:
+        name = getattr(self.reward_fn, "__name__", repr(self.reward_fn))
+        return f"{self.source or f'task {self.name!r}'}: {name}()"
+
+    def check_reward_signature(self) -> None:
+        """The reward is called with prompts=, completions= and one keyword per column: a required
+        parameter that nothing feeds, or a column it cannot take, is named before any work."""
+        try:
+            parameters = inspect.signature(self.reward_fn).parameters.values()
+        except (TypeError, ValueError):  # a builtin or C callable: nothing to read
+            return
+        given = ["prompts", "completions", *self.columns]
+        kinds = inspect.Parameter
+        takes_any = any(p.kind == kinds.VAR_KEYWORD for p in parameters)
+        named = {p.name for p in parameters if p.kind in (kinds.POSITIONAL_OR_KEYWORD,
+                                                           kinds.KEYWORD_ONLY)}
+        columns = ", ".join(repr(c) for c in self.columns) or "none"
+        for p in parameters:
+            if p.kind == kinds.POSITIONAL_ONLY and p.default is p.empty:
+                raise ValueError(f"{self.where} takes {p.name!r} by position only; it is called "
+                                 f"with keywords (prompts=, completions=, one per column): drop "
+                                 f"the '/' from its signature")
+            if p.name in named and p.default is p.empty and p.name not in given:
+                raise ValueError(f"{self.where} needs the parameter {p.name!r}, which no column "
+                                 f"of the data provides (columns: {columns}); add a {p.name!r} "
+                                 f"key to every row, give it a default, or rename it")
+        unknown = [k for k in given if k not in named]
+        if unknown and not takes_any:
+            raise ValueError(f"{self.where} is called with {', '.join(map(repr, unknown))} but "
+                             f"takes no such parameter; add them, or **columns to its signature")
 
     def score(self, completions, seed=None) -> list:
-        """One reward per completion; a NaN or infinite reward is an error naming seed and prompt."""
-        rewards = [float(r) for r in self.reward_fn(prompts=self.prompts, completions=completions,
-                                                     **self.columns)]
+        """One reward per completion, checked against REWARD_CONTRACT; a reward function that
+        raises, returns something else, or gives a NaN or infinite reward is a RewardError naming
+        the task file, the function and the member's seed."""
+        try:
+            returned = self.reward_fn(prompts=self.prompts, completions=completions,
+                                      **self.columns)
+        except Exception as error:
+            frame = traceback.extract_tb(error.__traceback__)[-1]
+            raise RewardError(f"{self.where} raised {type(error).__name__}: {error} (at "
+                              f"{frame.filename}, line {frame.lineno}) for seed {seed}; fix the "
+                              f"reward function") from error
+        rewards = reward_values(returned)
+        if rewards is None:
+            raise RewardError(f"{self.where} returned {type(returned).__name__} "
+                              f"{_short(returned)} for seed {seed}; expected {len(completions)} "
+                              f"rewards, one per completion: {REWARD_CONTRACT}")
         if len(rewards) != len(completions):
-            raise ValueError(f"task {self.name!r}: the reward function returned {len(rewards)} "
-                             f"rewards for {len(completions)} completions; return one per "
-                             f"completion")
+            raise RewardError(f"{self.where} returned {len(rewards)} rewards for "
+                              f"{len(completions)} completions (seed {seed}); expected one per "
+                              f"completion: {REWARD_CONTRACT}")
         for prompt, completion, reward in zip(self.prompts, completions, rewards):
             if not math.isfinite(reward):
-                raise ValueError(f"task {self.name!r}: the reward function returned {reward} for "
-                                 f"seed {seed} on prompt {prompt!r} (completion {completion[:200]!r}); "
-                                 f"rewards must be finite numbers, fix the reward function")
+                raise RewardError(f"{self.where} returned {reward} for seed {seed} on prompt "
+                                  f"{prompt!r} (completion {completion[:200]!r}); rewards must "
+                                  f"be finite numbers, fix the reward function")
         return rewards
 
 
@@ -55,22 +142,34 @@ def conciseness_reward(prompts, completions, target, **_) -> list:
 
 
 def read_rows(path) -> list:
-    """Rows from a JSON list or a JSONL file, each a dict with a "prompt" key."""
+    """Rows from a JSON list or a JSONL file, each a dict with a "prompt" key; a parse error
+    names the file's line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data {path}: no such file; give a JSON list or JSONL file of "
                                 f"rows with a \"prompt\" key")
     text = path.read_text()
-    try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else \
-            [json.loads(line) for line in text.splitlines() if line.strip()]
-    except ValueError as error:
-        raise ValueError(f"--data {path}: not a JSON list or JSONL file ({error})") from error
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except ValueError as error:  # its message gives the file's line and column
+            raise ValueError(f"--data {path}: not a valid JSON list ({error})") from error
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as error:
+                raise ValueError(f"--data {path}: line {number} is not valid JSON "
+                                 f"({getattr(error, 'msg', error)}, column "
+                                 f"{getattr(error, 'colno', '?')}); a JSONL file holds one JSON "
+                                 f"object per line") from error
     return rows
 
 
-def task_from_rows(name: str, rows, reward, source: str) -> Task:
-    """A Task from rows with a "prompt" key (the other keys become columns, present in every row)."""
+def task_from_rows(name: str, rows, reward, source: str, task_file: str = "") -> Task:
+    """A Task from rows with a "prompt" key; the other keys become columns, and every row must
+    have the same ones (rows are numbered from 0)."""
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"{source}: the dataset must be a non-empty list of dicts with a "
                          f"\"prompt\" key (got {type(rows).__name__})")
@@ -79,13 +178,19 @@ def task_from_rows(name: str, rows, reward, source: str) -> Task:
     if bad:
         raise ValueError(f"{source}: row {bad[0]} has no \"prompt\" string; every row needs one "
                          f"({len(bad)} rows lack it)")
-    keys = [k for k in rows[0] if k != "prompt"]
-    missing = [(i, k) for i, row in enumerate(rows) for k in keys if k not in row]
-    if missing:
-        raise ValueError(f"{source}: row {missing[0][0]} lacks the column {missing[0][1]!r} that "
-                         f"row 0 has; give every row the same keys")
+    keys = list(dict.fromkeys(k for row in rows for k in row if k != "prompt"))
+    for key in keys:
+        have = [i for i, row in enumerate(rows) if key in row]
+        lack = [i for i, row in enumerate(rows) if key not in row]
+        if lack:
+            odd = (f"row {have[0]} has the column {key!r} that {len(lack)} other rows lack "
+                   f"(row {lack[0]} among them)" if len(have) * 2 < len(rows) else
+                   f"row {lack[0]} lacks the column {key!r} that {len(have)} other rows have "
+                   f"(row {have[0]} among them)")
+            raise ValueError(f"{source}: {odd}; give every row the same keys (columns: "
+                             f"{', '.join(map(repr, keys))})")
     return Task(name, [row["prompt"] for row in rows], reward,
-                {k: [row[k] for row in rows] for k in keys})
+                {k: [row[k] for row in rows] for k in keys}, source=task_file or source)
 
 
 def load_task_file(path, data=None) -> Task:
@@ -110,4 +215,4 @@ def load_task_file(path, data=None) -> Task:
     else:
         raise ValueError(f"--task {path}: defines neither DATASET (a list of dicts with a "
                          f"\"prompt\" key) nor load_dataset(); add one, or give --data PATH")
-    return task_from_rows(getattr(module, "NAME", path.stem), rows, reward, source)
+    return task_from_rows(getattr(module, "NAME", path.stem), rows, reward, source, str(path))

@@ -342,6 +342,7 @@ class LocalEvaluator:
         return None if message[0] else message[1:].tolist()
 
     def evaluate(self, seeds, signs, on_result):
+        t0 = time.perf_counter()
         mine, timings = self.population.evaluate_members(
             self.mine, seeds, self.generate, self.task, self.pool,
             lambda i, reward, completions: on_result(i, reward, completions[0]), signs)
@@ -350,6 +351,7 @@ class LocalEvaluator:
             rewards[i] = reward
         if self.world > 1:
             rewards = reduce(rewards, reduction="sum")
+        timings["evaluate"] = time.perf_counter() - t0  # wall clock, the all-reduce included
         return rewards.cpu().tolist(), timings
 
     def update(self, seeds, weights, n: int) -> dict:

@@ -88,6 +88,26 @@ def scalars(directory):
             for tag in events.Tags()["scalars"]}
 
 
+def readme_tags(trainer: str) -> set:
+    """The TensorBoard tags the README's tracking table promises for a trainer ("plain trainers"
+    or "accelerated version"): the backticked tags of its row (and of the row it says "the same" of)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    rows = {m.group(1).split(" (")[0]: m.group(2) for m in
+            re.finditer(r"^\| (plain trainers[^|]*|accelerated version) \| (.*) \|$", readme,
+                        re.MULTILINE)}
+    tags = set(re.findall(r"`([a-z_/]+)`", rows[trainer]))
+    if rows[trainer].startswith("the same"):
+        tags |= set(re.findall(r"`([a-z_/]+)`", rows["plain trainers"]))
+    return tags
+
+
+def test_the_readme_lists_each_trainers_tags():
+    assert "time/broadcast" in readme_tags("accelerated version") - readme_tags("plain trainers")
+    assert {"reward/mean", "time/evaluate", "generations"} <= readme_tags("plain trainers")
+
+
 @pytest.mark.slow
 def test_own_task_with_tensorboard_and_offline_wandb(tiny_model_dir, tmp_path):
     """es_fine-tuning.py --task: the example trains; TensorBoard gets the published tags and wandb
@@ -101,8 +121,8 @@ def test_own_task_with_tensorboard_and_offline_wandb(tiny_model_dir, tmp_path):
     assert [r["generations"] for r in records] == [4 * 3, 2 * 4 * 3]  # population x prompts x it.
     assert ckpt.load_state(out)["config"]["task"] == "word_count"
     logged = scalars(out / "es_llm")
-    for tag in ("reward/mean", "reward/std", "reward/min", "reward/max", "time/iteration",
-                "time/perturbation_application", "time/generate", "time/update"):
+    assert set(logged) == readme_tags("plain trainers")
+    for tag in logged:
         assert [step for step, _ in logged[tag]] == [0, 1], tag
     assert [v for _, v in logged["reward/mean"]] == pytest.approx([r["reward_mean"] for r in records])
     assert list((out / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
@@ -121,8 +141,10 @@ def test_accelerated_antithetic_centered_rank_on_two_engines(tiny_model_dir, tmp
 
     run_script([*ACCL, "--task", str(EXAMPLE), "--model_name", str(tiny_model_dir),
                 "--antithetic", "--fitness_shaping", "centered_rank", "--noise_mode", "iid",
-                "--experiment_dir", str(tmp_path), "--run_name", "run", *TINY])
+                "--experiment_dir", str(tmp_path), "--run_name", "run", *TINY,
+                "--report_to", "tensorboard"])
     run = tmp_path / "run"
+    assert set(scalars(run / "es_llm")) == readme_tags("accelerated version")
     records = ckpt.read_metrics(run / ckpt.METRICS_FILE)
     assert all(r["signs"] == [1, -1, 1, -1] and r["seeds"][0] == r["seeds"][1] for r in records)
     from es_llm.models import load_model
@@ -147,7 +169,8 @@ def test_lowrank_on_two_engines_equals_the_plain_lowrank_trainer(tiny_model_dir,
                 "--run_name", "accl", *lowrank])
     plain = tmp_path / "plain"
     run_script([PYTHON, "es_fine-tuning.py", "--model_name", str(tiny_model_dir), "--gpu_threads",
-                "1", "--output_dir", str(plain), "--report_to", "none", *lowrank])
+                "1", "--output_dir", str(plain), "--report_to", "tensorboard", *lowrank])
+    assert set(scalars(plain / "es_llm")) == readme_tags("plain trainers")
     accl = tmp_path / "accl"
     assert without_time(ckpt.read_metrics(accl / ckpt.METRICS_FILE)) == \
         without_time(ckpt.read_metrics(plain / ckpt.METRICS_FILE))

@@ -23,7 +23,7 @@ PUBLISHED_SAVES = "model_saves"
 def default_run_name(cfg) -> str:
     from es_llm.models import model_short_name
 
-    return (f"countdown_{model_short_name(cfg.model_name)}_{cfg.engine}_pop{cfg.population_size}"
+    return (f"{cfg.task}_{model_short_name(cfg.model_name)}_{cfg.engine}_pop{cfg.population_size}"
             f"_sigma{cfg.sigma}_alpha{cfg.alpha}_{cfg.noise_mode}_{cfg.precision}"
             f"_{datetime.now():%Y%m%d-%H%M%S}")
 
@@ -48,10 +48,17 @@ def save_published_base(base: str, run_dir: Path, cache_dir=None) -> None:
     target = run_dir / PUBLISHED_SAVES / "base_model"
     if (target / "config.json").exists():
         return
+    from es_llm.checkpoint import saving
+
     model, tokenizer = load_model(base, "fp16", cache_dir)
     tmp = target.with_name(target.name + ".tmp")
-    save_model(model, tokenizer, tmp)
-    replace_directory(tmp, target)
+    with saving(target, tmp):
+        save_model(model, tokenizer, tmp)
+        replace_directory(tmp, target)
+
+
+def published_pth(run_dir: Path, iteration: int) -> Path:
+    return run_dir / PUBLISHED_SAVES / f"final_model_iteration_{iteration}" / "pytorch_model.pth"
 
 
 def save_published_pth(state: dict, base: str, run_dir: Path, iteration: int, cache_dir=None) -> Path:
@@ -62,7 +69,7 @@ def save_published_pth(state: dict, base: str, run_dir: Path, iteration: int, ca
 
     from es_llm.vllm_names import hf_to_vllm
 
-    path = run_dir / PUBLISHED_SAVES / f"final_model_iteration_{iteration}" / "pytorch_model.pth"
+    path = published_pth(run_dir, iteration)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(hf_to_vllm(state, AutoConfig.from_pretrained(base, cache_dir=cache_dir)), tmp)
@@ -73,18 +80,13 @@ def save_published_pth(state: dict, base: str, run_dir: Path, iteration: int, ca
 def lost_engine_message(error, run_dir: Path) -> str:
     """What to do after an engine (or its node) died mid-run: the last checkpoint and the command
     that resumes from it (with the engines that are left: --num_engines may change)."""
-    from es_llm.checkpoint import list_checkpoints
-    from es_llm.rundir import resume_command
+    from es_llm.rundir import resume_note
 
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     first = " ... ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else ""
-    latest = list_checkpoints(run_dir)
-    if not latest:
-        return (f"\nan engine was lost ({type(error).__name__}: {first}); the run stopped before "
-                f"its first checkpoint (--save_every), so it must start again")
-    return (f"\nan engine was lost ({type(error).__name__}: {first}); the run stopped. Its last "
-            f"checkpoint is {latest[-1]}.\nResume with:\n  {resume_command(sys.argv, run_dir)}\n"
-            f"(add --num_engines N for the engines the cluster still has room for)")
+    return (f"\nan engine was lost ({type(error).__name__}: {first}); the run stopped: "
+            f"{resume_note(run_dir)}\n(add --num_engines N for the engines the cluster still has "
+            f"room for)")
 
 
 class PoolEvaluator:
@@ -103,10 +105,19 @@ class PoolEvaluator:
     def evaluate(self, seeds, signs, on_result):
         from es_llm.lowrank import LOWRANK
 
+        import ray
+
+        from es_llm.tasks import RewardError
+
         t0 = time.time()
-        results = self.pool.evaluate(seeds, self.cfg.sigma, signs,
-                                     lambda i, r: on_result(i, r["reward"], r["completion"]),
-                                     self.cfg.schedule, batched=self.cfg.noise_mode == LOWRANK)
+        try:
+            results = self.pool.evaluate(seeds, self.cfg.sigma, signs,
+                                         lambda i, r: on_result(i, r["reward"], r["completion"]),
+                                         self.cfg.schedule, batched=self.cfg.noise_mode == LOWRANK)
+        except ray.exceptions.RayTaskError as error:  # the task's reward, run by an engine
+            if isinstance(error.cause, RewardError):
+                raise RewardError(str(error.cause)) from None
+            raise
         # As the plain trainers all-reduce them: rewards in float32.
         rewards = [float(np.float32(r["reward"])) for r in results]
         return rewards, {"evaluate": time.time() - t0,
@@ -148,15 +159,21 @@ class PoolEvaluator:
                                f"{fingerprints}")
         (out / ckpt.STATE_FILE).unlink(missing_ok=True)
         state = self.state()
-        torch.save(state, out / "final_model.pth.tmp")
-        os.replace(out / "final_model.pth.tmp", out / "final_model.pth")
-        save_hf_model(state, self.base, out / "final_model", self.cfg.precision,
-                      self.cfg.hf_cache_dir)
-        save_published_pth(state, self.base, out, self.cfg.num_iterations, self.cfg.hf_cache_dir)
-        masters = self.pool.call_main("master_state")
-        if masters is not None:
-            save_file(masters, str(out / (ckpt.MASTER_FILE + ".tmp")))
-            os.replace(out / (ckpt.MASTER_FILE + ".tmp"), out / ckpt.MASTER_FILE)
+        published = published_pth(out, self.cfg.num_iterations)
+        temporary = [out / "final_model.pth.tmp", out / "final_model.tmp",
+                     published.with_name(published.name + ".tmp"),
+                     out / (ckpt.MASTER_FILE + ".tmp")]
+        with ckpt.saving(out, *temporary):
+            torch.save(state, temporary[0])
+            os.replace(temporary[0], out / "final_model.pth")
+            save_hf_model(state, self.base, out / "final_model", self.cfg.precision,
+                          self.cfg.hf_cache_dir)
+            save_published_pth(state, self.base, out, self.cfg.num_iterations,
+                               self.cfg.hf_cache_dir)
+            masters = self.pool.call_main("master_state")
+            if masters is not None:
+                save_file(masters, str(temporary[3]))
+                os.replace(temporary[3], out / ckpt.MASTER_FILE)
         ckpt.write_metrics(out / ckpt.METRICS_FILE, records)
         ckpt.write_json_atomic(out / ckpt.STATE_FILE, state_file)
         print(f"Training finished: final weights in {out / 'final_model.pth'} and "
