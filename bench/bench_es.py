@@ -16,7 +16,6 @@ import platform
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -107,9 +106,9 @@ def paper_style_iteration(canonical, scratch, seeds, generate, task, sigma, alph
     return timings
 
 
-def our_iteration(population, seeds, generate, task, pool):
+def our_iteration(population, seeds):
     t0 = time.perf_counter()
-    rewards, timings = population.evaluate_members(list(range(len(seeds))), seeds, generate, task, pool)
+    rewards, timings = population.evaluate_members(list(range(len(seeds))), seeds)
     timings["evaluate"] = time.perf_counter() - t0  # wall time (the phases are thread-seconds)
     t0 = time.perf_counter()
     population.update(seeds, normalize_rewards([rewards[i] for i in range(len(seeds))]))
@@ -139,12 +138,12 @@ def measure(name, args, step, generate, rng_seed):
             **{f"share_{k}": v / seconds for k, v in phases.items()}}
 
 
-def lowrank_population(model, args, population_size, precision, prune_finished=True):
+def lowrank_population(model, args, population_size, precision, generate, task, prune_finished=True):
     cfg = TrainConfig(task="bench", model_name=args.model_name, output_dir="-", sigma=args.sigma,
                       alpha=args.alpha, population_size=population_size, gpu_threads=1, noise_mode="lowrank",
                       rank=args.rank, lowrank_batch=args.lowrank_batch, precision=precision,
                       prune_finished=prune_finished)
-    return Population(model, cfg)
+    return Population(model, cfg, generate, task)
 
 
 @torch.no_grad()
@@ -180,22 +179,20 @@ def run_configs(args):
             cfg = TrainConfig(task="bench", model_name=args.model_name, output_dir="-", sigma=args.sigma,
                               alpha=args.alpha, population_size=args.population_size, gpu_threads=1,
                               noise_mode=args.noise_mode, master_weights=master, precision=precision)
-            population = Population(model, cfg)
+            population = Population(model, cfg, generate, task)
             label = f"ours, {precision}" + (", --master_weights fp32" if master == "fp32" else "")
-            with ThreadPoolExecutor(1) as pool:
-                results.append(measure(label, args, lambda seeds: our_iteration(
-                    population, seeds, generate, task, pool), generate, 0))
+            results.append(measure(label, args, lambda seeds: our_iteration(population, seeds),
+                                   generate, 0))
             final[master] = weights_of(model)
             del population
         if "paper" in final and "none" in final:
             identical[precision] = all(torch.equal(a, b) for a, b in zip(final["paper"], final["none"]))
         for prune in (True, False):
             reset(model, initial)
-            population = lowrank_population(model, args, args.population_size, precision, prune)
+            population = lowrank_population(model, args, args.population_size, precision, generate, task,
+                                            prune)
             label = f"ours, lowrank rank {args.rank}, {precision}" + ("" if prune else ", --no_prune_finished")
-            with ThreadPoolExecutor(1) as pool:
-                results.append(measure(label, args, lambda seeds: our_iteration(
-                    population, seeds, generate, task, pool), generate, 0))
+            results.append(measure(label, args, lambda seeds: our_iteration(population, seeds), generate, 0))
             del population
         # The roofline: the unperturbed model at the initial weights (the timed rows start there),
         # all sequences in one batch, and one member at a time.
@@ -305,10 +302,8 @@ def lowrank_scaling(args) -> str:
     for n in args.lowrank_populations:
         sub = argparse.Namespace(**{**vars(args), "population_size": n, "iterations": 1,
                                     "warmup": min(args.warmup, 1)})
-        population = lowrank_population(model, args, n, precision)
-        with ThreadPoolExecutor(1) as pool:
-            r = measure(f"lowrank {n}", sub, lambda seeds: our_iteration(population, seeds, generate, task, pool),
-                        generate, 2)
+        population = lowrank_population(model, args, n, precision, generate, task)
+        r = measure(f"lowrank {n}", sub, lambda seeds: our_iteration(population, seeds), generate, 2)
         del population
         batched = Generator(tokenizer, task.prompts * n, args.max_new_tokens)
         plain = measure(f"plain batched generate of {n * len(task.prompts)} sequences", sub,
@@ -330,11 +325,9 @@ def scaling(args) -> str:
         cfg = TrainConfig(task="bench", model_name=args.model_name, output_dir="-", sigma=args.sigma,
                           alpha=args.alpha, population_size=n, gpu_threads=1, noise_mode=args.noise_mode,
                           precision=args.precisions[0])
-        population = Population(model, cfg)
+        population = Population(model, cfg, generate, task)
         sub = argparse.Namespace(**{**vars(args), "population_size": n, "iterations": 1, "warmup": 0})
-        with ThreadPoolExecutor(1) as pool:
-            r = measure(f"scaling {n} x {tokens}", sub, lambda seeds: our_iteration(
-                population, seeds, generate, task, pool), generate, 1)
+        r = measure(f"scaling {n} x {tokens}", sub, lambda seeds: our_iteration(population, seeds), generate, 1)
         lines.append(f"| {n} | {tokens} | {r['seconds']:.2f} | {r['seconds'] / n:.2f} | {r['peak_gb']:.2f} |")
         del population
     return "\n".join(lines)

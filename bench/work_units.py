@@ -105,7 +105,6 @@ class Bench:
 
 def transformers_rows(bench: Bench, model, tokenizer, task):
     from bench.bench_es import lowrank_population, our_iteration, reset
-    from concurrent.futures import ThreadPoolExecutor
 
     from es_llm.trainer import Population, TrainConfig
 
@@ -129,20 +128,18 @@ def transformers_rows(bench: Bench, model, tokenizer, task):
         cfg = TrainConfig(task="bench", model_name=a.model_name, output_dir="-", sigma=a.sigma,
                           alpha=a.alpha, population_size=a.population, gpu_threads=threads,
                           precision=a.precision)
-        population = Population(model, cfg)
-        with ThreadPoolExecutor(threads) as workers:
-            bench.row("ours, faithful" + ("" if threads == 1 else f", --gpu_threads {threads} "
-                                          "(the trainers' default)"),
-                      lambda seeds: _evaluation_of(our_iteration(population, seeds, generate,
-                                                                 task, workers)), generate)
+        population = Population(model, cfg, generate, task)
+        bench.row("ours, faithful" + ("" if threads == 1 else f", --gpu_threads {threads} "
+                                      "(the trainers' default)"),
+                  lambda seeds: _evaluation_of(our_iteration(population, seeds)), generate)
+        population.close()
         del population
-    with ThreadPoolExecutor(1) as pool:
-        if "lowrank" in a.rows:
-            reset(model, initial)
-            population = lowrank_population(model, a, a.population, a.precision)
-            bench.row(f"ours, lowrank rank {a.rank}", lambda seeds: _evaluation_of(our_iteration(
-                population, seeds, generate, task, pool)), generate, key="lowrank")
-            del population
+    if "lowrank" in a.rows:
+        reset(model, initial)
+        population = lowrank_population(model, a, a.population, a.precision, generate, task)
+        bench.row(f"ours, lowrank rank {a.rank}", lambda seeds: _evaluation_of(our_iteration(
+            population, seeds)), generate, key="lowrank")
+        del population
     if "generate" in a.rows:
         reset(model, initial)
         batched = Generator(tokenizer, task.prompts * a.population, a.max_new_tokens,

@@ -72,7 +72,6 @@ def report_iteration(iteration: int, total: int, record: dict, device="cpu") -> 
 
 def run_es(cfg, evaluator, run, strategy, num_prompts: int):
     """Iterations run.start + 1 .. cfg.num_iterations; returns the run directory."""
-    n = cfg.population_size
     with StopRequest() as stop:
         try:
             _iterate(cfg, evaluator, run, strategy, num_prompts, stop)

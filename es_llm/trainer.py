@@ -22,13 +22,13 @@ from . import checkpoint as ckpt
 from . import tracking
 from .generation import Generator
 from .loop import report_iteration, run_es
-from .lowrank import (LOWRANK, LOWRANK_TARGETS, BatchedLowRank, evaluate_batched, keeps_masters,
-                      lowrank_update)
+from .lowrank import LOWRANK, LOWRANK_TARGETS, BatchedLowRank, evaluate_batched
 from .models import PRECISIONS, load_model
-from .noise import NOISE_MODES, MasterWeights, add_noise, subtract_noise
+from .noise import NOISE_MODES
 from .rundir import Run
 from .shaping import FITNESS_SHAPINGS, member_signs
-from .strategy import Strategy, es_update
+from .strategy import Strategy
+from .weightset import WeightSet
 
 TRAINER_NOISE_MODES = NOISE_MODES + (LOWRANK,)
 # The run's settings that a resumed run must share with its checkpoint.
@@ -177,72 +177,56 @@ class AcceleratedConfig(TrainConfig):
 
 
 class Population:
-    """The rank's weights and how its members are evaluated.
+    """The rank's weights and how its members are evaluated on them.
 
-    The canonical weights (`base`) are never perturbed (unless `published_drift`). In the
+    The canonical weights (`weights`) are never perturbed (unless `published_drift`). In the
     correlated and iid modes each thread perturbs its own copy, generates, and restores it (by
-    subtracting the regenerated noise, as published, so in bf16/fp16 a copy drifts within an
-    iteration: member i sees the rounding left by the members before it on copy i mod
-    processes x threads). In lowrank mode there are no copies: the members are batched into
-    generate calls on `base`, each row computing with its own member's perturbation. The update is
-    applied to the canonical weights (or their fp32 masters) and copied to every thread copy. The
-    weights after an iteration are therefore a pure function of the weights before it, the seeds
-    and the rewards; the rewards depend on the number of copies in bf16/fp16 without masters.
-    With `published_drift`, thread 0's copy is `base` itself, as in the published scripts.
+    subtracting the noise, as published, so in bf16/fp16 a copy drifts within an iteration:
+    member i sees the rounding left by the members before it on copy i mod processes x threads).
+    In lowrank mode there are no copies: the members are batched into generate calls on the
+    canonical model, each row computing with its own member's perturbation. The update is applied
+    to the canonical weights (or their fp32 masters, which the copies share) and copied to every
+    thread copy, so the weights after an iteration are a pure function of the weights before it,
+    the seeds and the rewards. With `published_drift`, thread 0's copy is the canonical model
+    itself, as in the published scripts. Every weight operation is a WeightSet's.
     """
 
-    def __init__(self, model, cfg: TrainConfig, masters=None):
-        self.cfg = cfg
-        self.base = model
-        self.names = [n for n, _ in model.named_parameters()]
-        self.base_params = [p for _, p in model.named_parameters()]
+    def __init__(self, model, cfg: TrainConfig, generate, task, masters=None):
+        self.cfg, self.generate, self.task, self.base = cfg, generate, task, model
+        self.weights = WeightSet(lambda: list(model.named_parameters()), cfg.noise_mode,
+                                 cfg.master_weights, rank=cfg.rank, targets=cfg.lowrank_targets,
+                                 update_order="accumulate")
+        if self.weights.masters and masters is not None:
+            self.weights.load_masters(masters)
         lowrank = cfg.noise_mode == LOWRANK
-        # Lowrank always accumulates its update in fp32: a model held in a lower precision gets masters.
-        self.masters = MasterWeights(self.base_params) if keeps_masters(
-            cfg.master_weights, cfg.noise_mode, self.base_params) else None
-        if self.masters and masters is not None:
-            self.masters.tensors = [masters[n].to(self.base_params[0].device) for n in self.names]
-            self.masters.copy_to(self.base_params)
         self.lowrank = BatchedLowRank(model, cfg.rank, cfg.lowrank_targets) if lowrank else None
-        copies = 0 if lowrank else cfg.gpu_threads
-        self.models = [copy.deepcopy(model) for _ in range(copies)]
+        self.models = [copy.deepcopy(model) for _ in range(0 if lowrank else cfg.gpu_threads)]
         if cfg.published_drift and self.models:
             # As published: thread 0 evaluates on the canonical weights, so its restore rounding
             # stays in the weights that are updated and saved.
             self.models[0] = model
-        self.params = [[p for _, p in m.named_parameters()] for m in self.models]
+        self.copies = [WeightSet(lambda m=m: list(m.named_parameters()), cfg.noise_mode,
+                                 masters=self.weights.masters, keep_noise=True)
+                       for m in self.models]
+        self.pool = ThreadPoolExecutor(len(self.models)) if len(self.models) > 1 else None
 
-    def perturb(self, slot: int, seed: int, sign: float = 1.0):
-        """Perturb a thread copy by sign * sigma * eps; returns what restore needs (the added
-        noise, kept to save a pass)."""
-        scale = sign * self.cfg.sigma
-        if self.masters:
-            self.masters.perturb(self.params[slot], seed, scale, self.cfg.noise_mode)
-            return None
-        return add_noise(self.params[slot], seed, scale, self.cfg.noise_mode, keep=True)
-
-    def restore(self, slot: int, added) -> None:
-        if self.masters:
-            self.masters.copy_to(self.params[slot])
-        else:
-            subtract_noise(self.params[slot], added)
-
-    def evaluate(self, slot: int, seed: int, generate, task, sign: float = 1.0):
+    def evaluate(self, slot: int, seed: int, sign: float = 1.0):
         """Mean reward of the member `seed` on every prompt, its completions, and phase timings."""
+        scale = sign * self.cfg.sigma
         t0 = time.perf_counter()
-        added = self.perturb(slot, seed, sign)
+        self.copies[slot].perturb(seed, scale)
         t1 = time.perf_counter()
         try:
-            completions = generate(self.models[slot],
-                                   with_prompt=self.cfg.reward_on_prompt_and_response)
+            completions = self.generate(self.models[slot],
+                                        with_prompt=self.cfg.reward_on_prompt_and_response)
         finally:
             t2 = time.perf_counter()
-            self.restore(slot, added)
+            self.copies[slot].restore(seed, scale)
         t3 = time.perf_counter()
-        reward = float(np.mean(task.score(completions, seed=seed)))
+        reward = float(np.mean(self.task.score(completions, seed=seed)))
         return reward, completions, {"noise": t1 - t0 + t3 - t2, "generate": t2 - t1}
 
-    def evaluate_members(self, members, seeds, generate, task, pool, on_result=None, signs=None):
+    def evaluate_members(self, members, seeds, on_result=None, signs=None):
         """Evaluate the members (population indices) this rank owns, `gpu_threads` at a time, or in
         lowrank mode up to `lowrank_batch` sequences per batched generate call.
 
@@ -250,17 +234,16 @@ class Population:
         Returns {index: reward} and the summed phase timings (thread-seconds)."""
         signs = signs or member_signs(len(seeds), False)
         if self.lowrank:
-            return self._evaluate_lowrank(members, seeds, signs, generate, task, on_result)
+            return self._evaluate_lowrank(members, seeds, signs, on_result)
         rewards, timings = {}, {"noise": 0.0, "generate": 0.0}
         threads = len(self.models)
         for chunk in range(0, len(members), threads):
             batch = members[chunk:chunk + threads]
             # One thread evaluates in the caller's thread: on CPU, generating from a worker thread
             # measured 1.6x slower (bench/bench_es.py, docs/benchmarks.md).
-            run = pool.map if threads > 1 else map
-            results = run(lambda slot_i: self.evaluate(slot_i[0], seeds[slot_i[1]], generate,
-                                                       task, signs[slot_i[1]]),
-                          enumerate(batch))
+            run = self.pool.map if self.pool else map
+            results = run(lambda slot_i: self.evaluate(slot_i[0], seeds[slot_i[1]],
+                                                       signs[slot_i[1]]), enumerate(batch))
             for i, (reward, completions, spent) in zip(batch, results):
                 rewards[i] = reward
                 for phase, seconds in spent.items():
@@ -269,11 +252,11 @@ class Population:
                     on_result(i, reward, completions)
         return rewards, timings
 
-    def _evaluate_lowrank(self, members, seeds, signs, generate, task, on_result):
+    def _evaluate_lowrank(self, members, seeds, signs, on_result):
         results, timings = evaluate_batched(
-            self.lowrank, generate, task, [seeds[i] for i in members], [signs[i] for i in members],
-            self.cfg.sigma, self.cfg.lowrank_batch, self.cfg.prune_finished,
-            self.cfg.reward_on_prompt_and_response)
+            self.lowrank, self.generate, self.task, [seeds[i] for i in members],
+            [signs[i] for i in members], self.cfg.sigma, self.cfg.lowrank_batch,
+            self.cfg.prune_finished, self.cfg.reward_on_prompt_and_response)
         rewards = {}
         for j, reward, completions in results:
             rewards[members[j]] = reward
@@ -281,29 +264,21 @@ class Population:
                 on_result(members[j], reward, completions)
         return rewards, timings
 
-    @torch.no_grad()
     def update(self, seeds, weights, n: int | None = None) -> None:
         """The same update on every rank; then every thread copy gets the new weights.
 
         (seeds, weights) are the strategy's update terms (the shaped rewards; one term per pair
         for antithetic pairs); n is the population size, len(seeds) unless given."""
-        n = n or len(seeds)
-        target = self.masters.tensors if self.masters else self.base_params
-        if self.lowrank:
-            lowrank_update(target, seeds, weights, self.cfg.alpha, self.cfg.rank, n=n,
-                           only=self.lowrank.only)
-        else:
-            es_update(target, seeds, weights, self.cfg.alpha, self.cfg.noise_mode, n=n)
-        if self.masters:
-            self.masters.copy_to(self.base_params)
-        for params in self.params:
-            for dst, src in zip(params, self.base_params):
-                dst.copy_(src)
+        self.weights.update(seeds, weights, self.cfg.alpha, n)
+        for copy_ in self.copies:
+            copy_.copy_from(self.weights)
 
     def master_state(self):
-        if not self.masters:
-            return None
-        return {n: t.detach().cpu().contiguous() for n, t in zip(self.names, self.masters.tensors)}
+        return self.weights.master_state()
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown()
 
 
 def resume_mismatches(saved: dict, cfg) -> list:
@@ -323,9 +298,8 @@ class LocalEvaluator:
         self.cfg, self.accelerator, self.task, self.tokenizer = cfg, accelerator, task, tokenizer
         self.is_main = accelerator.is_main_process
         self.world = accelerator.num_processes
-        self.population = Population(model, cfg, masters)
-        self.generate = Generator(tokenizer, task.prompts, cfg.max_new_tokens, cfg.do_sample)
-        self.pool = ThreadPoolExecutor(cfg.gpu_threads)
+        generate = Generator(tokenizer, task.prompts, cfg.max_new_tokens, cfg.do_sample)
+        self.population = Population(model, cfg, generate, task, masters)
         self.mine = list(range(accelerator.process_index, cfg.population_size, self.world))
         self.label = f"[rank {accelerator.process_index}] " if self.world > 1 else ""
 
@@ -344,8 +318,8 @@ class LocalEvaluator:
     def evaluate(self, seeds, signs, on_result):
         t0 = time.perf_counter()
         mine, timings = self.population.evaluate_members(
-            self.mine, seeds, self.generate, self.task, self.pool,
-            lambda i, reward, completions: on_result(i, reward, completions[0]), signs)
+            self.mine, seeds, lambda i, reward, completions: on_result(i, reward, completions[0]),
+            signs)
         rewards = torch.zeros(len(seeds), dtype=torch.float32, device=self.accelerator.device)
         for i, reward in mine.items():
             rewards[i] = reward
@@ -366,7 +340,7 @@ class LocalEvaluator:
         ckpt.save_final(out, *self.saveable()[:2], state, records, self.population.master_state())
 
     def finish(self) -> None:
-        self.pool.shutdown()
+        self.population.close()
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
 

@@ -13,9 +13,11 @@ import torch
 import torch.distributed as dist
 
 from .lowrank import LOWRANK, keeps_masters, lowrank_update, target_indices
-from .noise import MasterWeights, add_noise
+from .noise import MasterWeights, add_noise, subtract_noise
+from .strategy import es_update
 
 COLLECTIVE_TIMEOUT_S = 1800
+UPDATE_ORDERS = ("accumulate", "sequential")
 # The WeightSet operations an engine may be asked to run (the vLLM worker refuses any other name).
 WEIGHT_OPS = ("perturb", "restore", "update", "init_collective", "broadcast", "state_dict",
               "master_state", "load_state_dict", "fingerprint", "names")
@@ -47,19 +49,31 @@ class CollectiveGroup:
 
 
 class WeightSet:
-    """The ES operations on one engine's weights, given as (HF name, tensor) pairs in HF order.
+    """The ES operations on one set of weights, given as (HF name, tensor) pairs in HF order: the
+    one place where weights are perturbed, restored and updated (the plain trainers' canonical
+    weights and thread copies, and every engine's weights).
 
     `named_tensors()` is asked again before every operation (an engine may swap a parameter's
     storage), and `after_change()` runs after every change (vLLM on CPU re-packs its linear layers).
     With `master_weights="fp32"` an fp32 copy is the true state: perturbation is cast from it,
-    restore is exact, and the update accumulates in fp32 (see es_llm.noise.MasterWeights).
+    restore is exact, and the update accumulates in fp32 (see es_llm.noise.MasterWeights); thread
+    copies share their canonical weights' masters (`masters`).
+
+    `update_order`: "accumulate" as the published plain scripts (sum_i z_i eps_i, divided by N,
+    times alpha, added once: es_llm.strategy.es_update), or "sequential" as the published
+    accelerated version (N seeded additions of (alpha / N) z_i eps_i). `keep_noise` keeps the added
+    noise so restore subtracts it instead of drawing it again (the same bits, less time, the memory
+    of one more copy).
     """
 
     def __init__(self, named_tensors, noise_mode: str, master_weights: str = "none",
                  after_change=None, to_hf=None, from_hf=None, rank: int = 1,
-                 targets: str = "all"):
+                 targets: str = "all", update_order: str = "sequential", masters=None,
+                 keep_noise: bool = False):
         if master_weights not in ("none", "fp32"):
             raise ValueError(f"master_weights must be 'none' or 'fp32', got {master_weights!r}")
+        if update_order not in UPDATE_ORDERS:
+            raise ValueError(f"update_order must be one of {UPDATE_ORDERS}, got {update_order!r}")
         self.named_tensors = named_tensors
         self.rank = rank
         # lowrank: the tensors that carry noise (all, or the projections vLLM's LoRA covers)
@@ -69,9 +83,11 @@ class WeightSet:
         self.to_hf = to_hf or (lambda state: state)
         self.from_hf = from_hf or (lambda state: state)
         self.noise_mode = noise_mode
+        self.update_order = update_order
+        self.keep_noise, self.added = keep_noise, None
         self.after_change = after_change or (lambda: None)
-        self.masters = MasterWeights(self.params()) if keeps_masters(
-            master_weights, noise_mode, self.params()) else None
+        self.masters = masters or (MasterWeights(self.params()) if keeps_masters(
+            master_weights, noise_mode, self.params()) else None)
         self.group = None
 
     def names(self) -> list:
@@ -81,34 +97,50 @@ class WeightSet:
         return [tensor for _, tensor in self.named_tensors()]
 
     def perturb(self, seed: int, sigma: float) -> None:
+        """theta += sigma * eps (a negative sigma gives the minus member of an antithetic pair)."""
         if self.masters:
             self.masters.perturb(self.params(), seed, sigma, self.noise_mode)
         else:
-            add_noise(self.params(), seed, sigma, self.noise_mode)
+            self.added = add_noise(self.params(), seed, sigma, self.noise_mode,
+                                   keep=self.keep_noise)
         self.after_change()
 
     def restore(self, seed: int, sigma: float) -> None:
-        """Undo perturb(seed, sigma): exact with master weights, else by subtracting the noise."""
+        """Undo perturb(seed, sigma): exact with master weights, else by subtracting the noise
+        (in bf16/fp16 this leaves about one ulp of rounding per add, as published)."""
         if self.masters:
             self.masters.copy_to(self.params())
+        elif self.added:
+            subtract_noise(self.params(), self.added)
         else:
             add_noise(self.params(), seed, -sigma, self.noise_mode)
+        self.added = None
         self.after_change()
 
+    @torch.no_grad()
     def update(self, seeds, z, alpha: float, n: int | None = None) -> None:
-        """N seeded additions, one seed at a time: theta += (alpha / N) * z_i * eps_i (as published).
-        N is the population size, len(seeds) unless given (antithetic pairs give one term per pair);
-        lowrank: alpha * (1/N) * sum_i z_i * A_i B_i^T / sqrt(R), in fp32."""
+        """theta += alpha * (1/N) * sum_i z_i * eps_i in `update_order`; N is the population size,
+        len(seeds) unless given (antithetic pairs give one term per pair); lowrank:
+        alpha * (1/N) * sum_i z_i * A_i B_i^T / sqrt(R), in fp32."""
         target = self.masters.tensors if self.masters else self.params()
         n = n or len(seeds)
         if self.noise_mode == LOWRANK:
             lowrank_update(target, [int(s) for s in seeds], z, alpha, self.rank, n=n,
                            only=self.only)
+        elif self.update_order == "accumulate":
+            es_update(target, seeds, z, alpha, self.noise_mode, n=n)
         else:
             for seed, zi in zip(seeds, z):
                 add_noise(target, int(seed), alpha / n * float(zi), self.noise_mode)
         if self.masters:
             self.masters.copy_to(self.params())
+        self.after_change()
+
+    @torch.no_grad()
+    def copy_from(self, other: "WeightSet") -> None:
+        """Take another set's weights (a thread copy after the canonical weights' update)."""
+        for dst, src in zip(self.params(), other.params()):
+            dst.copy_(src)
         self.after_change()
 
     def init_collective(self, host: str, port: int, rank: int, world_size: int, backend: str,
@@ -159,14 +191,22 @@ class WeightSet:
                                  f"the model's {tuple(tensor.shape)}")
             tensor.copy_(state[name])
         if self.masters and masters is not None:
-            for (name, tensor), master in zip(named, self.masters.tensors):
-                if name not in masters or tuple(masters[name].shape) != tuple(tensor.shape):
-                    raise ValueError(f"the master weights to load lack {name!r} or give it "
-                                     f"another shape; were they saved from another model?")
-                master.copy_(masters[name])
-            self.masters.copy_to(self.params())
+            self.load_masters(masters, converted=True)
         elif self.masters:
             self.masters = MasterWeights(self.params())
+        self.after_change()
+
+    @torch.no_grad()
+    def load_masters(self, masters: dict, converted: bool = False) -> None:
+        """The fp32 master weights by HF name (as master_state() gives them); the weights are cast
+        from them."""
+        masters = masters if converted else self.from_hf(masters)
+        for (name, tensor), master in zip(self.named_tensors(), self.masters.tensors):
+            if name not in masters or tuple(masters[name].shape) != tuple(tensor.shape):
+                raise ValueError(f"the master weights to load lack {name!r} or give it "
+                                 f"another shape; were they saved from another model?")
+            master.copy_(masters[name])
+        self.masters.copy_to(self.params())
         self.after_change()
 
     def fingerprint(self) -> str:

@@ -117,13 +117,14 @@ def test_the_minus_member_is_evaluated_at_base_minus_sigma_eps(tiny_model_dir, m
     model, _ = load_model(str(tiny_model_dir), "fp32")
     cfg = config(sigma=0.01, gpu_threads=1, noise_mode="iid", master_weights=master_weights,
                  precision="fp32")
-    population = Population(model, cfg)
-    added = population.perturb(0, 123, sign=-1.0)
-    for k, (p, base) in enumerate(zip(population.params[0], population.base_params)):
+    population = Population(model, cfg, generate=None, task=None)
+    member, base_params = population.copies[0], population.weights.params()
+    member.perturb(123, -1.0 * cfg.sigma)  # what evaluate() does for sign -1
+    for k, (p, base) in enumerate(zip(member.params(), base_params)):
         assert torch.equal(p, base + tensor_noise(base, 123, k, "iid") * -0.01)
-    population.restore(0, added)
+    member.restore(123, -1.0 * cfg.sigma)
     if master_weights == "fp32":  # subtracting in fp32 need not be exact; the master copy is
-        assert all(torch.equal(p, b) for p, b in zip(population.params[0], population.base_params))
+        assert all(torch.equal(p, b) for p, b in zip(member.params(), base_params))
 
 
 def test_resume_checks_antithetic_shaping_and_rank_and_reads_old_checkpoints_as_defaults():

@@ -10,7 +10,6 @@ import json
 import shlex
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file

@@ -1,0 +1,58 @@
+"""Model loading: the bundled model's dense copy, cached under ~/.cache/es-llm, is the GGUF file's
+conversion bit for bit (weights, buffers, config, tokenizer), written atomically, rebuilt when
+damaged."""
+import pytest
+import torch
+
+from es_llm import models
+
+pytestmark = pytest.mark.slow
+
+
+def loaded(model_name):
+    model, tokenizer = models.load_model(model_name, "bf16")
+    return model, tokenizer
+
+
+def test_the_dense_copy_is_the_gguf_conversion_bit_for_bit():
+    cached, cached_tok = loaded("bundled")  # from the dense copy (built on first use)
+    fresh, fresh_tok = loaded(str(models.bundled_model_path()))  # converted from the GGUF file
+    ours, theirs = dict(cached.named_parameters()), dict(fresh.named_parameters())
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
+    ours = dict(cached.named_buffers())
+    theirs = dict(fresh.named_buffers())
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    skip = {"_name_or_path", "architectures"}  # where it was read from; save_pretrained sets it
+    assert {k: v for k, v in cached.config.to_dict().items() if k not in skip} == \
+        {k: v for k, v in fresh.config.to_dict().items() if k not in skip}
+    assert cached.generation_config.to_dict() == fresh.generation_config.to_dict()
+    texts = ["Solve: 3 + 5 =", "If all birds can fly, can penguins fly? <think> 12 </think>"]
+    assert cached_tok(texts)["input_ids"] == fresh_tok(texts)["input_ids"]
+    chat = [{"role": "user", "content": "hi"}]
+    assert cached_tok.apply_chat_template(chat, tokenize=False) == \
+        fresh_tok.apply_chat_template(chat, tokenize=False)
+    assert (cached_tok.pad_token, cached_tok.eos_token, cached_tok.padding_side) == \
+        (fresh_tok.pad_token, fresh_tok.eos_token, fresh_tok.padding_side)
+    batch = cached_tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(cached(**batch).logits, fresh(**batch).logits)
+
+
+def test_a_damaged_dense_copy_is_rebuilt_and_an_unwritable_cache_falls_back(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setenv("ES_LLM_CACHE", str(tmp_path / "cache"))
+    first = models.bundled_dense_dir()
+    assert first.parent == tmp_path / "cache" and models.dense_copy_is_whole(first)
+    weights = first / "model.safetensors"
+    expected = weights.read_bytes()
+    with open(weights, "r+b") as f:
+        f.truncate(len(expected) // 2)  # a copy cut short (or damaged since)
+    assert not models.dense_copy_is_whole(first)
+    assert models.bundled_dense_dir() == first and weights.read_bytes() == expected
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left
+    (tmp_path / "ro").write_text("a file, not a directory: nothing can be written below it")
+    monkeypatch.setenv("ES_LLM_CACHE", str(tmp_path / "ro"))
+    assert models.bundled_dense_dir() is None
+    model, _ = models.load_model("bundled", "fp32")  # converts the GGUF file instead
+    assert model.config.vocab_size == 49152
