@@ -4,6 +4,7 @@ tests/data/trainer_flags.json holds them as they were before the settings moved 
 (captured from the old hand-written parser); `python tests/test_cli.py` writes it again.
 """
 import json
+import os
 import sys
 
 import pytest
@@ -67,6 +68,42 @@ def test_editing_a_constant_changes_the_flags_default():
     assert (args.sigma, args.data_sample, args.do_sample) == (0.002, 50, True)
     without = {k: v for k, v in constants.items() if k != "DATA_SAMPLE"}
     assert not hasattr(build_parser("", without).parse_args([]), "data_sample")
+
+
+def test_the_accelerated_front_checks_its_settings_once_with_their_real_values(tmp_path,
+                                                                              monkeypatch):
+    """One validation, of the config that is trained (the task's name, the run directory), and
+    CUDA_VISIBLE_DEVICES set before the run starts; train_accelerated itself checks nothing."""
+    from es_llm.config import AcceleratedConfig
+    from utils import accelerated
+
+    checked, trained = [], []
+    validate = AcceleratedConfig.validate
+    monkeypatch.setattr(AcceleratedConfig, "validate", lambda cfg: checked.append(cfg) or
+                        validate(cfg))
+    monkeypatch.setattr(accelerated, "train_accelerated", lambda cfg, task: trained.append(
+        (cfg, task, os.environ.get("CUDA_VISIBLE_DEVICES"))) or 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    script = load_module(ROOT / "es_fine-tuning_countdown_accl.py", "front_once")
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--engine", "transformers", "--precision", "fp32", "--data_sample", "8",
+                     "--experiment_dir", str(tmp_path), "--run_name", "r", "--cuda_devices", "1"])
+    assert exit_.value.code == 0 and len(checked) == 1
+    (cfg, task, devices), = trained
+    assert cfg is checked[0] and devices == "1"
+    assert (cfg.task, cfg.output_dir, len(task.prompts)) == ("countdown", str(tmp_path / "r"), 8)
+    assert list(tmp_path.iterdir()) == []  # nothing written before the run
+
+
+def test_a_bad_accelerated_flag_exits_2_with_every_problem_before_anything_is_written(
+        tmp_path, capsys):
+    script = load_module(ROOT / "es_fine-tuning_countdown_accl.py", "front_bad")
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--engine", "transformers", "--precision", "fp32", "--population_size", "0",
+                     "--save_every", "-1", "--experiment_dir", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "population_size must be >= 1" in error
+    assert "save_every must be >= 0" in error and list(tmp_path.iterdir()) == []
 
 
 if __name__ == "__main__":
