@@ -1,7 +1,8 @@
 """The trainers' command lines: every front's flags, defaults, choices and types, pinned.
 
-tests/data/trainer_flags.json holds them as they were before the settings moved into es_llm/config.py
-(captured from the old hand-written parser); `python tests/test_cli.py` writes it again.
+tests/data/trainer_flags.json holds them as they were before the settings moved into
+es_llm/config.py (captured from the old hand-written parser); `python tests/test_cli.py` writes it
+again.
 """
 import json
 import os
