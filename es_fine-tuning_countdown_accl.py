@@ -105,43 +105,47 @@ def default_precision() -> str:
 
 
 def parse_args(argv=None):
-    """The flags, checked (a bad one exits with its reason, before any model is touched)."""
+    """The parsed flags; --cuda_devices becomes CUDA_VISIBLE_DEVICES here, the one place, before
+    torch looks for GPUs (to resolve the precision)."""
     from es_llm.cli import build_parser
-    from utils.accelerated import CONVERTED
 
     parser = build_parser(__doc__.split("\n\n")[0], globals(), accelerated=True)
     args = parser.parse_args(argv)
     if args.cuda_devices is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = args.cuda_devices  # before torch looks for GPUs
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.cuda_devices
     if args.precision is None:
         args.precision = default_precision()
+    return parser, args
+
+
+def settings(argv=None):
+    """The run's settings and task, checked once with their real values (the task's name, the run
+    directory) before anything is written or any model loaded: a bad flag exits with its reason
+    (code 2)."""
+    from countdown.countdown_task import make_task
+    from es_llm.cli import config_from_args, task_from_args
+    from es_llm.config import AcceleratedConfig
+    from utils.accelerated import CONVERTED, run_dir_of
+
+    parser, args = parse_args(argv)
+    task = task_from_args(args, lambda: make_task(args.data_sample))
+    cfg = config_from_args(args, task.name, len(task.prompts), AcceleratedConfig, run_dir_of)
     try:
-        config(args, "countdown", 1).validate()
+        cfg.validate()
     except ValueError as error:
         parser.error(str(error))
-    if args.run_name == CONVERTED:
+    if cfg.run_name == CONVERTED:
         parser.error(f"--run_name must be a plain directory name other than {CONVERTED!r} (where "
                      f"the bundled model is converted)")
-    return args
-
-
-def config(args, task_name, num_questions):
-    from es_llm.cli import config_from_args
-    from es_llm.trainer import AcceleratedConfig
-
-    args.output_dir = "."  # placeholder: the run directory is <experiment_dir>/<run_name>
-    return config_from_args(args, task_name, num_questions, AcceleratedConfig)
+    return cfg, task
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    from countdown.countdown_task import make_task
-    from es_llm.cli import USER_ERRORS, task_from_args
+    from es_llm.cli import USER_ERRORS
     from utils.accelerated import train_accelerated
 
     try:
-        task = task_from_args(args, lambda: make_task(args.data_sample))
-        status = train_accelerated(config(args, task.name, len(task.prompts)), task)
+        status = train_accelerated(*settings(argv))
     except (*USER_ERRORS, OSError) as error:
         sys.exit(f"error: {error}")
     sys.exit(status)

@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 
-from countdown.eval_countdown import (add_data_flags, add_output_flags, generation_config,
-                                      load_eval_items, make_summary, report, score)
+from countdown.eval_countdown import (PRECISION_ALIASES, add_data_flags, add_output_flags,
+                                      generation_config, load_eval_items, make_summary, report,
+                                      score)
 from es_llm.evaluation import (AUTO_PRECISION, WEIGHT_FILE_SUFFIXES, Sample, argument_problems,
                                load_for_eval, run_evaluation)
-from es_llm.models import save_model
+from es_llm.models import DTYPE_NAMES, save_model
 
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-3B-Instruct"
 DEFAULT_BATCH_SIZE = 1024
-VLLM_DTYPES = ("auto", "float16", "bfloat16", "float32")
-PRECISION_ALIASES = {"auto": "auto", "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+VLLM_DTYPES = ("auto", *DTYPE_NAMES.values())
 
 
 class DtypeAlias(argparse.Action):

@@ -108,7 +108,7 @@ def main(argv=None):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from es_llm.models import PRECISIONS, load_model, save_model
+    from es_llm.models import DTYPE_NAMES, load_model, save_model
     from utils.engines import resolve_base_model
 
     task = load_task(args)
@@ -130,7 +130,7 @@ def main(argv=None):
         beta=args.beta, max_steps=args.max_steps, seed=args.seed, logging_steps=1,
         save_strategy="no", report_to="none", use_cpu=not __import__("torch").cuda.is_available(),
         bf16=False, fp16=False, remove_unused_columns=False,
-        model_init_kwargs={"dtype": str(PRECISIONS[args.precision]).removeprefix("torch.")})
+        model_init_kwargs={"dtype": DTYPE_NAMES[args.precision]})
     trainer = GRPOTrainer(model=model, reward_funcs=[RewardRecorder(task, out / "metrics.jsonl")],
                           args=config, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()

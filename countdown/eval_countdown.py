@@ -36,7 +36,8 @@ from countdown.countdown_task import (DEFAULT_DATA_PATH, TEST_SIZE, TRAIN_SIZE, 
 from es_llm.evaluation import (AUTO_PRECISION, WEIGHT_FILE_SUFFIXES, argument_problems,  # noqa: E402
                                generate, guess_base_model, load_for_eval, run_evaluation,
                                write_json)
-from es_llm.models import BUNDLED_MODEL, model_short_name  # noqa: E402
+from es_llm.models import (BUNDLED_MODEL, DTYPE_NAMES, PRECISIONS,  # noqa: E402
+                           model_short_name)
 
 SUMMARY_FILE = "summary.json"
 DETAILS_FILE = "eval_detailed_results.json"
@@ -44,10 +45,9 @@ RESPONSES_FILE = DETAILS_FILE  # the name older code imported
 DEFAULT_BATCH_SIZE = 32
 HIGH_REWARD = 1.0
 # --torch_dtype (the published names) -> the project's precision names; --precision is an alias.
-TORCH_DTYPES = {"auto": AUTO_PRECISION, "float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-PRECISION_ALIASES = {AUTO_PRECISION: "auto", "fp16": "float16", "bf16": "bfloat16",
-                     "fp32": "float32"}
-MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+TORCH_DTYPES = {"auto": AUTO_PRECISION, **{name: p for p, name in DTYPE_NAMES.items()}}
+PRECISION_ALIASES = {AUTO_PRECISION: "auto", **DTYPE_NAMES}
+MIXED_PRECISION = {"no": None, "fp16": PRECISIONS["fp16"], "bf16": PRECISIONS["bf16"]}
 STATS_KEYS = ("dataset_name", "num_samples", "avg_reward", "avg_format_reward", "avg_answer_reward",
               "std_reward", "min_reward", "max_reward", "high_reward_count",
               "high_reward_percentage", "correct_count", "accuracy", "eval_time")

@@ -7,6 +7,7 @@ Layout (each file does one thing):
     generation.py  greedy batched generation of the continuation
     models.py      loading (hub id, local dir, .gguf, the bundled SmolLM2) and saving
     checkpoint.py  atomic saves, checkpoints, metrics.jsonl
+    config.py      the settings, each a dataclass field with its default and help
     trainer.py     the population loop across processes and threads
-    cli.py         the flags every trainer script shares
+    cli.py         the flags every trainer script shares, built from the settings' fields
 """

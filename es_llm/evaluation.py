@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .models import PRECISIONS, load_model
+from .models import PRECISIONS, load_model, precision_of
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 AUTO_PRECISION = "auto"
@@ -41,9 +41,7 @@ def saved_precision(model_path, default: str = "bf16") -> str:
     if not config.is_file():
         return default
     values = json.loads(config.read_text())
-    dtype = str(values.get("dtype") or values.get("torch_dtype") or "")
-    names = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-    return names.get(dtype.removeprefix("torch."), default)
+    return precision_of(values.get("dtype") or values.get("torch_dtype") or "") or default
 
 
 def load_for_eval(model_path, base_model_name, precision=AUTO_PRECISION, device=None,
@@ -96,10 +94,9 @@ def read_state_dict(path) -> dict:
 
 def state_precision(state: dict, default: str = "bf16") -> str:
     """The precision of a state dict's first floating-point tensor (`default` if none)."""
-    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     for tensor in state.values():
         if tensor.is_floating_point():
-            return names.get(tensor.dtype, default)
+            return precision_of(tensor.dtype) or default
     return default
 
 

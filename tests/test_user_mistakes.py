@@ -235,7 +235,7 @@ def test_the_accelerated_final_save_cleans_up_and_names_the_path(tiny_model_dir,
     """PoolEvaluator.save_final with a stand-in pool (the engines' side is tested with Ray
     elsewhere): a failing write leaves no temporary file and no finished state."""
     from es_llm.models import load_model
-    from es_llm.trainer import AcceleratedConfig
+    from es_llm.config import AcceleratedConfig
     from utils import accelerated
     from utils.engines import hf_layout
 
@@ -257,10 +257,11 @@ def test_the_accelerated_final_save_cleans_up_and_names_the_path(tiny_model_dir,
 # --------------------------------------------------------------------------- the accelerated name
 
 def test_a_users_task_names_the_accelerated_run():
-    from es_llm.trainer import AcceleratedConfig
+    from es_llm.config import AcceleratedConfig
     from utils.accelerated import default_run_name
 
-    cfg = AcceleratedConfig(task="word_count", model_name="bundled", output_dir=".")
+    cfg = AcceleratedConfig(task="word_count", model_name="bundled", output_dir=".",
+                            engine="transformers")
     assert default_run_name(cfg).startswith("word_count_SmolLM2-135M-Instruct_transformers_pop30")
 
 

@@ -171,14 +171,14 @@ def test_hf_noise_names_give_the_transformers_engines_noise(smollm2_dir):
 
 
 def test_vllm_lowrank_needs_the_lora_targets_with_a_clear_message(smollm2_dir):
-    from es_llm.trainer import AcceleratedConfig
+    from es_llm.config import AcceleratedConfig
 
     cfg = AcceleratedConfig(task="countdown", model_name="bundled", output_dir=".",
-                            engine="vllm", noise_mode="lowrank")
+                            precision="fp32", engine="vllm", noise_mode="lowrank")
     with pytest.raises(ValueError, match="add --lowrank_targets lora"):
         cfg.validate()
-    AcceleratedConfig(task="countdown", model_name="bundled", output_dir=".", engine="vllm",
-                      noise_mode="lowrank", lowrank_targets="lora").validate()
+    AcceleratedConfig(task="countdown", model_name="bundled", output_dir=".", precision="fp32",
+                      engine="vllm", noise_mode="lowrank", lowrank_targets="lora").validate()
     with pytest.raises(ValueError, match="--lowrank_targets lora"):
         VLLMEngine(smollm2_dir, "fp32", 16, "lowrank", hf_layout(smollm2_dir))
 

@@ -184,9 +184,9 @@ class PoolEvaluator:
 
 
 def train_accelerated(cfg, task) -> int:
-    """Run the accelerated version; returns the exit status (0, 130 when stopped)."""
-    if cfg.cuda_devices is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.cuda_devices  # before Ray or torch see the GPUs
+    """Run the accelerated version (`cfg` checked, its output_dir the run directory, and
+    CUDA_VISIBLE_DEVICES set by the script's front); returns the exit status (0, 130 when
+    stopped)."""
     # Until the loop takes over SIGTERM (to stop after an iteration and save), it unwinds through
     # the clean-up below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -203,7 +203,6 @@ def train_accelerated(cfg, task) -> int:
     from utils.engines import hf_layout, resolve_base_model
 
     started = time.time()
-    cfg.output_dir = str(run_dir_of(cfg))
     logging_dir = cfg.logging_dir or cfg.output_dir
     accelerator = tracking.tracking_accelerator(cfg.report_to, logging_dir, cpu=True)
 
@@ -214,7 +213,6 @@ def train_accelerated(cfg, task) -> int:
         tracking.log(accelerator, record)
 
     # Every check before anything is written (user errors propagate to the script's front).
-    cfg.validate()
     run = Run(cfg, cfg.output_dir, "--run_name", True, lambda saved: resume_mismatches(saved, cfg),
               log)
     base = resolve_base_model(cfg.model_name, Path(cfg.experiment_dir) / CONVERTED,

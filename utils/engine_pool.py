@@ -16,6 +16,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 ROOT = Path(__file__).resolve().parents[1]
 PLACEMENT_TIMEOUT_S = 300
 from es_llm.trainer import SCHEDULES
+from es_llm.weightset import COLLECTIVE_TIMEOUT_S
 
 
 def _pythonpath() -> str:
@@ -66,7 +67,7 @@ class EnginePool:
 
     def __init__(self, kind: str, num_engines: int, engine_kwargs: dict, task, use_gpu: bool,
                  cpus_per_engine: int = 1, bind_cpus: bool = False,
-                 collective_timeout_s: float = 1800.0):
+                 collective_timeout_s: float = COLLECTIVE_TIMEOUT_S):
         self.actors, self.pg = [], None
         try:
             bundle = {"CPU": cpus_per_engine, **({"GPU": 1} if use_gpu else {})}

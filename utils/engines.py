@@ -25,13 +25,12 @@ import numpy as np
 import torch
 
 from es_llm.checkpoint import replace_directory
-from es_llm.models import (BUNDLED_MODEL, PRECISIONS, load_model, model_not_found,
+from es_llm.models import (BUNDLED_MODEL, DTYPE_NAMES, PRECISIONS, load_model, model_not_found,
                            model_short_name, save_model)
 from es_llm.lowrank import LOWRANK, BatchedLowRank, evaluate_batched
 from es_llm.weightset import WeightSet
 
 from es_llm.trainer import ENGINES  # noqa: F401 (re-exported)
-VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # vLLM memory: on CPU an explicit KV-cache size in RAM per engine; on GPU a share of its memory
 # (kept below vLLM's usual 0.9 to leave room for --master_weights fp32).
 VLLM_CPU_KV_CACHE_BYTES = 1 << 30
@@ -194,7 +193,7 @@ class VLLMEngine(Engine):
                 "/dev/shm" if os.path.isdir("/dev/shm") else None)))
             self._next_lora_id = 1
         # Eager on CPU: a compiled graph could keep calling a linear layer's old packed weight.
-        self.llm = LLM(model=str(model_path), dtype=VLLM_DTYPES[precision], seed=seed,
+        self.llm = LLM(model=str(model_path), dtype=DTYPE_NAMES[precision], seed=seed,
                        tensor_parallel_size=1, distributed_executor_backend="uni",
                        enforce_eager=on_cpu, enable_prefix_caching=False,
                        max_model_len=max_model_len, download_dir=cache_dir,

