@@ -1,7 +1,10 @@
-"""Saves that cannot be half-written: checkpoints, the final model and metrics.jsonl.
+"""A saved run, in one place: how checkpoints, the final model and metrics.jsonl are written, and
+how they are found, read and checked (es_llm/rundir.py holds the rules for what may be written
+where).
 
 Everything is written under a temporary name and renamed into place, so a crash during a save
-leaves the previous checkpoint intact and loadable.
+leaves the previous checkpoint intact and loadable; a save that cannot be written (a full disk)
+is a WriteError naming the path, its temporary removed.
 
 A checkpoint directory `checkpoint-<iteration>/` holds the model and tokenizer (loadable with
 `from_pretrained`), `trainer_state.json` (iteration, numpy seed-generator state, the run's
@@ -14,7 +17,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .models import save_model
@@ -45,30 +48,51 @@ def saving(path: Path, *temporary: Path):
         yield
     except (OSError, SafetensorError, RuntimeError) as error:
         for tmp in temporary:
-            if Path(tmp).is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                Path(tmp).unlink(missing_ok=True)
+            try:
+                remove(tmp)
+            except OSError:
+                pass  # the failure being reported matters more
         if isinstance(error, WriteError):
             raise
         raise WriteError(f"could not write {path} ({_reason(error)})") from error
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+@contextmanager
+def atomic(path: Path, unique: bool = False):
+    """Write `path` (a file, or a directory) under a hidden temporary name beside it, yielded to the
+    block and renamed into place when it ends (an existing directory is moved aside first and
+    removed last, so a crash leaves one whole copy); a failure to write removes the temporary and
+    is a WriteError naming `path`. `unique`: the temporary's name holds the process id, for
+    processes that may write the same path at once (caches)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp" + (str(os.getpid()) if unique else ""))
     with saving(path, tmp):
+        remove(tmp)
+        yield tmp
+        if tmp.is_dir():
+            replace_directory(tmp, path)
+        else:
+            os.replace(tmp, path)
+
+
+def remove(path: Path) -> None:
+    """Remove a file or a directory tree, if there."""
+    if Path(path).is_dir():
+        shutil.rmtree(path)
+    else:
+        Path(path).unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    with atomic(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1))
-        os.replace(tmp, path)
 
 
 def write_metrics(path: Path, records) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with saving(path, tmp):
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def append_metrics(path: Path, record) -> None:
@@ -101,12 +125,9 @@ def save_checkpoint(output_dir: Path, model, tokenizer, state: dict, records, ma
                     keep: int = 0) -> Path:
     """Write checkpoint-<iteration>/ atomically; keep only the newest `keep` if keep > 0."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{state['iteration']}"
-    tmp = output_dir / f".{final.name}.tmp"
-    with saving(final, tmp):
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic(final) as tmp:
         tmp.mkdir(parents=True)
         _write_run_files(tmp, model, tokenizer, state, records, masters)
-        replace_directory(tmp, final)
     if keep > 0:
         for stale in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(stale)
@@ -136,18 +157,6 @@ def replace_directory(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
     else:
         os.rename(tmp, final)
-
-
-def ensure_writable(directory: Path, flag: str) -> None:
-    """Create `directory` and prove it writable before any work, or say which flag to change."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise PermissionError(f"directory {directory} is not writable ({error}); choose another "
-                              f"{flag}") from error
 
 
 def list_checkpoints(output_dir: Path) -> list:
@@ -196,3 +205,89 @@ def load_weights(directory) -> dict:
     for path in files:
         state.update(load_file(str(path)))
     return state
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not belong to this run."""
+
+
+def iteration_of(directory: Path) -> int:
+    return int(load_state(directory)["iteration"])
+
+
+def finished_state(run_dir: Path):
+    """The directory's own trainer_state.json if it records a finished run, else None."""
+    if not (Path(run_dir) / STATE_FILE).is_file():
+        return None
+    state = load_state(run_dir)
+    return state if state.get("finished") else None
+
+
+def weights_dir(checkpoint: Path) -> Path:
+    """Where a checkpoint's HF weights are: in it, or in a finished run's final_model/."""
+    own = [p for p in Path(checkpoint).glob("*.safetensors") if p.name != MASTER_FILE]
+    return Path(checkpoint) if own else Path(checkpoint) / "final_model"
+
+
+def run_home(checkpoint: Path) -> Path:
+    """The run directory a checkpoint belongs to."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent if checkpoint.name.startswith(CHECKPOINT_PREFIX) else checkpoint
+
+
+def earlier_checkpoints(checkpoint: Path) -> list:
+    home = run_home(checkpoint)
+    return [c for c in list_checkpoints(home) if c.resolve() != Path(checkpoint).resolve()]
+
+
+def _unreadable(checkpoint: Path, path: Path, error) -> CheckpointError:
+    others = earlier_checkpoints(checkpoint)
+    hint = (f"resume from another checkpoint instead, e.g. --resume {others[-1]}" if others else
+            "no other checkpoint of this run exists; start the run again without --resume")
+    return CheckpointError(f"cannot read {path} of checkpoint {checkpoint} ({type(error).__name__}: "
+                           f"{error}); the file is damaged or incomplete. Nothing was written. {hint}")
+
+
+def check_readable(checkpoint: Path) -> None:
+    """Open every tensor file of the checkpoint, so a damaged one is named before any work:
+    safetensors checks the header and that the file covers every tensor it lists (a truncated file
+    fails), without reading the tensors, which the model load then reads once."""
+    files = sorted(weights_dir(checkpoint).glob("*.safetensors"))
+    files += [p for p in [Path(checkpoint) / MASTER_FILE] if p.is_file() and p not in files]
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as error:  # safetensors raises its own SafetensorError, or OSError
+            raise _unreadable(checkpoint, path, error) from error
+
+
+def load_resume(path, mismatches, num_iterations: int) -> dict:
+    """The checkpoint to resume from (a checkpoint-<i>/ directory, or a run directory meaning its
+    newest state), checked before any work: `mismatches(saved_config)` lists the settings on which
+    it differs from this run; its iteration must leave work to do. (`check_readable` then reads its
+    tensors through.)"""
+    checkpoint = resolve_checkpoint(path)
+    try:
+        state = load_state(checkpoint)
+        start = int(state["iteration"])
+        records = [r for r in read_metrics(checkpoint / METRICS_FILE) if r["iteration"] <= start]
+    except (ValueError, KeyError, TypeError) as error:
+        raise _unreadable(checkpoint, checkpoint / STATE_FILE, error) from error
+    mismatched = mismatches(state.get("config", {}))
+    if mismatched:
+        raise ValueError(f"cannot resume from {checkpoint}: its run differs from this one:\n  "
+                         + "\n  ".join(mismatched) + "\nRun with the checkpoint's settings, or "
+                         "start a new run without --resume.")
+    if start >= num_iterations:
+        raise ValueError(f"{checkpoint} is at iteration {start}: --num_iterations "
+                         f"{num_iterations} leaves nothing to do; give a larger --num_iterations "
+                         f"to continue the run")
+    if not weights_dir(checkpoint).is_dir():
+        raise FileNotFoundError(f"{checkpoint} holds no weights (neither *.safetensors nor "
+                                f"final_model/); resume from another checkpoint")
+    if [r["iteration"] for r in records] != list(range(1, start + 1)):
+        raise CheckpointError(f"{checkpoint / METRICS_FILE} does not hold iterations 1..{start}; "
+                              f"the checkpoint is incomplete, resume from another one")
+    return {"checkpoint": checkpoint, "state": state, "start": start, "records": records,
+            "home": run_home(checkpoint)}

@@ -16,6 +16,7 @@ from pathlib import Path
 from .config import AcceleratedConfig, TrainConfig
 from .lowrank import LOWRANK
 from .models import ModelNotFoundError, model_short_name
+from .loop import STOPPED
 from .tasks import load_task_file
 from .trainer import train
 
@@ -126,9 +127,11 @@ def run_training(args, make_task) -> None:
     its message."""
     try:
         task = task_from_args(args, make_task)
-        train(config_from_args(args, task.name, len(task.prompts)), task)
+        out = train(config_from_args(args, task.name, len(task.prompts)), task)
     except USER_ERRORS as error:
         sys.exit(f"error: {error}")
+    if out is None:
+        sys.exit(STOPPED)
 
 
 def run_twin(script_file: str, twin_name: str, **constants) -> None:

@@ -70,17 +70,23 @@ def report_iteration(iteration: int, total: int, record: dict, device="cpu") -> 
                    f"{torch.cuda.max_memory_allocated(device) / 1024**2:.2f}MB peak")
 
 
+STOPPED = 130  # the exit status of a run stopped by Ctrl-C or SIGTERM (after saving)
+
+
 def run_es(cfg, evaluator, run, strategy, num_prompts: int):
-    """Iterations run.start + 1 .. cfg.num_iterations; returns the run directory."""
+    """Iterations run.start + 1 .. cfg.num_iterations; returns the run directory, or None when a
+    stop request ended the run early (its checkpoint saved; the front exits with STOPPED)."""
     with StopRequest() as stop:
         try:
-            _iterate(cfg, evaluator, run, strategy, num_prompts, stop)
+            if not _iterate(cfg, evaluator, run, strategy, num_prompts, stop):
+                return None
             return run.finish(evaluator, strategy)
         except Exception as error:  # the note says where the run can go on from
             raise run.failed(error) from error
 
 
-def _iterate(cfg, evaluator, run, strategy, num_prompts, stop) -> None:
+def _iterate(cfg, evaluator, run, strategy, num_prompts, stop) -> bool:
+    """Run the iterations; False when stopped early."""
     n = cfg.population_size
     bar = tqdm(range(run.start + 1, cfg.num_iterations + 1), initial=run.start,
                total=cfg.num_iterations, disable=not evaluator.is_main, desc="ES iterations")
@@ -89,6 +95,7 @@ def _iterate(cfg, evaluator, run, strategy, num_prompts, stop) -> None:
         seeds = evaluator.agree(strategy, stop.requested)
         if seeds is None:
             run.stop(evaluator, strategy, iteration - 1)
+            return False
 
         def show(i, reward, completion):
             if cfg.verbose:
@@ -104,3 +111,4 @@ def _iterate(cfg, evaluator, run, strategy, num_prompts, stop) -> None:
                                   generations=iteration * n * num_prompts)
         run.add(record, evaluator, strategy)
     bar.close()
+    return True

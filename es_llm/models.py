@@ -9,7 +9,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -100,19 +99,17 @@ def bundled_dense_dir() -> Path | None:
     target = cache_root() / f"dense-{gguf.stem}-{file_sha256(gguf)[:16]}"
     if dense_copy_is_whole(target):
         return target
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    from .checkpoint import atomic
+
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
         model, tokenizer = _load(str(gguf.parent), {"gguf_file": gguf.name}, torch.float32,
                                  BUNDLED_MODEL)
-        save_model(model, tokenizer, tmp)
-        sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
-        (tmp / DENSE_MANIFEST).write_text(json.dumps({"gguf": str(gguf), "sizes": sizes}))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        return target if dense_copy_is_whole(target) else None  # another process may have won
+        with atomic(target, unique=True) as tmp:
+            save_model(model, tokenizer, tmp)
+            sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
+            (tmp / DENSE_MANIFEST).write_text(json.dumps({"gguf": str(gguf), "sizes": sizes}))
+    except OSError:  # an unwritable cache (or another process won the race)
+        return target if dense_copy_is_whole(target) else None
     return target
 
 

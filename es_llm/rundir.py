@@ -1,58 +1,29 @@
-"""A run directory's rules, shared by every trainer: what resuming reads, what may be written where.
+"""A run directory's rules, shared by every trainer: what may be written where, and one run through
+its directory (`Run`). Reading and checking saved runs is es_llm/checkpoint.py's.
 
-- `load_resume` reads the checkpoint to resume from (its state and metrics) and checks
-  it against this run's settings before any work; a file that cannot be read is named, with the
-  earlier checkpoints that could be used instead.
 - `plan_run_dir` decides whether this run may write into a directory: a new run needs one that holds
   no run (or --overwrite); a resumed run continuing in its own directory must not mix two histories;
   a resumed run going to another directory needs that one free of runs (or --overwrite). It writes
   nothing: `clear_and_check_writable` does, once every check has passed.
 """
+import os
 import shlex
 import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from safetensors import safe_open
-
 from . import checkpoint as ckpt
-from .checkpoint import CHECKPOINT_PREFIX, MASTER_FILE, METRICS_FILE, STATE_FILE, resolve_checkpoint
+from .checkpoint import (CHECKPOINT_PREFIX, MASTER_FILE, METRICS_FILE, STATE_FILE, check_readable,
+                         finished_state, iteration_of, load_resume, weights_dir)
 from .tracking import PROJECT
 
 # The names a trainer writes into a run directory (what makes it "hold a run", and what
 # --overwrite may remove): its files, and the trackers' directories (es_llm.tracking: TensorBoard
 # under PROJECT/, wandb under wandb/); a model saved in place adds its config, weights and tokenizer.
-RUN_FILE_PREFIXES = (CHECKPOINT_PREFIX, f".{CHECKPOINT_PREFIX}", "final_model", "model_saves",
-                     METRICS_FILE, STATE_FILE, MASTER_FILE, ".final", PROJECT, "wandb")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not belong to this run."""
-
-
-def iteration_of(directory: Path) -> int:
-    return int(ckpt.load_state(directory)["iteration"])
-
-
-def finished_state(run_dir: Path):
-    """The directory's own trainer_state.json if it records a finished run, else None."""
-    if not (Path(run_dir) / STATE_FILE).is_file():
-        return None
-    state = ckpt.load_state(run_dir)
-    return state if state.get("finished") else None
-
-
-def weights_dir(checkpoint: Path) -> Path:
-    """Where a checkpoint's HF weights are: in it, or in a finished run's final_model/."""
-    own = [p for p in Path(checkpoint).glob("*.safetensors") if p.name != MASTER_FILE]
-    return Path(checkpoint) if own else Path(checkpoint) / "final_model"
-
-
-def run_home(checkpoint: Path) -> Path:
-    """The run directory a checkpoint belongs to."""
-    checkpoint = Path(checkpoint)
-    return checkpoint.parent if checkpoint.name.startswith(CHECKPOINT_PREFIX) else checkpoint
+# A save's temporary is the same name behind a dot (es_llm.checkpoint.atomic).
+_WRITTEN = (CHECKPOINT_PREFIX, "final_model", "model_saves", METRICS_FILE, STATE_FILE, MASTER_FILE)
+RUN_FILE_PREFIXES = (*_WRITTEN, *(f".{name}" for name in _WRITTEN), ".final", PROJECT, "wandb")
 
 
 def run_files(run_dir: Path) -> list:
@@ -61,64 +32,6 @@ def run_files(run_dir: Path) -> list:
     if not run_dir.is_dir():
         return []
     return sorted(p for p in run_dir.iterdir() if p.name.startswith(RUN_FILE_PREFIXES))
-
-
-def earlier_checkpoints(checkpoint: Path) -> list:
-    home = run_home(checkpoint)
-    return [c for c in ckpt.list_checkpoints(home) if c.resolve() != Path(checkpoint).resolve()]
-
-
-def _unreadable(checkpoint: Path, path: Path, error) -> CheckpointError:
-    others = earlier_checkpoints(checkpoint)
-    hint = (f"resume from another checkpoint instead, e.g. --resume {others[-1]}" if others else
-            "no other checkpoint of this run exists; start the run again without --resume")
-    return CheckpointError(f"cannot read {path} of checkpoint {checkpoint} ({type(error).__name__}: "
-                           f"{error}); the file is damaged or incomplete. Nothing was written. {hint}")
-
-
-def check_readable(checkpoint: Path) -> None:
-    """Open every tensor file of the checkpoint, so a damaged one is named before any work:
-    safetensors checks the header and that the file covers every tensor it lists (a truncated file
-    fails), without reading the tensors, which the model load then reads once."""
-    files = sorted(weights_dir(checkpoint).glob("*.safetensors"))
-    files += [p for p in [Path(checkpoint) / MASTER_FILE] if p.is_file() and p not in files]
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt"):
-                pass
-        except Exception as error:  # safetensors raises its own SafetensorError, or OSError
-            raise _unreadable(checkpoint, path, error) from error
-
-
-def load_resume(path, mismatches, num_iterations: int) -> dict:
-    """The checkpoint to resume from (a checkpoint-<i>/ directory, or a run directory meaning its
-    newest state), checked before any work: `mismatches(saved_config)` lists the settings on which
-    it differs from this run; its iteration must leave work to do. (`check_readable` then reads its
-    tensors through.)"""
-    checkpoint = resolve_checkpoint(path)
-    try:
-        state = ckpt.load_state(checkpoint)
-        start = int(state["iteration"])
-        records = [r for r in ckpt.read_metrics(checkpoint / METRICS_FILE) if r["iteration"] <= start]
-    except (ValueError, KeyError, TypeError) as error:
-        raise _unreadable(checkpoint, checkpoint / STATE_FILE, error) from error
-    mismatched = mismatches(state.get("config", {}))
-    if mismatched:
-        raise ValueError(f"cannot resume from {checkpoint}: its run differs from this one:\n  "
-                         + "\n  ".join(mismatched) + "\nRun with the checkpoint's settings, or "
-                         "start a new run without --resume.")
-    if start >= num_iterations:
-        raise ValueError(f"{checkpoint} is at iteration {start}: --num_iterations "
-                         f"{num_iterations} leaves nothing to do; give a larger --num_iterations "
-                         f"to continue the run")
-    if not weights_dir(checkpoint).is_dir():
-        raise FileNotFoundError(f"{checkpoint} holds no weights (neither *.safetensors nor "
-                                f"final_model/); resume from another checkpoint")
-    if [r["iteration"] for r in records] != list(range(1, start + 1)):
-        raise CheckpointError(f"{checkpoint / METRICS_FILE} does not hold iterations 1..{start}; "
-                              f"the checkpoint is incomplete, resume from another one")
-    return {"checkpoint": checkpoint, "state": state, "start": start, "records": records,
-            "home": run_home(checkpoint)}
 
 
 def plan_run_dir(run_dir: Path, resume, overwrite: bool, name_flag: str) -> list:
@@ -168,7 +81,7 @@ def clear_and_check_writable(run_dir: Path, remove, name_flag: str) -> None:
     """Remove what plan_run_dir allowed (the finished marker first: a crash half-way must not leave
     a run that looks finished), then prove the directory writable."""
     remove_paths(remove)
-    ckpt.ensure_writable(Path(run_dir), name_flag)
+    ensure_writable(Path(run_dir), name_flag)
 
 
 def remove_paths(paths) -> None:
@@ -178,6 +91,18 @@ def remove_paths(paths) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+def ensure_writable(directory: Path, flag: str) -> None:
+    """Create `directory` and prove it writable before any work, or say which flag to change."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(f"directory {directory} is not writable ({error}); choose another "
+                              f"{flag}") from error
 
 
 def resume_command(argv, run_dir: Path) -> str:
@@ -226,7 +151,7 @@ class Run:
         if self.resume:
             check_readable(self.resume["checkpoint"])
         if is_main:
-            ckpt.ensure_writable(self.out, name_flag)
+            ensure_writable(self.out, name_flag)
         self.start = self.resume["start"] if self.resume else 0
         self.records = list(self.resume["records"]) if self.resume else []
         self.rng_state = self.resume["state"]["rng_state"] if self.resume else None
@@ -263,7 +188,8 @@ class Run:
                                     self.records, masters, self.cfg.keep_checkpoints)
 
     def stop(self, evaluator, strategy, last: int) -> None:
-        """Save the last completed iteration (if any), print the resume command, exit 130."""
+        """Save the last completed iteration (if any) and print the resume command; the front
+        exits 130."""
         if self.is_main:
             if last > 0:
                 saved = self.out / f"{CHECKPOINT_PREFIX}{last}"
@@ -277,7 +203,6 @@ class Run:
                 print("\ninterrupted before the first iteration finished: nothing to save",
                       file=sys.stderr, flush=True)
         evaluator.finish()
-        sys.exit(130)
 
     def failed(self, error: Exception) -> Exception:
         """After an error stopped the run: a new run that recorded no iteration takes back what it

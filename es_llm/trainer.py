@@ -198,8 +198,9 @@ class LocalEvaluator:
         self.accelerator.end_training()
 
 
-def train(cfg: TrainConfig, task) -> Path:
-    """Run ES on `task` as configured; returns the output directory holding the final model."""
+def train(cfg: TrainConfig, task) -> Path | None:
+    """Run ES on `task` as configured; returns the output directory holding the final model, or
+    None when Ctrl-C or SIGTERM stopped the run (its checkpoint saved)."""
     started = time.time()
     logging_dir = cfg.logging_dir or cfg.output_dir
     accelerator = tracking.tracking_accelerator(
@@ -228,7 +229,7 @@ def train(cfg: TrainConfig, task) -> Path:
     strategy = Strategy(cfg.population_size, cfg.initial_seed, cfg.antithetic,
                         cfg.fitness_shaping, run.rng_state)
     out = run_es(cfg, evaluator, run, strategy, len(task.prompts))
-    if is_main:
+    if is_main and out is not None:
         elapsed = time.time() - started
         print(f"Training finished: final model saved to {out}\n"
               f"Training completed in {elapsed:.2f}s ({elapsed / 60:.2f} minutes)", flush=True)

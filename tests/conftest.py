@@ -19,20 +19,20 @@ def bundled_tokenizer_dir(tmp_path_factory):
     temporary name and renamed, so a crash never leaves half of one)."""
     import shutil
 
-    from es_llm.models import bundled_model_path
+    from es_llm.checkpoint import atomic
+    from es_llm.models import bundled_model_path, cache_root
     from transformers import AutoTokenizer
 
     gguf = bundled_model_path()
     stat = gguf.stat()
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "es-llm"
-    path = cache / f"test-tokenizer-{stat.st_size}-{int(stat.st_mtime)}"
+    path = cache_root() / f"test-tokenizer-{stat.st_size}-{int(stat.st_mtime)}"
     if not (path / "tokenizer_config.json").exists():
         tmp = tmp_path_factory.mktemp("tokenizer")
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(tmp, path.with_name(path.name + f".tmp{os.getpid()}"))
-            os.replace(path.with_name(path.name + f".tmp{os.getpid()}"), path)
+            with atomic(path, unique=True) as writing:
+                shutil.copytree(tmp, writing)
         except OSError:  # a read-only home, or another run got there first: use this run's copy
             return tmp
     return path

@@ -211,14 +211,14 @@ def test_resuming_an_older_checkpoint_in_place_would_mix_histories(script, tmp_p
 def test_resume_picks_the_newest_state_and_finds_its_weights(tmp_path):
     run = tmp_path / "run"
     fake_checkpoint(run, 3)
-    assert rundir.resolve_checkpoint(run) == run / "checkpoint-3"
-    assert rundir.weights_dir(run / "checkpoint-3") == run / "checkpoint-3"
+    assert ckpt.resolve_checkpoint(run) == run / "checkpoint-3"
+    assert ckpt.weights_dir(run / "checkpoint-3") == run / "checkpoint-3"
     fake_checkpoint(run, 5, finished=True)  # a finished run newer than its last checkpoint
-    assert rundir.resolve_checkpoint(run) == run
-    assert rundir.weights_dir(run) == run / "final_model"
-    assert rundir.run_home(run / "checkpoint-3") == run and rundir.run_home(run) == run
+    assert ckpt.resolve_checkpoint(run) == run
+    assert ckpt.weights_dir(run) == run / "final_model"
+    assert ckpt.run_home(run / "checkpoint-3") == run and ckpt.run_home(run) == run
     fake_checkpoint(run, 5)  # a tie: the checkpoint wins
-    assert rundir.resolve_checkpoint(run) == run / "checkpoint-5"
+    assert ckpt.resolve_checkpoint(run) == run / "checkpoint-5"
 
 
 def test_resume_command_replaces_resume_and_overwrite(tmp_path):

@@ -23,7 +23,7 @@ def fake_checkpoint(run: Path, iteration: int, finished=False) -> Path:
 
 
 def resume(path, iterations=10):
-    return rundir.load_resume(path, lambda saved: [], iterations)
+    return ckpt.load_resume(path, lambda saved: [], iterations)
 
 
 def test_resuming_into_a_directory_holding_another_run_is_refused(tmp_path):
@@ -53,8 +53,8 @@ def test_a_truncated_checkpoint_is_named_with_the_earlier_one(tmp_path):
     latest = fake_checkpoint(run, 2)
     weights = latest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(rundir.CheckpointError) as error:
-        rundir.check_readable(resume(run)["checkpoint"])
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.check_readable(resume(run)["checkpoint"])
     message = str(error.value)
     assert str(weights) in message and f"--resume {run / 'checkpoint-1'}" in message
     assert "Nothing was written" in message
@@ -62,8 +62,8 @@ def test_a_truncated_checkpoint_is_named_with_the_earlier_one(tmp_path):
     alone = tmp_path / "alone"
     only = fake_checkpoint(alone, 1)
     (only / "model.safetensors").write_bytes(b"\x10\x00")
-    with pytest.raises(rundir.CheckpointError, match="no other checkpoint"):
-        rundir.check_readable(only)
+    with pytest.raises(ckpt.CheckpointError, match="no other checkpoint"):
+        ckpt.check_readable(only)
 
 
 def test_a_broken_state_file_is_named(tmp_path):

@@ -31,7 +31,7 @@ def default_run_name(cfg) -> str:
 def run_dir_of(cfg) -> Path:
     """<experiment_dir>/<run_name>; with --resume and no --run_name, the resumed run's directory."""
     from es_llm.checkpoint import resolve_checkpoint
-    from es_llm.rundir import run_home
+    from es_llm.checkpoint import run_home
 
     if cfg.run_name:
         return Path(cfg.experiment_dir) / cfg.run_name
@@ -195,7 +195,7 @@ def train_accelerated(cfg, task) -> int:
 
     from es_llm import tracking
     from es_llm.checkpoint import write_json_atomic
-    from es_llm.loop import report_iteration, run_es
+    from es_llm.loop import STOPPED, report_iteration, run_es
     from es_llm.rundir import Run
     from es_llm.strategy import Strategy
     from es_llm.trainer import resume_mismatches
@@ -259,7 +259,8 @@ def train_accelerated(cfg, task) -> int:
                             cfg.fitness_shaping, run.rng_state)
         evaluator = PoolEvaluator(cfg, pool, base, layout, accelerator)
         try:
-            run_es(cfg, evaluator, run, strategy, len(task.prompts))
+            if run_es(cfg, evaluator, run, strategy, len(task.prompts)) is None:
+                return STOPPED  # (the clean-up below still runs)
         except ray.exceptions.RayError as error:  # an engine, or the node it ran on, was lost
             print(lost_engine_message(error, run_dir), file=sys.stderr, flush=True)
             return 1  # (the clean-up below still runs)
