@@ -5,7 +5,7 @@ Launch:  python es_fine-tuning_conciseness.py --model_name bundled
              es_fine-tuning_conciseness.py --gpu_threads 2
 """
 from es_llm.cli import build_parser, run_training
-from es_llm.tasks import Task, conciseness_reward
+from es_llm.tasks import conciseness_task
 
 # Experiment constants (the paper's values); the flags default to them.
 NUM_ITERATIONS = 1000
@@ -20,13 +20,13 @@ NOISE_MODE = "correlated"
 # then favours the shortest output instead of the target's length. False scores the response only.
 REWARD_ON_PROMPT_AND_RESPONSE = False
 
-PROMPTS = ["Solve: 3 + 5 =", "If all birds can fly and penguins are birds, can penguins fly?"]
-TARGETS = ["8", "No"]
+# The task: two prompts ("Solve: 3 + 5 =" -> "8", the penguin question -> "No") and the reward
+# minus the difference in characters to the target (es_llm/tasks.py: conciseness_task).
 
 
 def main():
     args = build_parser(__doc__, globals()).parse_args()
-    run_training(args, lambda: Task("conciseness", PROMPTS, conciseness_reward, {"target": TARGETS}))
+    run_training(args, conciseness_task)
 
 
 if __name__ == "__main__":

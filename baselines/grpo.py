@@ -15,7 +15,6 @@ the sample generations so far (group x prompts x steps), the budget ES counts as
 prompts x iterations. The final model is saved to --output_dir (as ES saves it).
 """
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -55,14 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_task(args):
     """The same Task objects the ES scripts train on."""
-    from es_llm.tasks import Task, conciseness_reward, load_task_file
+    from es_llm.tasks import conciseness_task, load_task_file
 
     if args.task == "conciseness":
-        spec = importlib.util.spec_from_file_location("conciseness_script",
-                                                      ROOT / "es_fine-tuning_conciseness.py")
-        script = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(script)
-        return Task("conciseness", script.PROMPTS, conciseness_reward, {"target": script.TARGETS})
+        return conciseness_task()
     if args.task == "countdown":
         from countdown.countdown_task import make_task
 
@@ -83,18 +78,17 @@ class RewardRecorder:
         self.path.write_text("")
 
     def __call__(self, prompts, completions, trainer_state=None, **columns):
-        import numpy as np
+        from es_llm.loop import iteration_record
+        from es_llm.tasks import Task
 
-        rewards = [float(r) for r in self.task.reward_fn(
-            prompts=prompts, completions=completions,
-            **{k: columns[k] for k in self.task.columns})]
+        batch = Task(self.task.name, list(prompts), self.task.reward_fn,
+                     {k: columns[k] for k in self.task.columns}, self.task.source)
+        rewards = batch.score(completions)
         self.generations += len(completions)
-        r = np.asarray(rewards, dtype=np.float64)
         step = (trainer_state.global_step if trainer_state is not None else 0) + 1
-        record = {"iteration": step, "rewards": rewards, "reward_mean": float(r.mean()),
-                  "reward_std": float(r.std()), "reward_min": float(r.min()),
-                  "reward_max": float(r.max()), "generations": self.generations,
-                  "time_s": time.time() - self.started}
+        record = iteration_record(step, [], rewards, time.time() - self.started,
+                                  generations=self.generations)
+        del record["seeds"]  # GRPO has no population seeds
         self.started = time.time()
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -29,6 +29,7 @@ from es_llm.noise import tensor_noise  # noqa: E402
 from es_llm.strategy import normalize_rewards  # noqa: E402
 from es_llm.tasks import Task, conciseness_reward  # noqa: E402
 from es_llm.trainer import Population, TrainConfig  # noqa: E402
+from bench.published_loop import published_iteration  # noqa: E402
 
 PROMPTS = ["Solve: 3 + 5 =", "If all birds can fly and penguins are birds, can penguins fly?"]
 TARGETS = ["8", "No"]
@@ -76,34 +77,8 @@ class PeakRSS:
 
 @torch.no_grad()
 def paper_style_iteration(canonical, scratch, seeds, generate, task, sigma, alpha, noise_mode):
-    """MISSION.md section 1, literally: one member at a time, noise regenerated to perturb and again to
-    restore by subtraction, and the update regenerating every member's noise in the parameter dtype."""
-    params, base = list(scratch.parameters()), list(canonical.parameters())
-    timings, rewards = {"noise": 0.0, "generate": 0.0, "update": 0.0}, []
-    for seed in seeds:
-        t0 = time.perf_counter()
-        for k, p in enumerate(params):
-            p.add_(tensor_noise(p, seed, k, noise_mode).mul_(sigma))
-        t1 = time.perf_counter()
-        completions = generate(scratch)
-        t2 = time.perf_counter()
-        for k, p in enumerate(params):
-            p.add_(tensor_noise(p, seed, k, noise_mode).mul_(-sigma))
-        timings["noise"] += t1 - t0 + time.perf_counter() - t2
-        timings["generate"] += t2 - t1
-        rewards.append(float(np.mean(task.score(completions, seed=seed))))
-    t0 = time.perf_counter()
-    z = normalize_rewards(rewards).tolist()
-    for k, p in enumerate(base):
-        update = torch.zeros_like(p)
-        for seed, zi in zip(seeds, z):
-            update.add_(tensor_noise(p, seed, k, noise_mode).mul_(zi))
-        update.div_(len(seeds))
-        p.add_(update.mul_(alpha))
-    for dst, src in zip(params, base):
-        dst.copy_(src)
-    timings["update"] = time.perf_counter() - t0
-    return timings
+    """The published iteration (bench/published_loop.py) with the members on a scratch copy."""
+    return published_iteration(canonical, scratch, seeds, generate, task, sigma, alpha, noise_mode)[1]
 
 
 def our_iteration(population, seeds):

@@ -41,7 +41,7 @@ import operator
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 __all__ = [
     "TRAIN_SIZE",
@@ -59,7 +59,6 @@ __all__ = [
     "reward_function",
     "published_text_to_score",
     "full_text_reward",
-    "countdown_reward",
     "load_countdown_data",
     "countdown_rewards",
     "make_task",
@@ -304,11 +303,6 @@ def full_text_reward(full_text: str, numbers: Iterable[Any], target: Any) -> dic
     (``REWARD_ON_PROMPT_AND_RESPONSE = True``): with this repository's prompt the prompt's own tags
     give every item format 0.6 at least, a free 0.06."""
     return reward_function(published_text_to_score(full_text), numbers, target)
-
-
-def countdown_reward(response: str, item: Mapping[str, Any]) -> float:
-    """Total reward of ``response`` for an item dict with keys ``numbers`` and ``target``."""
-    return reward_function(response, item["numbers"], item["target"])["reward"]
 
 
 # --------------------------------------------------------------------------- data

@@ -41,7 +41,6 @@ from es_llm.models import (BUNDLED_MODEL, DTYPE_NAMES, PRECISIONS,  # noqa: E402
 
 SUMMARY_FILE = "summary.json"
 DETAILS_FILE = "eval_detailed_results.json"
-RESPONSES_FILE = DETAILS_FILE  # the name older code imported
 DEFAULT_BATCH_SIZE = 32
 HIGH_REWARD = 1.0
 # --torch_dtype (the published names) -> the project's precision names; --precision is an alias.

@@ -8,7 +8,6 @@ fields' defaults, so editing a constant changes the flag's default.
 """
 import argparse
 import dataclasses
-import importlib.util
 import sys
 import typing
 from pathlib import Path
@@ -17,7 +16,7 @@ from .config import AcceleratedConfig, TrainConfig
 from .lowrank import LOWRANK
 from .models import ModelNotFoundError, model_short_name
 from .loop import STOPPED
-from .tasks import load_task_file
+from .tasks import load_python_file, load_task_file
 from .trainer import train
 
 # The paper's experiment constants (conciseness), for fronts that keep none of their own: the
@@ -137,8 +136,6 @@ def run_training(args, make_task) -> None:
 def run_twin(script_file: str, twin_name: str, **constants) -> None:
     """Run the twin script's main() with some of its constants replaced (the _iid scripts)."""
     path = Path(script_file).resolve().with_name(twin_name)
-    spec = importlib.util.spec_from_file_location(path.stem.replace("-", "_"), path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_python_file(path, path.stem.replace("-", "_"))
     vars(module).update(constants)
     module.main()

@@ -100,11 +100,6 @@ def state_precision(state: dict, default: str = "bf16") -> str:
     return default
 
 
-def load_state_dict_file(model, path: Path) -> None:
-    """Load a weights file (see read_state_dict) into `model`; see load_state_into."""
-    load_state_into(model, read_state_dict(path), path)
-
-
 def load_state_into(model, state: dict, path="the state dict") -> None:
     """Load `state` into `model`: HF names, or vLLM's fused names (qkv_proj, gate_up_proj), which are
     split with the model's config first (es_llm.vllm_names). Names must then match exactly, except a

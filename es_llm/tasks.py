@@ -141,6 +141,26 @@ def conciseness_reward(prompts, completions, target, **_) -> list:
     return [-abs(len(c) - len(t)) for c, t in zip(completions, target)]
 
 
+# The conciseness task's two training prompts and their targets (MISSION.md section 2).
+CONCISENESS_PROMPTS = ["Solve: 3 + 5 =",
+                       "If all birds can fly and penguins are birds, can penguins fly?"]
+CONCISENESS_TARGETS = ["8", "No"]
+
+
+def conciseness_task() -> Task:
+    return Task("conciseness", CONCISENESS_PROMPTS, conciseness_reward,
+                {"target": CONCISENESS_TARGETS})
+
+
+def load_python_file(path, name: str):
+    """A Python file (a task file, or a script whose name holds dashes) as a module, without
+    running its main()."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def read_rows(path) -> list:
     """Rows from a JSON list or a JSONL file, each a dict with a "prompt" key; a parse error
     names the file's line."""
@@ -199,9 +219,7 @@ def load_task_file(path, data=None) -> Task:
     if not path.is_file() or path.suffix != ".py":
         raise FileNotFoundError(f"--task {path}: no such Python file; give a .py file defining "
                                 f"reward() and DATASET or load_dataset() (see examples/)")
-    spec = importlib.util.spec_from_file_location(f"es_task_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_python_file(path, f"es_task_{path.stem}")
     reward = getattr(module, "reward", None)
     if not callable(reward):
         raise ValueError(f"--task {path}: defines no reward(completions, prompts, **columns) "

@@ -6,7 +6,6 @@ scores each completion by its number of distinct characters (/ 10), so that rewa
 members and every iteration really changes the weights. Everything else (arguments, Ray, engines,
 checkpoints, signals) is the real script's.
 """
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -30,9 +29,8 @@ def make_task(*args, **kwargs):
 
 if __name__ == "__main__":
     countdown_task.make_task = make_task
-    spec = importlib.util.spec_from_file_location("es_accl",
-                                                  ROOT / "es_fine-tuning_countdown_accl.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    sys.argv[0] = spec.origin
+    from es_llm.tasks import load_python_file
+
+    script = load_python_file(ROOT / "es_fine-tuning_countdown_accl.py", "es_accl")
+    sys.argv[0] = script.__file__
     script.main()

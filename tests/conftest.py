@@ -79,12 +79,9 @@ def start_script(args, cwd=ROOT):
 
 def load_module(path, name: str):
     """A script (its name may hold dashes) loaded as a module, without running its main()."""
-    import importlib.util
+    from es_llm.tasks import load_python_file
 
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_python_file(path, name)
 
 
 def read_until(proc, prefix: str) -> list:

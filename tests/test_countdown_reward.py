@@ -19,7 +19,6 @@ from countdown.countdown_task import (
     MAX_POWER,
     THINK_PATTERN,
     answer_reward,
-    countdown_reward,
     countdown_rewards,
     evaluate_expression,
     extract_answer,
@@ -124,7 +123,7 @@ def test_prompt_is_the_published_context_character_for_character():
 def test_correct_answer_scores_1_1():
     r = reward_function(GOOD, NUMS, TARGET)
     assert r == {"reward": pytest.approx(1.1), "format_reward": 1.0, "answer_reward": 1.0}
-    assert countdown_reward(GOOD, {"numbers": NUMS, "target": "28"}) == pytest.approx(1.1)
+    assert reward_function(GOOD, NUMS, "28")["reward"] == pytest.approx(1.1)  # a string target
 
 
 def test_reward_is_point_one_format_plus_answer():

@@ -213,48 +213,28 @@ def test_layout_in_bf16_depends_on_the_number_of_copies_not_on_their_split(tmp_p
 # --------------------------------------------------------------------------- published drift
 
 
-@torch.no_grad()
 def published_loop(precision, iterations, population, sigma, alpha, max_new_tokens, seed=33):
-    """MISSION.md section 1 literally, one process, one thread: thread 0's model is the canonical
-    model, perturbed by adding sigma * eps and restored by adding -sigma * eps in the parameter
-    dtype; the prompt plus response is scored; z from a numpy float32 array; the update sums
-    z_i * eps_i, divides by N and adds alpha times that. Returns (rewards per iteration, weights)."""
+    """MISSION.md section 1 literally (bench/published_loop.py), one process, one thread: thread
+    0's model is the canonical model, perturbed by adding sigma * eps and restored by adding
+    -sigma * eps in the parameter dtype; the prompt plus response is scored; z from a numpy float32
+    array; the update sums z_i * eps_i, divides by N and adds alpha times that. Returns (rewards per
+    iteration, weights)."""
     import numpy as np
 
+    from bench.published_loop import published_iteration
     from es_llm.generation import Generator
     from es_llm.models import load_model
-    from es_llm.tasks import conciseness_reward
+    from es_llm.tasks import conciseness_task
 
     model, tokenizer = load_model("bundled", precision)
     model.set_attn_implementation("sdpa")  # transformers' own attention, as published (ours: attention.py)
     generate = Generator(tokenizer, PROMPTS, max_new_tokens)
-    params = list(model.parameters())
-
-    def noise(p, s):
-        g = torch.Generator(device=p.device)
-        g.manual_seed(int(s))
-        return torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype)
-
     rng, history = np.random.RandomState(seed), []
     for _ in range(iterations):
         seeds = rng.randint(0, 2**30, size=population, dtype=np.int64)
-        rewards = torch.zeros(population, dtype=torch.float32)
-        for i, s in enumerate(seeds):
-            for p in params:
-                p.add_(sigma * noise(p, s))
-            texts = generate(model, with_prompt=True)
-            rewards[i] = float(np.mean(conciseness_reward(PROMPTS, texts, ["8", "No"])))
-            for p in params:
-                p.add_(-sigma * noise(p, s))
-        r = rewards.numpy()
-        z = (r - r.mean()) / (r.std() + 1e-8)
-        for p in params:
-            update = torch.zeros_like(p)
-            for s, zi in zip(seeds, z):
-                update.add_(noise(p, s) * float(zi))
-            update.div_(population)
-            p.add_(alpha * update)
-        history.append([float(x) for x in rewards])
+        rewards, _ = published_iteration(model, model, seeds, generate, conciseness_task(), sigma,
+                                         alpha, with_prompt=True)
+        history.append(rewards)
     return history, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
