@@ -70,6 +70,21 @@ def run_script(args, cwd=ROOT, timeout=600, check=True, env=None):
     return proc
 
 
+def run_main(args) -> None:
+    """A command line (a list, as for run_script) run in this process: the script's main() with
+    sys.argv set, so the test pays no new interpreter, imports or model conversion. For command
+    lines that are not themselves the point (reference runs); fails unless it exits 0."""
+    from unittest import mock
+
+    script = Path(args[1]) if Path(args[1]).is_absolute() else ROOT / args[1]
+    module = load_module(script, f"main_{script.stem.replace('-', '_')}")
+    with mock.patch.object(sys, "argv", [str(script), *map(str, args[2:])]):
+        try:
+            module.main()
+        except SystemExit as leaving:
+            assert leaving.code in (0, None), f"{args} exited {leaving.code}"
+
+
 def start_script(args, cwd=ROOT):
     """Start a command line (a list) in its own process group, stdout and stderr merged into one
     unbuffered text pipe; returns the Popen (for tests that signal or read a run while it goes)."""

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, ROOT, run_script
+from conftest import PYTHON, ROOT, run_main, run_script
 from es_llm import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def trainer(request, tiny_model_dir):
 @pytest.fixture(scope="module")
 def four(trainer, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"{trainer.name}-four") / "run"
-    run_script(trainer.command(out, 4))
+    (run_main if trainer.name == "plain" else run_script)(trainer.command(out, 4))
     return out
 
 

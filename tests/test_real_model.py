@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, ROOT, run_script, start_script
+from conftest import PYTHON, ROOT, run_main, run_script, start_script
 from es_llm import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -107,7 +107,7 @@ def interrupt_after(args, line_start):
                          ids=["plain", "fp32-masters", "lowrank"])
 def test_ctrl_c_then_the_printed_resume_command_equals_the_uninterrupted_run(tmp_path, extra):
     reference = tmp_path / "reference"
-    run_script(conciseness(reference, 3, *extra))
+    run_main(conciseness(reference, 3, *extra))
     out = tmp_path / "run"
     args = conciseness(out, 3, *extra)
     output = interrupt_after(args, "Iteration 1/3")
@@ -190,7 +190,10 @@ def layout_run(tmp_path, name, threads, extra=(), launcher=(PYTHON,)):
     out = tmp_path / name
     args = conciseness(out, 1, *extra)
     args[args.index("--gpu_threads") + 1] = str(threads)
-    run_script([*launcher, *args[1:]] if launcher != (PYTHON,) else args)
+    if launcher == (PYTHON,):
+        run_main(args)
+    else:
+        run_script([*launcher, *args[1:]])
     return without_time(ckpt.read_metrics(out / ckpt.METRICS_FILE)), weights(out)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, run_script, start_script
+from conftest import PYTHON, run_main, start_script
 from es_llm import checkpoint as ckpt
 from es_llm.models import load_model
 
@@ -36,12 +36,12 @@ def same_weights(a, b):
 def test_resume_from_a_checkpoint_directory_with_master_weights(tiny_model_dir, tmp_path):
     extra = ("--master_weights", "fp32", "--save_every", "1")
     full, part = tmp_path / "full", tmp_path / "part"
-    run_script(conciseness(tiny_model_dir, full, 3, *extra))
-    run_script(conciseness(tiny_model_dir, part, 3, *extra, "--keep_checkpoints", "2"))
+    run_main(conciseness(tiny_model_dir, full, 3, *extra))
+    run_main(conciseness(tiny_model_dir, part, 3, *extra, "--keep_checkpoints", "2"))
     # every --save_every iterations, the last one included (as published); the newest 2 kept
     assert [p.name for p in ckpt.list_checkpoints(part)] == ["checkpoint-2", "checkpoint-3"]
     resumed = tmp_path / "resumed"
-    run_script(conciseness(tiny_model_dir, resumed, 3, *extra, "--resume", str(part / "checkpoint-2")))
+    run_main(conciseness(tiny_model_dir, resumed, 3, *extra, "--resume", str(part / "checkpoint-2")))
     assert metrics(resumed) == metrics(full)
     assert same_weights(resumed, full)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import PYTHON, run_script
+from conftest import PYTHON, run_main, run_script
 from es_llm import checkpoint as ckpt
 from es_llm import rundir
 
@@ -86,8 +86,8 @@ def test_resume_into_another_finished_run_and_a_damaged_checkpoint(tiny_model_di
                 "--output_dir", str(out), "--num_iterations", str(iterations), *TINY, *extra]
 
     a, b = tmp_path / "a", tmp_path / "b"
-    run_script(command(a, 2, "--save_every", "1"))
-    run_script(command(b, 1))
+    run_main(command(a, 2, "--save_every", "1"))
+    run_main(command(b, 1))
     before = {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()}
     proc = run_script(command(b, 3, "--resume", str(a / "checkpoint-1")), check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
@@ -102,7 +102,7 @@ def test_resume_into_another_finished_run_and_a_damaged_checkpoint(tiny_model_di
     assert str(weights) in proc.stderr and f"--resume {a / 'checkpoint-1'}" in proc.stderr
     assert (a / ckpt.METRICS_FILE).read_bytes() == metrics_before
 
-    run_script(command(b, 3, "--resume", str(a / "checkpoint-1"), "--overwrite"))
+    run_main(command(b, 3, "--resume", str(a / "checkpoint-1"), "--overwrite"))
     assert [r["iteration"] for r in ckpt.read_metrics(b / ckpt.METRICS_FILE)] == [1, 2, 3]
     assert json.loads((b / ckpt.STATE_FILE).read_text())["finished"]
 

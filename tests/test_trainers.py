@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import PYTHON, run_script
+from conftest import PYTHON, run_main, run_script
 from es_llm.strategy import es_update, normalize_rewards
 
 SCRIPTS = ["es_fine-tuning_conciseness.py", "es_fine-tuning_conciseness_iid.py",
@@ -56,7 +56,7 @@ def test_each_script_trains_two_iterations_and_saves_a_loadable_model(script, ti
 
 
 def run_conciseness(tiny_model_dir, out, launcher=(PYTHON,), threads=1, extra=()):
-    run_script([*launcher, "es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir),
+    (run_main if launcher == (PYTHON,) else run_script)([*launcher, "es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir),
                 "--precision", "fp32", "--gpu_threads", str(threads), "--output_dir", str(out),
                 *TINY, *extra])
     return read_metrics(out), weights(out)
@@ -96,7 +96,7 @@ def test_lowrank_final_weights_do_not_depend_on_processes_or_batching(tiny_model
 @pytest.mark.parametrize("precision,extra", [("fp32", []), ("bf16", ["--master_weights", "fp32"])])
 def test_logged_seeds_and_rewards_recompute_the_saved_weights(tiny_model_dir, tmp_path, precision, extra):
     out = tmp_path / "run"
-    run_script([PYTHON, "es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir),
+    run_main([PYTHON, "es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir),
                 "--precision", precision, "--gpu_threads", "1", "--output_dir", str(out),
                 *TINY, *extra])
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -115,7 +115,7 @@ def test_logged_seeds_and_rewards_recompute_the_saved_weights(tiny_model_dir, tm
 @pytest.mark.slow
 def test_master_weights_fp32_trains_and_saves_the_master(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    run_script([PYTHON, "es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir),
+    run_main([PYTHON, "es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir),
                 "--precision", "bf16", "--master_weights", "fp32", "--gpu_threads", "2",
                 "--output_dir", str(out), *TINY])
     masters = load_file(str(out / "master_weights.safetensors"))
@@ -128,7 +128,7 @@ def test_master_weights_fp32_trains_and_saves_the_master(tiny_model_dir, tmp_pat
 @pytest.mark.slow
 def test_real_bundled_model_trains_one_iteration_saves_and_reloads(tmp_path):
     out = tmp_path / "run"
-    run_script([PYTHON, "es_fine-tuning_conciseness.py", "--model_name", "bundled",
+    run_main([PYTHON, "es_fine-tuning_conciseness.py", "--model_name", "bundled",
                 "--num_iterations", "1", "--population_size", "2", "--max_new_tokens", "4",
                 "--gpu_threads", "1", "--output_dir", str(out)])
     assert read_metrics(out)[0]["iteration"] == 1
@@ -142,7 +142,7 @@ def test_real_bundled_model_trains_one_iteration_saves_and_reloads(tmp_path):
 @pytest.mark.slow
 def test_fp16_precision_trains_on_cpu(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    run_script([PYTHON, "es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir),
+    run_main([PYTHON, "es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir),
                 "--precision", "fp16", "--gpu_threads", "1", "--output_dir", str(out), *TINY])
     assert [r["iteration"] for r in read_metrics(out)] == [1, 2]
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.float16
