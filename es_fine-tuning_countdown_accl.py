@@ -106,8 +106,8 @@ def default_precision() -> str:
 
 def parse_args(argv=None):
     """The flags, checked (a bad one exits with its reason, before any model is touched)."""
+    from accelerated.trainer import CONVERTED
     from es_llm.cli import build_parser
-    from utils.accelerated import CONVERTED
 
     parser = build_parser(__doc__.split("\n\n")[0], globals(), accelerated=True)
     args = parser.parse_args(argv)
@@ -135,9 +135,9 @@ def config(args, task_name, num_questions):
 
 def main(argv=None):
     args = parse_args(argv)
+    from accelerated.trainer import train_accelerated
     from countdown.countdown_task import make_task
     from es_llm.cli import USER_ERRORS, task_from_args
-    from utils.accelerated import train_accelerated
 
     try:
         task = task_from_args(args, lambda: make_task(args.data_sample))

@@ -1,7 +1,7 @@
 """The accelerated version's evaluator and run: one inference engine per GPU, each a Ray actor.
 
 The loop is es_llm/loop.py, as for every trainer. Here the evaluator hands seeds to the engines
-(utils/engine_pool.py: whichever engine is free, as published, or a static schedule; in lowrank mode
+(accelerated/pool.py: whichever engine is free, as published, or a static schedule; in lowrank mode
 each engine generates its share of the population in batches), the update is applied on engine 0
 as N seeded additions of (alpha / N) * z_i * eps_i and broadcast to the others, and the saves are
 the published ones (model_saves/) beside an HF directory and checkpoints.
@@ -132,12 +132,12 @@ class PoolEvaluator:
         return {"update": t1 - t0, "broadcast": time.perf_counter() - t1}
 
     def state(self) -> dict:
-        from utils.engines import full_state_dict
+        from es_llm.hf_weights import full_state_dict
 
         return full_state_dict(self.pool.call_main("state_dict"), self.layout)
 
     def saveable(self):
-        from utils.engines import hf_model
+        from es_llm.hf_weights import hf_model
 
         model, tokenizer = hf_model(self.state(), self.base, self.cfg.precision,
                                     self.cfg.hf_cache_dir)
@@ -151,7 +151,7 @@ class PoolEvaluator:
         from safetensors.torch import save_file
 
         from es_llm import checkpoint as ckpt
-        from utils.engines import save_hf_model
+        from es_llm.hf_weights import save_hf_model
 
         fingerprints = self.pool.call_all("fingerprint")
         if len(set(fingerprints)) != 1:
@@ -188,19 +188,16 @@ def train_accelerated(cfg, task) -> int:
     if cfg.cuda_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cfg.cuda_devices  # before Ray or torch see the GPUs
     # Until the loop takes over SIGTERM (to stop after an iteration and save), it unwinds through
-    # the clean-up below.
+    # the clean-up in train_on_engines.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    import ray
     from transformers import AutoTokenizer
 
     from es_llm import tracking
     from es_llm.checkpoint import write_json_atomic
-    from es_llm.loop import report_iteration, run_es
+    from es_llm.hf_weights import hf_layout, resolve_base_model
+    from es_llm.loop import report_iteration
     from es_llm.rundir import Run
-    from es_llm.strategy import Strategy
     from es_llm.trainer import resume_mismatches
-    from utils.engine_pool import EnginePool, start_ray
-    from utils.engines import hf_layout, resolve_base_model
 
     started = time.time()
     cfg.output_dir = str(run_dir_of(cfg))
@@ -226,7 +223,32 @@ def train_accelerated(cfg, task) -> int:
     run_dir = run.out
     write_json_atomic(run_dir / "config.json", {**vars(cfg), "base_model": base})
     print(f"run directory: {run_dir}", flush=True)
+    return train_on_engines(cfg, task, run, base, layout, longest_prompt + cfg.max_new_tokens,
+                            accelerator, logging_dir, started)
 
+
+def engine_settings(cfg, base: str, layout: dict, max_model_len: int) -> dict:
+    """Every engine's keyword arguments (accelerated.engines.make_engine)."""
+    return {"model_path": base, "precision": cfg.precision, "max_new_tokens": cfg.max_new_tokens,
+            "noise_mode": cfg.noise_mode, "master_weights": cfg.master_weights,
+            "cache_dir": cfg.hf_cache_dir, "layout": layout, "max_model_len": max_model_len,
+            "seed": cfg.initial_seed, "noise_names": cfg.vllm_noise, "rank": cfg.rank,
+            "lowrank_targets": cfg.lowrank_targets, "lowrank_batch": cfg.lowrank_batch,
+            "population_size": cfg.population_size, "prune_finished": cfg.prune_finished}
+
+
+def train_on_engines(cfg, task, run, base: str, layout: dict, max_model_len: int, accelerator,
+                     logging_dir, started: float) -> int:
+    """Ray, the engine pool and the ES loop on it, for a run whose directory is ready; the engines
+    and Ray are shut down however it ends. Returns the exit status."""
+    import ray
+
+    from accelerated.pool import EnginePool, start_ray
+    from es_llm import tracking
+    from es_llm.loop import run_es
+    from es_llm.strategy import Strategy
+
+    run_dir = run.out
     cores = len(os.sched_getaffinity(0))
     local = cfg.ray_address == "local"
     cpus_per_engine = max(1, cores // cfg.num_engines) if local else 1
@@ -235,15 +257,7 @@ def train_accelerated(cfg, task) -> int:
         start_ray(cfg.ray_address, cfg.verbose,
                   num_cpus=max(cores, cfg.num_engines * cpus_per_engine) if local else None)
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        engine_kwargs = {"model_path": base, "precision": cfg.precision,
-                         "max_new_tokens": cfg.max_new_tokens, "noise_mode": cfg.noise_mode,
-                         "master_weights": cfg.master_weights, "cache_dir": cfg.hf_cache_dir,
-                         "layout": layout, "max_model_len": longest_prompt + cfg.max_new_tokens,
-                         "seed": cfg.initial_seed, "noise_names": cfg.vllm_noise,
-                         "rank": cfg.rank, "lowrank_targets": cfg.lowrank_targets,
-                         "lowrank_batch": cfg.lowrank_batch,
-                         "population_size": cfg.population_size,
-                         "prune_finished": cfg.prune_finished}
+        engine_kwargs = engine_settings(cfg, base, layout, max_model_len)
         t0 = time.time()
         pool = EnginePool(cfg.engine, cfg.num_engines, engine_kwargs, task, use_gpu,
                           cpus_per_engine, bind_cpus=local and not use_gpu,

@@ -1,13 +1,15 @@
 """vLLM worker extension: the ES weight operations inside a vLLM worker.
 
-`LLM(..., worker_extension_cls="utils.worker_extn.WorkerExtension")` gives the worker these methods,
-called through `LLM.collective_rpc`:
+`LLM(..., worker_extension_cls="utils.worker_extn.WorkerExtension")` (the published path, which
+re-exports the class from here) gives the worker these methods, called through `LLM.collective_rpc`:
 
     es_setup(layout, noise_mode, master_weights)  map the HF names onto the worker's tensors
-    es_weight_op(name, *args)                     run one operation of es_llm.weightset.WeightSet:
-                                                  perturb, restore, update, init_collective,
-                                                  broadcast, state_dict, load_state_dict,
-                                                  fingerprint, names
+    es_weight_op(name, *args)                     run one operation of es_llm.weightset.WeightSet
+                                                  (WEIGHT_OPS: perturb, restore, update,
+                                                  init_collective, broadcast, state_dict,
+                                                  master_state, load_state_dict, fingerprint,
+                                                  names); accelerated.engines.WorkerWeights
+                                                  makes these calls
     es_write_adapters(seeds, sigma, signs, paths) lowrank mode: each member's perturbation as a
                                                   PEFT LoRA adapter directory (write_adapter)
 
@@ -25,8 +27,11 @@ before the model loads; VLLMEngine imports it earlier still) makes that dispatch
 (`remove_weight=False`), and every change of weights re-dispatches the packed layers, so the packed
 copies follow the weights. The embedding that doubles as the tied lm_head is packed the same way
 (vLLM keeps its weight) and is re-dispatched too. On GPU nothing is packed: layers read their
-parameters directly and nothing needs re-dispatching.
+parameters directly and nothing needs re-dispatching. (Without vLLM installed, importing this
+module patches nothing.)
 """
+import importlib.util
+
 import torch
 
 from es_llm.weightset import WEIGHT_OPS, WeightSet
@@ -56,7 +61,8 @@ def _keep_cpu_linear_weights() -> None:
     layer_utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weights
 
 
-_keep_cpu_linear_weights()
+if importlib.util.find_spec("vllm") is not None:
+    _keep_cpu_linear_weights()
 
 
 def packed_cpu_layers(model) -> list:

@@ -6,6 +6,7 @@ Layout (each file does one thing):
     tasks.py       a task is prompts + per-prompt columns + a reward function
     generation.py  greedy batched generation of the continuation
     models.py      loading (hub id, local dir, .gguf, the bundled SmolLM2) and saving
+    hf_weights.py  HF parameter layout, HF directories from a state dict, the base model engines load
     checkpoint.py  atomic saves, checkpoints, metrics.jsonl
     trainer.py     the population loop across processes and threads
     cli.py         the flags every trainer script shares
