@@ -190,7 +190,6 @@ class VLLMEngine(Engine):
                                     lora_request=lora_requests)
         return [out.outputs[0].text for out in outputs]
 
-
     def evaluate_batch(self, seeds, sigma: float, signs) -> list:
         """Lowrank mode: every member a LoRA adapter (its factors drawn from its seed, as the
         transformers engine's low-rank mode draws them), all members' prompts in one `generate`
