@@ -1,4 +1,4 @@
-"""Hugging Face weights and model directories, for engines that keep their own layout.
+"""The Hugging Face form of a model's weights: its parameter layout, state dicts, directories.
 
     hf_layout           the HF model's parameter names, shapes and tied names, read from its
                         config alone (the order noise is drawn in)
