@@ -125,7 +125,7 @@ def settings(argv=None):
     from countdown.countdown_task import make_task
     from es_llm.cli import config_from_args, task_from_args
     from es_llm.config import AcceleratedConfig
-    from utils.accelerated import CONVERTED, run_dir_of
+    from accelerated.trainer import CONVERTED, run_dir_of
 
     parser, args = parse_args(argv)
     task = task_from_args(args, lambda: make_task(args.data_sample))
@@ -141,8 +141,8 @@ def settings(argv=None):
 
 
 def main(argv=None):
+    from accelerated.trainer import train_accelerated
     from es_llm.cli import USER_ERRORS
-    from utils.accelerated import train_accelerated
 
     try:
         status = train_accelerated(*settings(argv))

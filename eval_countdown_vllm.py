@@ -75,7 +75,7 @@ def prepare_model_dir(args, workdir: Path) -> str:
     """A model vLLM can load: for a weights file, an HF directory (the base model's config and
     tokenizer, the file's weights in their own dtype) written under `workdir`; otherwise the model
     itself (the bundled model and .gguf files converted to an HF directory once, under `workdir`)."""
-    from utils.engines import resolve_base_model
+    from es_llm.hf_weights import resolve_base_model
 
     path = args.trained_model_path
     if not is_weights_file(path):
@@ -93,7 +93,7 @@ def prepare_model_dir(args, workdir: Path) -> str:
 def make_llm(model_dir: str, args, max_model_len: int):
     from vllm import LLM
 
-    from utils.engines import VLLM_CPU_KV_CACHE_BYTES, VLLM_GPU_MEMORY_UTILIZATION
+    from accelerated.engines import VLLM_CPU_KV_CACHE_BYTES, VLLM_GPU_MEMORY_UTILIZATION
 
     on_cpu = not torch.cuda.is_available()
     memory = ({"kv_cache_memory_bytes": VLLM_CPU_KV_CACHE_BYTES} if on_cpu else
@@ -158,7 +158,7 @@ def evaluate(args) -> dict:
 
 
 def main(argv=None):
-    from utils.engines import vllm_available
+    from accelerated.engines import vllm_available
 
     args = build_parser().parse_args(argv)
     positive = ("max_new_tokens", "eval_samples", "tensor_parallel_size") + (

@@ -102,8 +102,8 @@ def main(argv=None):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
+    from es_llm.hf_weights import resolve_base_model
     from es_llm.models import DTYPE_NAMES, load_model, save_model
-    from utils.engines import resolve_base_model
 
     task = load_task(args)
     out = Path(args.output_dir)

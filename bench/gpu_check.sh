@@ -30,7 +30,7 @@ if [ "${1:-}" = "--prepare" ]; then
 import sys
 from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
-from utils.engines import resolve_base_model
+from es_llm.hf_weights import resolve_base_model
 src = resolve_base_model("bundled", Path.home() / ".cache/es-llm/bench-converted")
 out = Path(sys.argv[1]); out.mkdir(exist_ok=True)
 AutoConfig.from_pretrained(src).save_pretrained(out)

@@ -158,7 +158,7 @@ def _evaluation_of(timings: dict) -> float:
 
 
 def vllm_engine(args, model_dir, layout, task, max_new_tokens, lowrank=False, population=None):
-    from utils.engines import VLLMEngine
+    from accelerated.engines import VLLMEngine
 
     extra = dict(rank=args.rank, lowrank_targets="lora", lowrank_batch=args.lowrank_batch,
                  population_size=population or args.population) if lowrank else {}
@@ -185,12 +185,12 @@ def vllm_rows(bench: Bench, model_dir, layout, task):
                 t0 = time.perf_counter()
                 rewards = []
                 for seed in seeds:
-                    engine.perturb(seed, a.sigma)
+                    engine.weights.perturb(seed, a.sigma)
                     texts = counter.add(engine.generate(task.prompts))
-                    engine.restore(seed, a.sigma)
+                    engine.weights.restore(seed, a.sigma)
                     rewards.append(float(np.mean(task.score(texts, seed=seed))))
                 evaluate = time.perf_counter() - t0
-                engine.update(seeds, normalize_rewards(rewards).tolist(), a.alpha)
+                engine.weights.update(seeds, normalize_rewards(rewards).tolist(), a.alpha)
                 return evaluate
             bench.row("vLLM per member, 1 engine (published loop)", per_member, counter)
         del engine
@@ -215,7 +215,8 @@ def _lora_iteration(engine, seeds, a, counter=None):
     t0 = time.perf_counter()
     results = engine.evaluate_batch(seeds, a.sigma, [1.0] * len(seeds))
     evaluate = time.perf_counter() - t0
-    engine.update(seeds, normalize_rewards([r["reward"] for r in results]).tolist(), a.alpha)
+    z = normalize_rewards([r["reward"] for r in results]).tolist()
+    engine.weights.update(seeds, z, a.alpha)
     return evaluate
 
 
@@ -224,7 +225,7 @@ def accelerated_row(bench: Bench, model_dir, layout, task, mode: str):
     share of the cores, or on its own GPU)."""
     import ray
 
-    from utils.engine_pool import EnginePool, start_ray
+    from accelerated.pool import EnginePool, start_ray
 
     a = bench.args
     cores = len(os.sched_getaffinity(0))
@@ -381,8 +382,9 @@ def main(argv=None):
 
     from transformers import AutoTokenizer
 
+    from accelerated.engines import vllm_available
+    from es_llm.hf_weights import hf_layout, resolve_base_model
     from es_llm.models import load_model
-    from utils.engines import hf_layout, resolve_base_model, vllm_available
 
     model_dir = resolve_base_model(args.model, Path.home() / ".cache/es-llm/bench-converted")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

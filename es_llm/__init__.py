@@ -13,6 +13,7 @@ Layout (each file does one thing):
     tasks.py        a task is prompts + per-prompt columns + a reward function (its contract checked)
     generation.py   greedy batched generation of the continuation
     models.py       loading (hub id, local dir, .gguf, the bundled SmolLM2) and saving
+    hf_weights.py   HF parameter layout, HF directories from a state dict, the base model engines load
     attention.py    SDPA reading the shared key/value heads in place on CPU (bit-identical)
     checkpoint.py   a saved run: atomic saves, and finding, reading and checking checkpoints
     rundir.py       what may be written where, and one run through its directory

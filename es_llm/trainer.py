@@ -20,8 +20,7 @@ from . import checkpoint as ckpt
 from . import tracking
 from .generation import Generator
 from .loop import report_iteration, run_es
-# (utils/ imports ENGINES and SCHEDULES from here)
-from .config import ENGINES, RESUME_MUST_MATCH, SCHEDULES, TrainConfig  # noqa: F401
+from .config import RESUME_MUST_MATCH, TrainConfig
 from .lowrank import LOWRANK, BatchedLowRank, evaluate_batched
 from .models import load_model
 from .rundir import Run

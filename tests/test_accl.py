@@ -9,11 +9,12 @@ import time
 import pytest
 import torch
 
+from accelerated.engines import TransformersEngine
 from conftest import PYTHON, ROOT, load_module, read_until, run_script, start_script
+from es_llm.hf_weights import full_state_dict, hf_layout, save_hf_model
 from es_llm.models import load_model
 from es_llm.strategy import es_update, normalize_rewards
-from utils.engines import (TransformersEngine, WeightSet, full_state_dict, hf_layout,
-                           save_hf_model)
+from es_llm.weightset import WeightSet
 
 SCRIPT = str(ROOT / "es_fine-tuning_countdown_accl.py")
 SEEDS = [11, 2024, 777, 31337]
@@ -46,7 +47,7 @@ def test_accelerated_update_equals_plain_es_update(tiny_model_dir, noise_mode, m
     z = normalize_rewards(REWARDS)
     expected = initial_params(tiny_model_dir)
     es_update(expected, SEEDS, z, 0.01, noise_mode)
-    e.update(SEEDS, z, 0.01)
+    e.weights.update(SEEDS, z, 0.01)
     got = list(e.model.parameters())
     assert max_diff(got, expected) < 1e-6
     assert max_diff(got, initial_params(tiny_model_dir)) > 1e-4  # the update did move the weights
@@ -55,13 +56,13 @@ def test_accelerated_update_equals_plain_es_update(tiny_model_dir, noise_mode, m
 def test_restore_undoes_perturb(tiny_model_dir):
     before = initial_params(tiny_model_dir)
     exact = engine(tiny_model_dir, master_weights="fp32")
-    exact.perturb(5, 0.01)
+    exact.weights.perturb(5, 0.01)
     assert max_diff(list(exact.model.parameters()), before) > 1e-4
-    exact.restore(5, 0.01)
+    exact.weights.restore(5, 0.01)
     assert max_diff(list(exact.model.parameters()), before) == 0.0
     published = engine(tiny_model_dir)
-    published.perturb(5, 0.01)
-    published.restore(5, 0.01)
+    published.weights.perturb(5, 0.01)
+    published.weights.restore(5, 0.01)
     assert max_diff(list(published.model.parameters()), before) < 1e-6
 
 
@@ -79,11 +80,40 @@ def test_weight_set_sees_views_of_fused_tensors():
     assert state["k"].untyped_storage().nbytes() == 2 * 3 * 4
 
 
+def test_weight_operations_reach_the_weight_set_and_no_other_name_passes(tiny_model_dir):
+    """The Ray actor runs an engine's WeightSet operations (WEIGHT_OPS) and nothing else; so do
+    the vLLM worker extension, at its published path, and the engine's handle on it."""
+    from types import SimpleNamespace
+
+    from accelerated.engines import WorkerWeights
+    from accelerated.pool import EngineActor
+    from countdown.countdown_task import make_task
+    from utils.worker_extn import WorkerExtension
+
+    actor = EngineActor("transformers", {"model_path": str(tiny_model_dir), "precision": "fp32",
+                                         "max_new_tokens": 4, "noise_mode": "iid"}, make_task(2))
+    actor.weight_op("perturb", 5, 0.01)
+    assert actor.weight_op("fingerprint") == actor.engine.weights.fingerprint()
+    model = engine(tiny_model_dir).model
+    worker = WorkerExtension()
+    worker.es_weights = WeightSet(lambda: list(model.named_parameters()), "iid")
+    llm = SimpleNamespace(collective_rpc=lambda method, args: [getattr(worker, method)(*args)])
+    WorkerWeights(llm).perturb(5, 0.01)
+    assert WorkerWeights(llm).state_dict().keys() == actor.engine.weights.state_dict().keys()
+    assert WorkerWeights(llm).fingerprint() == actor.weight_op("fingerprint")
+    for refuse in (lambda: actor.weight_op("after_change"),
+                   lambda: worker.es_weight_op("named_tensors")):
+        with pytest.raises(ValueError, match="unknown weight operation"):
+            refuse()
+    with pytest.raises(AttributeError, match="not a weight operation"):
+        WorkerWeights(llm).after_change()
+
+
 def test_pth_has_hf_names_and_hf_directory_reloads_identically(tiny_model_dir, tmp_path):
     e = engine(tiny_model_dir)
-    e.update(SEEDS, normalize_rewards(REWARDS), 0.01)
+    e.weights.update(SEEDS, normalize_rewards(REWARDS), 0.01)
     layout = hf_layout(str(tiny_model_dir))
-    state = full_state_dict(e.state_dict(), layout)
+    state = full_state_dict(e.weights.state_dict(), layout)
     assert list(state) == list(e.model.state_dict())  # incl. the tied lm_head.weight
     torch.save(state, tmp_path / "final_model.pth")
     save_hf_model(state, str(tiny_model_dir), tmp_path / "final_model", "fp32")
@@ -115,8 +145,8 @@ def test_bad_model_is_a_clear_error_before_ray_starts(tmp_path, capsys):
 def test_ray_engines_identical_after_broadcast_and_update_equals_plain(tiny_model_dir):
     import ray
 
+    from accelerated.pool import EnginePool, start_ray
     from countdown.countdown_task import make_task
-    from utils.engine_pool import EnginePool, start_ray
 
     kwargs = {"model_path": str(tiny_model_dir), "precision": "fp32", "max_new_tokens": 4,
               "noise_mode": "iid"}
@@ -127,7 +157,7 @@ def test_ray_engines_identical_after_broadcast_and_update_equals_plain(tiny_mode
         results = pool.evaluate(SEEDS, 0.001)
         assert [set(r) >= {"reward", "noise_s", "generate_s"} for r in results] == [True] * 4
         # Knock engine 1 off the shared weights, so that the broadcast has to repair it.
-        ray.get(pool.actors[1].call.remote("perturb", 99, 0.05))
+        ray.get(pool.actors[1].weight_op.remote("perturb", 99, 0.05))
         assert len(set(pool.call_all("fingerprint"))) == 2
         z = normalize_rewards(REWARDS)
         pool.update(SEEDS, z, 0.01)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from conftest import PYTHON, ROOT, load_module, run_script
 from es_llm import checkpoint as ckpt
 from es_llm import rundir
-from utils.engines import WeightSet
+from es_llm.weightset import WeightSet
 
 VARIED = str(ROOT / "tests" / "accl_varied_reward.py")
 SCRIPT = ROOT / "es_fine-tuning_countdown_accl.py"

@@ -76,7 +76,7 @@ def test_the_accelerated_front_checks_its_settings_once_with_their_real_values(t
     """One validation, of the config that is trained (the task's name, the run directory), and
     CUDA_VISIBLE_DEVICES set before the run starts; train_accelerated itself checks nothing."""
     from es_llm.config import AcceleratedConfig
-    from utils import accelerated
+    from accelerated import trainer as accelerated
 
     checked, trained = [], []
     validate = AcceleratedConfig.validate

@@ -60,8 +60,8 @@ def test_bundled_and_saved_directory_compute_the_same_logits(tmp_path, precision
     """The bundled GGUF, a directory it was saved to, a checkpoint written by the trainer's save and
     the fp32 copy the accelerated version's engines load: same parameters, same buffers (the rotary
     embedding's inv_freq stays fp32), same logits bit for bit."""
+    from es_llm.hf_weights import resolve_base_model
     from es_llm.models import load_model, save_model
-    from utils.engines import resolve_base_model
 
     bundled, tokenizer = load_model("bundled", precision)
     assert bundled.model.rotary_emb.inv_freq.dtype == torch.float32

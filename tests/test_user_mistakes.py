@@ -234,10 +234,10 @@ def test_the_accelerated_final_save_cleans_up_and_names_the_path(tiny_model_dir,
                                                                 monkeypatch):
     """PoolEvaluator.save_final with a stand-in pool (the engines' side is tested with Ray
     elsewhere): a failing write leaves no temporary file and no finished state."""
-    from es_llm.models import load_model
+    from accelerated import trainer as accelerated
     from es_llm.config import AcceleratedConfig
-    from utils import accelerated
-    from utils.engines import hf_layout
+    from es_llm.hf_weights import hf_layout
+    from es_llm.models import load_model
 
     model, _ = load_model(str(tiny_model_dir), "fp32")
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -257,8 +257,8 @@ def test_the_accelerated_final_save_cleans_up_and_names_the_path(tiny_model_dir,
 # --------------------------------------------------------------------------- the accelerated name
 
 def test_a_users_task_names_the_accelerated_run():
+    from accelerated.trainer import default_run_name
     from es_llm.config import AcceleratedConfig
-    from utils.accelerated import default_run_name
 
     cfg = AcceleratedConfig(task="word_count", model_name="bundled", output_dir=".",
                             engine="transformers")

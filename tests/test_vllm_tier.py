@@ -12,10 +12,11 @@ import torch
 pytest.importorskip("vllm", reason="vLLM is not installed here; .ci/vllm_tier.sh runs this tier "
                                    "in its own environment")
 
+from accelerated.engines import VLLMEngine  # noqa: E402
 from conftest import PYTHON, ROOT, run_script  # noqa: E402
+from es_llm.hf_weights import hf_layout, resolve_base_model  # noqa: E402
 from es_llm.noise import tensor_noise  # noqa: E402
 from es_llm.strategy import es_update, normalize_rewards  # noqa: E402
-from utils.engines import VLLMEngine, hf_layout, resolve_base_model  # noqa: E402
 
 PROMPTS = ["Solve: 3 + 5 =", "If all birds can fly and penguins are birds, can penguins fly?"]
 LINEAR = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
@@ -55,7 +56,7 @@ def hf_weights(model_dir):
 
 def test_engine_weights_have_hf_names_and_values(engine, smollm2_dir):
     """Split out of vLLM's fused qkv / gate_up tensors, the weights are exactly the HF ones."""
-    state = engine.state_dict()
+    state = engine.weights.state_dict()
     reference = hf_weights(smollm2_dir)
     assert set(state) == set(reference) - set(hf_layout(smollm2_dir)["tied"])
     for name, tensor in state.items():
@@ -74,8 +75,8 @@ def test_linear_perturbation_changes_output_and_restore_returns_it(engine):
     engine.llm.collective_rpc(add_linear_noise, args=(7, -0.02))
     assert engine.generate(PROMPTS) == base
 
-    engine.perturb(123, 0.001)  # every weight, as a population member is perturbed
-    engine.restore(123, 0.001)
+    engine.weights.perturb(123, 0.001)  # every weight, as a population member is perturbed
+    engine.weights.restore(123, 0.001)
     assert engine.generate(PROMPTS) == base
 
 
@@ -91,11 +92,11 @@ def in_vllm_order(state, layout):
 def test_vllm_noise_is_drawn_over_the_fused_tensors_in_vllm_order(engine, smollm2_dir):
     """As published: noise of qkv_proj's shape, not q, k and v each; the engine's names."""
     layout = hf_layout(smollm2_dir)
-    before = engine.state_dict()
-    assert any("qkv_proj" in n for n in engine.names())
-    engine.perturb(11, 0.01)
-    after = engine.state_dict()
-    engine.restore(11, 0.01)
+    before = engine.weights.state_dict()
+    assert any("qkv_proj" in n for n in engine.weights.names())
+    engine.weights.perturb(11, 0.01)
+    after = engine.weights.state_dict()
+    engine.weights.restore(11, 0.01)
     fused, back = in_vllm_order(before, layout)
     tensors = list(fused.values())
     for k, t in enumerate(tensors):
@@ -107,18 +108,18 @@ def test_vllm_noise_is_drawn_over_the_fused_tensors_in_vllm_order(engine, smollm
 def test_vllm_update_equals_plain_es_update(engine, smollm2_dir):
     seeds, z = [5, 6, 7], normalize_rewards([0.0, 0.5, 1.1])
     layout = hf_layout(smollm2_dir)
-    before = engine.state_dict()
-    engine.update(seeds, z, 0.001)
-    after = engine.state_dict()
+    before = engine.weights.state_dict()
+    engine.weights.update(seeds, z, 0.001)
+    after = engine.weights.state_dict()
     fused, back = in_vllm_order(before, layout)
     tensors = list(fused.values())
     es_update(tensors, seeds, z, 0.001, "correlated")
     expected = back(tensors)
     diff = max((after[n] - expected[n]).abs().max().item() for n in layout["names"])
     assert diff < 1e-6
-    engine.load_state_dict(before)
-    assert engine.fingerprint() != "" and engine.state_dict()["model.norm.weight"].equal(
-        before["model.norm.weight"])
+    engine.weights.load_state_dict(before)
+    assert engine.weights.fingerprint() != "" and engine.weights.state_dict()[
+        "model.norm.weight"].equal(before["model.norm.weight"])
 
 
 @pytest.mark.slow
@@ -157,11 +158,11 @@ def test_hf_noise_names_give_the_transformers_engines_noise(smollm2_dir):
     layout = hf_layout(smollm2_dir)
     hf_engine = VLLMEngine(smollm2_dir, "fp32", 16, "correlated", layout, noise_names="hf")
     try:
-        assert hf_engine.names() == layout["names"]
+        assert hf_engine.weights.names() == layout["names"]
         seeds, z = [5, 6, 7], normalize_rewards([0.0, 0.5, 1.1])
-        before = hf_engine.state_dict()
-        hf_engine.update(seeds, z, 0.001)
-        after = hf_engine.state_dict()
+        before = hf_engine.weights.state_dict()
+        hf_engine.weights.update(seeds, z, 0.001)
+        after = hf_engine.weights.state_dict()
         expected = [before[n].clone() for n in layout["names"]]
         es_update(expected, seeds, z, 0.001, "correlated")
         assert max((after[n] - e).abs().max().item() for n, e in zip(layout["names"], expected)) < 1e-6
@@ -187,8 +188,8 @@ def test_vllm_lora_members_match_the_transformers_lowrank_mode(smollm2_dir):
     """Each member a LoRA adapter in one vLLM generate call: the same greedy text and reward as
     the transformers engine's low-rank mode on the same layers with the same factors; and the
     update changes the same weights by the same amounts (the projections only)."""
+    from accelerated.engines import TransformersEngine
     from es_llm.tasks import Task, conciseness_reward
-    from utils.engines import TransformersEngine
 
     task = Task("conciseness", PROMPTS, conciseness_reward, {"target": ["8", "No"]})
     seeds, signs, sigma = [5, 2**30 - 1, 77, 5], [1.0, 1.0, -1.0, -1.0], 0.02
@@ -209,10 +210,10 @@ def test_vllm_lora_members_match_the_transformers_lowrank_mode(smollm2_dir):
         assert not list(vllm_engine._adapter_dir.iterdir())  # adapter files removed
 
         z = normalize_rewards([e["reward"] + i for i, e in enumerate(expected)])
-        before = vllm_engine.state_dict()
-        vllm_engine.update(seeds, z, 0.01)
-        hf.update(seeds, z, 0.01)
-        after, reference = vllm_engine.state_dict(), hf.state_dict()
+        before = vllm_engine.weights.state_dict()
+        vllm_engine.weights.update(seeds, z, 0.01)
+        hf.weights.update(seeds, z, 0.01)
+        after, reference = vllm_engine.weights.state_dict(), hf.weights.state_dict()
         for name in layout["names"]:
             projection = name.split(".")[-2] in {"q_proj", "k_proj", "v_proj", "o_proj",
                                                  "gate_proj", "up_proj", "down_proj"}

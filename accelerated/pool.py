@@ -13,14 +13,16 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from es_llm.config import SCHEDULES
+from es_llm.weightset import COLLECTIVE_TIMEOUT_S, WEIGHT_OPS
+
 ROOT = Path(__file__).resolve().parents[1]
 PLACEMENT_TIMEOUT_S = 300
-from es_llm.trainer import SCHEDULES
-from es_llm.weightset import COLLECTIVE_TIMEOUT_S
 
 
 def _pythonpath() -> str:
-    """The repository first, so that workers import `utils`, `es_llm` and `countdown` from it."""
+    """The repository first, so that workers (and vLLM's, through `utils.worker_extn`) import
+    `accelerated`, `es_llm`, `countdown` and `utils` from it."""
     return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 
@@ -35,16 +37,27 @@ def start_ray(address: str = "local", verbose: bool = False, num_cpus=None) -> N
 
 
 class EngineActor:
-    """Builds one engine in its own process and runs its methods for the driver."""
+    """Builds one engine in its own process and runs, for the driver, the population members and
+    the operations of the engine's WeightSet."""
 
     def __init__(self, kind: str, engine_kwargs: dict, task):
-        from utils.engines import make_engine
+        from accelerated.engines import make_engine
 
         self.engine = make_engine(kind, **engine_kwargs)
         self.engine.set_task(task)
 
-    def call(self, method: str, *args):
-        return getattr(self.engine, method)(*args)
+    def evaluate(self, seed: int, sigma: float, sign: float) -> dict:
+        return self.engine.evaluate(seed, sigma, sign)
+
+    def evaluate_batch(self, seeds, sigma: float, signs) -> list:
+        return self.engine.evaluate_batch(seeds, sigma, signs)
+
+    def weight_op(self, name: str, *args):
+        """engine.weights.<name>(*args), for `name` one of WEIGHT_OPS (perturb, update,
+        broadcast, state_dict, ...); any other name is refused."""
+        if name not in WEIGHT_OPS:
+            raise ValueError(f"unknown weight operation {name!r}; expected one of {WEIGHT_OPS}")
+        return getattr(self.engine.weights, name)(*args)
 
     def rendezvous(self):
         """This node's address and a free port, to host the engines' collective group."""
@@ -98,18 +111,20 @@ class EnginePool:
             self.call_all("names")  # waits until every engine has loaded (or raises its error)
             host, port = ray.get(self.actors[0].rendezvous.remote())
             backend = "nccl" if use_gpu else "gloo"
-            ray.get([a.call.remote("init_collective", host, port, rank, num_engines, backend,
-                                   collective_timeout_s)
+            ray.get([a.weight_op.remote("init_collective", host, port, rank, num_engines,
+                                        backend, collective_timeout_s)
                      for rank, a in enumerate(self.actors)])
         except BaseException:  # a failed start (or Ctrl-C during it) releases what it took
             self.shutdown()
             raise
 
-    def call_all(self, method: str, *args) -> list:
-        return ray.get([a.call.remote(method, *args) for a in self.actors])
+    def call_all(self, op: str, *args) -> list:
+        """Every engine's answer to the weight operation `op` (one of WEIGHT_OPS)."""
+        return ray.get([a.weight_op.remote(op, *args) for a in self.actors])
 
-    def call_main(self, method: str, *args):
-        return ray.get(self.actors[0].call.remote(method, *args))
+    def call_main(self, op: str, *args):
+        """Engine 0's answer to the weight operation `op`."""
+        return ray.get(self.actors[0].weight_op.remote(op, *args))
 
     def evaluate(self, seeds, sigma: float, signs=None, on_result=None, schedule: str = "dynamic",
                  batched: bool = False) -> list:
@@ -127,8 +142,8 @@ class EnginePool:
         engines = len(self.actors)
         if batched:
             parts = [list(range(e, len(seeds), engines)) for e in range(engines)]
-            refs = [self.actors[e].call.remote("evaluate_batch", [int(seeds[i]) for i in part],
-                                               sigma, [signs[i] for i in part])
+            refs = [self.actors[e].evaluate_batch.remote([int(seeds[i]) for i in part], sigma,
+                                                         [signs[i] for i in part])
                     for e, part in enumerate(parts) if part]
             results = [None] * len(seeds)
             for part, batch in zip([p for p in parts if p], ray.get(refs)):
@@ -144,7 +159,7 @@ class EnginePool:
 
         def submit(e):
             i = queues[e].popleft()
-            running[self.actors[e].call.remote("evaluate", int(seeds[i]), sigma, signs[i])] = (i, e)
+            running[self.actors[e].evaluate.remote(int(seeds[i]), sigma, signs[i])] = (i, e)
 
         for e in range(engines):
             if queues[e]:

@@ -1,7 +1,7 @@
 """The accelerated version's evaluator and run: one inference engine per GPU, each a Ray actor.
 
 The loop is es_llm/loop.py, as for every trainer. Here the evaluator hands seeds to the engines
-(utils/engine_pool.py: whichever engine is free, as published, or a static schedule; in lowrank mode
+(accelerated/pool.py: whichever engine is free, as published, or a static schedule; in lowrank mode
 each engine generates its share of the population in batches), the update is applied on engine 0
 as N seeded additions of (alpha / N) * z_i * eps_i and broadcast to the others, and the saves are
 the published ones (model_saves/) beside an HF directory and checkpoints.
@@ -42,19 +42,15 @@ def run_dir_of(cfg) -> Path:
 
 def save_published_base(base: str, run_dir: Path, cache_dir=None) -> None:
     """model_saves/base_model: the base model in fp16, as published (once per run directory)."""
-    from es_llm.checkpoint import replace_directory
+    from es_llm.checkpoint import atomic
     from es_llm.models import load_model, save_model
 
     target = run_dir / PUBLISHED_SAVES / "base_model"
     if (target / "config.json").exists():
         return
-    from es_llm.checkpoint import saving
-
     model, tokenizer = load_model(base, "fp16", cache_dir)
-    tmp = target.with_name(target.name + ".tmp")
-    with saving(target, tmp):
+    with atomic(target) as tmp:
         save_model(model, tokenizer, tmp)
-        replace_directory(tmp, target)
 
 
 def published_pth(run_dir: Path, iteration: int) -> Path:
@@ -69,11 +65,12 @@ def save_published_pth(state: dict, base: str, run_dir: Path, iteration: int, ca
 
     from es_llm.vllm_names import hf_to_vllm
 
+    from es_llm.checkpoint import atomic
+
     path = published_pth(run_dir, iteration)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(hf_to_vllm(state, AutoConfig.from_pretrained(base, cache_dir=cache_dir)), tmp)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        torch.save(hf_to_vllm(state, AutoConfig.from_pretrained(base, cache_dir=cache_dir)), tmp)
     return path
 
 
@@ -132,12 +129,12 @@ class PoolEvaluator:
         return {"update": t1 - t0, "broadcast": time.perf_counter() - t1}
 
     def state(self) -> dict:
-        from utils.engines import full_state_dict
+        from es_llm.hf_weights import full_state_dict
 
         return full_state_dict(self.pool.call_main("state_dict"), self.layout)
 
     def saveable(self):
-        from utils.engines import hf_model
+        from es_llm.hf_weights import hf_model
 
         model, tokenizer = hf_model(self.state(), self.base, self.cfg.precision,
                                     self.cfg.hf_cache_dir)
@@ -151,7 +148,7 @@ class PoolEvaluator:
         from safetensors.torch import save_file
 
         from es_llm import checkpoint as ckpt
-        from utils.engines import save_hf_model
+        from es_llm.hf_weights import save_hf_model
 
         fingerprints = self.pool.call_all("fingerprint")
         if len(set(fingerprints)) != 1:
@@ -159,21 +156,17 @@ class PoolEvaluator:
                                f"{fingerprints}")
         (out / ckpt.STATE_FILE).unlink(missing_ok=True)
         state = self.state()
-        published = published_pth(out, self.cfg.num_iterations)
-        temporary = [out / "final_model.pth.tmp", out / "final_model.tmp",
-                     published.with_name(published.name + ".tmp"),
-                     out / (ckpt.MASTER_FILE + ".tmp")]
-        with ckpt.saving(out, *temporary):
-            torch.save(state, temporary[0])
-            os.replace(temporary[0], out / "final_model.pth")
+        with ckpt.saving(out):  # each save below removes its own temporary if it fails
+            with ckpt.atomic(out / "final_model.pth") as tmp:
+                torch.save(state, tmp)
             save_hf_model(state, self.base, out / "final_model", self.cfg.precision,
                           self.cfg.hf_cache_dir)
             save_published_pth(state, self.base, out, self.cfg.num_iterations,
                                self.cfg.hf_cache_dir)
             masters = self.pool.call_main("master_state")
             if masters is not None:
-                save_file(masters, str(temporary[3]))
-                os.replace(temporary[3], out / ckpt.MASTER_FILE)
+                with ckpt.atomic(out / ckpt.MASTER_FILE) as tmp:
+                    save_file(masters, str(tmp))
         ckpt.write_metrics(out / ckpt.METRICS_FILE, records)
         ckpt.write_json_atomic(out / ckpt.STATE_FILE, state_file)
         print(f"Training finished: final weights in {out / 'final_model.pth'} and "
@@ -188,19 +181,16 @@ def train_accelerated(cfg, task) -> int:
     CUDA_VISIBLE_DEVICES set by the script's front); returns the exit status (0, 130 when
     stopped)."""
     # Until the loop takes over SIGTERM (to stop after an iteration and save), it unwinds through
-    # the clean-up below.
+    # the clean-up in train_on_engines.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    import ray
     from transformers import AutoTokenizer
 
     from es_llm import tracking
     from es_llm.checkpoint import write_json_atomic
-    from es_llm.loop import STOPPED, report_iteration, run_es
+    from es_llm.hf_weights import hf_layout, resolve_base_model
+    from es_llm.loop import report_iteration
     from es_llm.rundir import Run
-    from es_llm.strategy import Strategy
     from es_llm.trainer import resume_mismatches
-    from utils.engine_pool import EnginePool, start_ray
-    from utils.engines import hf_layout, resolve_base_model
 
     started = time.time()
     logging_dir = cfg.logging_dir or cfg.output_dir
@@ -224,7 +214,32 @@ def train_accelerated(cfg, task) -> int:
     run_dir = run.out
     write_json_atomic(run_dir / "config.json", {**vars(cfg), "base_model": base})
     print(f"run directory: {run_dir}", flush=True)
+    return train_on_engines(cfg, task, run, base, layout, longest_prompt + cfg.max_new_tokens,
+                            accelerator, logging_dir, started)
 
+
+def engine_settings(cfg, base: str, layout: dict, max_model_len: int) -> dict:
+    """Every engine's keyword arguments (accelerated.engines.make_engine)."""
+    return {"model_path": base, "precision": cfg.precision, "max_new_tokens": cfg.max_new_tokens,
+            "noise_mode": cfg.noise_mode, "master_weights": cfg.master_weights,
+            "cache_dir": cfg.hf_cache_dir, "layout": layout, "max_model_len": max_model_len,
+            "seed": cfg.initial_seed, "noise_names": cfg.vllm_noise, "rank": cfg.rank,
+            "lowrank_targets": cfg.lowrank_targets, "lowrank_batch": cfg.lowrank_batch,
+            "population_size": cfg.population_size, "prune_finished": cfg.prune_finished}
+
+
+def train_on_engines(cfg, task, run, base: str, layout: dict, max_model_len: int, accelerator,
+                     logging_dir, started: float) -> int:
+    """Ray, the engine pool and the ES loop on it, for a run whose directory is ready; the engines
+    and Ray are shut down however it ends. Returns the exit status."""
+    import ray
+
+    from accelerated.pool import EnginePool, start_ray
+    from es_llm import tracking
+    from es_llm.loop import STOPPED, run_es
+    from es_llm.strategy import Strategy
+
+    run_dir = run.out
     cores = len(os.sched_getaffinity(0))
     local = cfg.ray_address == "local"
     cpus_per_engine = max(1, cores // cfg.num_engines) if local else 1
@@ -233,15 +248,7 @@ def train_accelerated(cfg, task) -> int:
         start_ray(cfg.ray_address, cfg.verbose,
                   num_cpus=max(cores, cfg.num_engines * cpus_per_engine) if local else None)
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        engine_kwargs = {"model_path": base, "precision": cfg.precision,
-                         "max_new_tokens": cfg.max_new_tokens, "noise_mode": cfg.noise_mode,
-                         "master_weights": cfg.master_weights, "cache_dir": cfg.hf_cache_dir,
-                         "layout": layout, "max_model_len": longest_prompt + cfg.max_new_tokens,
-                         "seed": cfg.initial_seed, "noise_names": cfg.vllm_noise,
-                         "rank": cfg.rank, "lowrank_targets": cfg.lowrank_targets,
-                         "lowrank_batch": cfg.lowrank_batch,
-                         "population_size": cfg.population_size,
-                         "prune_finished": cfg.prune_finished}
+        engine_kwargs = engine_settings(cfg, base, layout, max_model_len)
         t0 = time.time()
         pool = EnginePool(cfg.engine, cfg.num_engines, engine_kwargs, task, use_gpu,
                           cpus_per_engine, bind_cpus=local and not use_gpu,
@@ -270,7 +277,7 @@ def train_accelerated(cfg, task) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: stopping the engines (no checkpoint saved)", file=sys.stderr,
               flush=True)
-        status = 130
+        status = STOPPED
     except SystemExit as leaving:
         status = leaving.code
     finally:

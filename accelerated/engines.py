@@ -1,18 +1,17 @@
 """Inference engines for the accelerated trainer, behind one small interface.
 
-An engine holds one full copy of the model and does, in place: perturb by seed, restore, the ES
-update, broadcast its weights to the other engines, save and load them. Weights are addressed by
-their Hugging Face names, in the HF `named_parameters()` order, whatever layout the engine keeps
-them in (vLLM fuses q/k/v and gate/up into one tensor each). So tensor k gets the same noise in
-every engine, and the saved `.pth` is an HF state dict: it loads into an HF model with no renaming.
+An engine holds one full copy of the model, generates greedily, and keeps its weights in
+`engine.weights`: an es_llm.weightset.WeightSet (perturb by seed, restore, the ES update, broadcast
+to the other engines, save and load, in place). Weights are addressed by their Hugging Face names,
+in the HF `named_parameters()` order, whatever layout the engine keeps them in (vLLM fuses q/k/v
+and gate/up into one tensor each). So tensor k gets the same noise in every engine, and the saved
+`.pth` is an HF state dict: it loads into an HF model with no renaming.
 
-    TransformersEngine  the HF model itself; greedy generation with `generate` (CPU or GPU)
-    VLLMEngine          a vLLM `LLM`; the weight operations run inside its worker through
-                        `collective_rpc` (utils/worker_extn.py)
-
-`WeightSet` holds the operations both engines share; `CollectiveGroup` is the process group the
-engines broadcast through (NCCL on GPUs, gloo on CPUs), created once, beside whatever group the
-engine uses internally.
+    TransformersEngine  the HF model itself; greedy generation with `generate` (CPU or GPU);
+                        `weights` is its WeightSet
+    VLLMEngine          a vLLM `LLM`; its WeightSet lives inside the vLLM worker
+                        (accelerated/vllm_worker.py) and `weights` reaches it through
+                        `collective_rpc` (WorkerWeights)
 """
 import importlib.util
 import os
@@ -24,13 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from es_llm.checkpoint import replace_directory
-from es_llm.models import (BUNDLED_MODEL, DTYPE_NAMES, PRECISIONS, load_model, model_not_found,
-                           model_short_name, save_model)
+from es_llm.config import ENGINES
 from es_llm.lowrank import LOWRANK, BatchedLowRank, evaluate_batched
-from es_llm.weightset import WeightSet
+from es_llm.models import DTYPE_NAMES, load_model
+from es_llm.weightset import WEIGHT_OPS, WeightSet
 
-from es_llm.trainer import ENGINES  # noqa: F401 (re-exported)
 # vLLM memory: on CPU an explicit KV-cache size in RAM per engine; on GPU a share of its memory
 # (kept below vLLM's usual 0.9 to leave room for --master_weights fp32).
 VLLM_CPU_KV_CACHE_BYTES = 1 << 30
@@ -44,12 +41,13 @@ def vllm_available() -> bool:
 class Engine:
     """What the accelerated trainer asks of an inference engine.
 
-    Subclasses provide `generate(prompts)` (greedy continuations) and `weight_op(name, *args)`
-    (run a WeightSet operation where the weights live); the rest is shared.
+    Subclasses provide `generate(prompts)` (greedy continuations) and `weights` (the WeightSet
+    operations on the weights they compute with); the rest is shared.
     """
 
     max_new_tokens: int
     task = None
+    weights: WeightSet
 
     def set_task(self, task) -> None:
         self.task = task
@@ -57,50 +55,17 @@ class Engine:
     def generate(self, prompts) -> list:
         raise NotImplementedError
 
-    def weight_op(self, name: str, *args):
-        raise NotImplementedError
-
-    def perturb(self, seed, sigma):
-        return self.weight_op("perturb", seed, sigma)
-
-    def restore(self, seed, sigma):
-        return self.weight_op("restore", seed, sigma)
-
-    def update(self, seeds, z, alpha, n=None):
-        return self.weight_op("update", [int(s) for s in seeds], [float(x) for x in z], alpha, n)
-
-    def init_collective(self, host, port, rank, world_size, backend, timeout_s):
-        return self.weight_op("init_collective", host, port, rank, world_size, backend, timeout_s)
-
-    def broadcast(self, src=0):
-        return self.weight_op("broadcast", src)
-
-    def state_dict(self) -> dict:
-        return self.weight_op("state_dict")
-
-    def master_state(self):
-        return self.weight_op("master_state")
-
-    def load_state_dict(self, state: dict, masters=None):
-        return self.weight_op("load_state_dict", state, masters)
-
-    def fingerprint(self) -> str:
-        return self.weight_op("fingerprint")
-
-    def names(self) -> list:
-        return self.weight_op("names")
-
     def evaluate(self, seed: int, sigma: float, sign: float = 1.0) -> dict:
         """Perturb by sign * sigma * eps, generate the task's prompts, restore, score: the
         member's mean reward."""
         t0 = time.perf_counter()
-        self.perturb(seed, sign * sigma)
+        self.weights.perturb(seed, sign * sigma)
         t1 = time.perf_counter()
         try:
             completions = self.generate(self.task.prompts)
         finally:
             t2 = time.perf_counter()
-            self.restore(seed, sign * sigma)
+            self.weights.restore(seed, sign * sigma)
         t3 = time.perf_counter()
         rewards = self.task.score(completions, seed=seed)
         return {"reward": float(np.mean(rewards)), "noise_s": (t1 - t0) + (t3 - t2),
@@ -141,9 +106,6 @@ class TransformersEngine(Engine):
             return self._generator(self.model)
         return self._generator_cls(self.tokenizer, prompts, self.max_new_tokens)(self.model)
 
-    def weight_op(self, name: str, *args):
-        return getattr(self.weights, name)(*args)
-
     def evaluate_batch(self, seeds, sigma: float, signs) -> list:
         if self.lowrank is None:
             return super().evaluate_batch(seeds, sigma, signs)
@@ -152,6 +114,20 @@ class TransformersEngine(Engine):
         share = {f"{phase}_s": seconds / len(seeds) for phase, seconds in timings.items()}
         return [{"reward": reward, "completion": completions[0], **share}
                 for _, reward, completions in results]
+
+
+class WorkerWeights:
+    """The WeightSet inside a vLLM engine's worker, with the WeightSet's operations (WEIGHT_OPS):
+    each call runs there through `collective_rpc` (tensor parallel 1: one worker, one answer)."""
+
+    def __init__(self, llm):
+        self._llm = llm
+
+    def __getattr__(self, name: str):
+        if name not in WEIGHT_OPS:
+            raise AttributeError(f"{name!r} is not a weight operation; expected one of "
+                                 f"{WEIGHT_OPS}")
+        return lambda *args: self._llm.collective_rpc("es_weight_op", args=(name, *args))[0]
 
 
 class VLLMEngine(Engine):
@@ -201,6 +177,7 @@ class VLLMEngine(Engine):
                        **(self.lora or {}))
         self.llm.collective_rpc("es_setup", args=(layout, noise_mode, master_weights, noise_names,
                                                   rank, lowrank_targets))
+        self.weights = WorkerWeights(self.llm)
 
     def generate(self, prompts, temperature: float = 0.0, top_p: float = 1.0, seed=None,
                  lora_requests=None) -> list:
@@ -211,9 +188,6 @@ class VLLMEngine(Engine):
         outputs = self.llm.generate(list(prompts), params, use_tqdm=False,
                                     lora_request=lora_requests)
         return [out.outputs[0].text for out in outputs]
-
-    def weight_op(self, name: str, *args):
-        return self.llm.collective_rpc("es_weight_op", args=(name, *args))[0]
 
     def evaluate_batch(self, seeds, sigma: float, signs) -> list:
         """Lowrank mode: every member a LoRA adapter (its factors drawn from its seed, as the
@@ -262,94 +236,3 @@ def make_engine(kind: str, **kwargs) -> Engine:
                                "(CPU), or use --engine transformers")
         return VLLMEngine(**kwargs)
     raise ValueError(f"unknown engine {kind!r}; expected one of {ENGINES}")
-
-
-# --------------------------------------------------------------------------- HF layout and files
-
-
-def _meta_model(model_path: str, cache_dir=None, dtype=None):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_path, cache_dir=cache_dir)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
-
-
-def hf_layout(model_path: str, cache_dir=None) -> dict:
-    """The HF model's parameters, built on the meta device (no weights are read).
-
-    names, shapes: `named_parameters()` order, the order noise is drawn in;
-    tied: {state-dict name: the parameter it shares}, e.g. lm_head.weight -> embed_tokens.weight;
-    config: the sizes es_llm.vllm_names needs to split vLLM's fused tensors into HF ones.
-    """
-    model = _meta_model(model_path, cache_dir)
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    config = {key: getattr(text, key, None) for key in ("num_attention_heads", "num_key_value_heads",
-                                                         "head_dim", "hidden_size",
-                                                         "intermediate_size")}
-    params = list(model.named_parameters())
-    first = {id(p): name for name, p in params}
-    unique = set(first.values())
-    tied = {name: first[id(p)] for name, p in model.named_parameters(remove_duplicate=False)
-            if name not in unique}
-    return {"names": [n for n, _ in params], "shapes": [list(p.shape) for _, p in params],
-            "tied": tied, "config": config}
-
-
-def full_state_dict(weights: dict, layout: dict) -> dict:
-    """The published `.pth`: the HF state dict, tied names pointing at the same tensor."""
-    state = dict(weights)
-    for alias, name in layout["tied"].items():
-        state[alias] = state[name]
-    return state
-
-
-def hf_model(state: dict, base_model: str, precision: str, cache_dir=None):
-    """(model, tokenizer): the base model's architecture, generation config and tokenizer around an
-    HF state dict (the tensors are used as they are, not copied); save it with save_pretrained."""
-    from transformers import AutoTokenizer, GenerationConfig
-
-    model = _meta_model(base_model, cache_dir, PRECISIONS[precision])
-    model.load_state_dict(state, strict=True, assign=True)
-    try:
-        model.generation_config = GenerationConfig.from_pretrained(base_model, cache_dir=cache_dir)
-    except OSError:
-        pass  # the base model has no generation config: keep the one built from its config
-    return model, AutoTokenizer.from_pretrained(base_model, cache_dir=cache_dir)
-
-
-def save_hf_model(state: dict, base_model: str, directory, precision: str, cache_dir=None) -> None:
-    """An HF directory (weights, config, generation config, tokenizer) from an HF state dict;
-    written under a temporary name and renamed into place (an existing directory is moved aside
-    first and removed last, so a crash leaves one complete copy)."""
-    model, tokenizer = hf_model(state, base_model, precision, cache_dir)
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp)
-    replace_directory(tmp, directory)
-
-
-def resolve_base_model(model_name: str, convert_dir, cache_dir=None) -> str:
-    """An HF directory or hub id both engines load. The bundled model and .gguf files are
-    dequantised once into `convert_dir` (fp32, so every precision casts from the same weights)."""
-    local = Path(model_name).expanduser()
-    if model_name != BUNDLED_MODEL and local.suffix != ".gguf":
-        if local.is_dir():
-            return str(local)
-        from transformers import AutoConfig
-
-        try:  # a hub id: found (or downloaded) now, with the loader's error if it cannot be
-            AutoConfig.from_pretrained(model_name, cache_dir=cache_dir)
-        except OSError as error:
-            raise model_not_found(model_name, error) from error
-        return model_name
-    target = Path(convert_dir) / f"{model_short_name(model_name)}-fp32"
-    if not (target / "config.json").exists():
-        model, tokenizer = load_model(model_name, "fp32")
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(model, tokenizer, tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    return str(target)

@@ -1,0 +1,222 @@
+"""vLLM worker extension: the ES weight operations inside a vLLM worker.
+
+`LLM(..., worker_extension_cls="utils.worker_extn.WorkerExtension")` (the published path, which
+re-exports the class from here) gives the worker these methods, called through `LLM.collective_rpc`:
+
+    es_setup(layout, noise_mode, master_weights)  map the HF names onto the worker's tensors
+    es_weight_op(name, *args)                     run one operation of es_llm.weightset.WeightSet
+                                                  (WEIGHT_OPS: perturb, restore, update,
+                                                  init_collective, broadcast, state_dict,
+                                                  master_state, load_state_dict, fingerprint,
+                                                  names); accelerated.engines.WorkerWeights
+                                                  makes these calls
+    es_write_adapters(seeds, sigma, signs, paths) lowrank mode: each member's perturbation as a
+                                                  PEFT LoRA adapter directory (write_adapter)
+
+HF names. vLLM fuses q_proj/k_proj/v_proj into qkv_proj and gate_proj/up_proj into gate_up_proj
+(the model's `packed_modules_mapping`). Each HF tensor is a view of its rows of the fused tensor
+(tensor parallel 1), so perturbing it perturbs what vLLM computes with, noise tensor k is the same
+as in an HF model, and `state_dict()` has HF names: a saved `.pth` loads into transformers with no
+renaming.
+
+The CPU trap. After loading, vLLM's CPU backend prepacks every unquantised linear layer for its
+GEMM kernel (oneDNN, sgl-kernel or zentorch) and, by default, replaces `layer.weight` with an empty
+tensor; the layer then computes with the packed copy alone, so changing the parameters changes
+nothing but embeddings and norms. Importing this module (vLLM imports it when it builds the worker,
+before the model loads; VLLMEngine imports it earlier still) makes that dispatch keep the weights
+(`remove_weight=False`), and every change of weights re-dispatches the packed layers, so the packed
+copies follow the weights. The embedding that doubles as the tied lm_head is packed the same way
+(vLLM keeps its weight) and is re-dispatched too. On GPU nothing is packed: layers read their
+parameters directly and nothing needs re-dispatching. (Without vLLM installed, importing this
+module patches nothing.)
+"""
+import importlib.util
+
+import torch
+
+from es_llm.weightset import WEIGHT_OPS, WeightSet
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _keep_cpu_linear_weights() -> None:
+    """Make vLLM's CPU GEMM dispatch keep layer.weight (idempotent)."""
+    if not _on_cpu():
+        return
+    from vllm.model_executor.layers import utils as layer_utils
+
+    if getattr(layer_utils.dispatch_cpu_unquantized_gemm, "es_keeps_weights", False):
+        return
+    original = layer_utils.dispatch_cpu_unquantized_gemm
+
+    def dispatch_keeping_weights(layer, remove_weight: bool = False):
+        return original(layer, remove_weight=False)
+
+    dispatch_keeping_weights.es_keeps_weights = True
+    dispatch_keeping_weights.original = original
+    layer_utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weights
+
+
+if importlib.util.find_spec("vllm") is not None:
+    _keep_cpu_linear_weights()
+
+
+def packed_cpu_layers(model) -> list:
+    """The layers vLLM's CPU backend computes with through a packed copy of a 2-D weight."""
+    return [m for m in model.modules()
+            if hasattr(m, "cpu_linear") and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.ndim == 2 and not getattr(m, "_cpu_skip_gemm_dispatch", False)]
+
+
+def redispatch(layers) -> None:
+    """Re-pack each layer from its current weight."""
+    from vllm.model_executor.layers import utils as layer_utils
+
+    dispatch = getattr(layer_utils.dispatch_cpu_unquantized_gemm, "original",
+                       layer_utils.dispatch_cpu_unquantized_gemm)
+    for layer in layers:
+        dispatch(layer, remove_weight=False)
+
+
+def hf_named_tensors(model, layout: dict) -> list:
+    """[(HF name, view of the vLLM tensor holding it)] in the layout's (HF) order."""
+    modules = dict(model.named_modules())
+    packed = getattr(model, "packed_modules_mapping", None) or {}
+    index = {}
+    for vllm_name, param in model.named_parameters():
+        module_name, _, attr = vllm_name.rpartition(".")
+        sizes = getattr(modules.get(module_name), "output_sizes", None)
+        # With LoRA enabled, vLLM wraps a layer and holds its weights in `<layer>.base_layer`.
+        logical = module_name.removesuffix(".base_layer")
+        parent, _, leaf = logical.rpartition(".")
+        subs = packed.get(leaf)
+        if subs and sizes and len(subs) == len(sizes):
+            offset = 0
+            for sub, size in zip(subs, sizes):
+                index[f"{parent}.{sub}.{attr}" if parent else f"{sub}.{attr}"] = (param, offset)
+                offset += size
+        else:
+            index[f"{logical}.{attr}"] = (param, 0)
+    named = []
+    for name, shape in zip(layout["names"], layout["shapes"]):
+        if name not in index:
+            raise KeyError(f"the vLLM model has no tensor for the HF parameter {name!r}; this "
+                           f"architecture's names are not mapped (vLLM names such as "
+                           f"{list(index)[:4]})")
+        param, offset = index[name]
+        view = param.detach()
+        if view.ndim:
+            view = view[offset:offset + shape[0]]  # rows of a fused tensor (or of a padded vocab)
+        if list(view.shape) != list(shape):
+            raise ValueError(f"{name}: the vLLM tensor gives shape {list(view.shape)}, the HF "
+                             f"model has {list(shape)}; the accelerated trainer needs tensor "
+                             f"parallel 1 and an unquantised model")
+        named.append((name, view))
+    return named
+
+
+def vllm_named_tensors(model) -> list:
+    """[(vLLM name, tensor)] in vLLM's `named_parameters()` order (fused tensors whole)."""
+    return [(name, param.detach()) for name, param in model.named_parameters()]
+
+
+def hf_names(model, layout: dict) -> list:
+    return [name for name, _ in hf_named_tensors(model, layout)]
+
+
+def to_hf(state: dict, layout: dict) -> dict:
+    """vLLM-named tensors -> HF-named ones in HF order (rows past the HF shape, a padded
+    vocabulary's, are dropped)."""
+    from es_llm.vllm_names import vllm_to_hf
+
+    hf = vllm_to_hf(state, layout["config"])
+    out = {}
+    for name, shape in zip(layout["names"], layout["shapes"]):
+        tensor = hf[name]
+        out[name] = tensor[:shape[0]].contiguous() if tensor.ndim and tensor.shape[0] != shape[0] \
+            else tensor
+    return out
+
+
+def from_hf(state: dict, layout: dict) -> dict:
+    """HF-named tensors -> vLLM names (fused); a tied lm_head is dropped."""
+    from es_llm.vllm_names import hf_to_vllm
+
+    config = dict(layout["config"], tie_word_embeddings=bool(layout["tied"]))
+    return hf_to_vllm({n: state[n] for n in layout["names"] if n in state}, config)
+
+
+def write_adapter(path, named, only, seed: int, scale: float, rank: int) -> None:
+    """Member `seed`'s low-rank perturbation scale * A B^T / sqrt(R) of each target weight (HF
+    name, index k: the factors es_llm.lowrank draws) as a PEFT LoRA adapter that vLLM loads:
+    lora_A = B^T (R x in), lora_B = scale / sqrt(R) * A (out x R), lora_alpha = r (scaling 1)."""
+    import json
+    import math
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from es_llm.lowrank import LORA_MODULES, factors
+
+    tensors, modules = {}, set()
+    for k, (name, tensor) in enumerate(named):
+        if k not in only:
+            continue
+        a, b = factors(tensor, seed, k, rank)
+        prefix = "base_model.model." + name.removesuffix(".weight")
+        tensors[f"{prefix}.lora_A.weight"] = b.T.contiguous().cpu()
+        tensors[f"{prefix}.lora_B.weight"] = a.mul_(scale / math.sqrt(rank)).cpu()
+        modules.add(name.split(".")[-2])
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "use_dora": False, "modules_to_save": None,
+        "target_modules": sorted(modules, key=LORA_MODULES.index)}))
+
+
+class WorkerExtension:
+    """Mixed into vLLM's worker class; `self.model_runner` is the worker's."""
+
+    def es_setup(self, layout: dict, noise_mode: str, master_weights: str = "none",
+                 noise_names: str = "vllm", rank: int = 1, targets: str = "all") -> int:
+        """noise_names "vllm": noise over vLLM's own parameters (fused qkv_proj and gate_up_proj)
+        in vLLM's order, as published; "hf": over HF-named views of them in HF order, the same
+        noise as the transformers engine draws. Weights are exchanged by HF name either way."""
+        model = self.model_runner.get_model()
+        layers = packed_cpu_layers(model) if _on_cpu() else []
+        emptied = [n for n, m in model.named_modules() if m in layers and m.weight.numel() == 0]
+        if emptied:
+            raise RuntimeError(f"vLLM's CPU backend removed the weights of {len(emptied)} linear "
+                               f"layers (e.g. {emptied[0]}): utils.worker_extn was imported after "
+                               f"the model loaded, so its keep-weights patch came too late")
+        after = (lambda: redispatch(layers)) if layers else None
+        if noise_names == "hf":
+            self.es_weights = WeightSet(lambda: hf_named_tensors(model, layout), noise_mode,
+                                        master_weights, after_change=after, rank=rank,
+                                        targets=targets)
+            return len(layout["names"])
+        if noise_names != "vllm":
+            raise ValueError(f"noise_names must be 'vllm' or 'hf', got {noise_names!r}")
+        hf_names(model, layout)  # the same checks: every HF tensor must be found in vLLM's
+        self.es_weights = WeightSet(lambda: vllm_named_tensors(model), noise_mode, master_weights,
+                                    after_change=after, to_hf=lambda state: to_hf(state, layout),
+                                    from_hf=lambda state: from_hf(state, layout))
+        return len(self.es_weights.names())
+
+    def es_write_adapters(self, seeds, sigma: float, signs, paths) -> None:
+        weights = self.es_weights
+        named = weights.named_tensors()
+        for seed, sign, path in zip(seeds, signs, paths):
+            write_adapter(path, named, weights.only, int(seed), sign * sigma, weights.rank)
+
+    def es_weight_op(self, name: str, *args):
+        if name not in WEIGHT_OPS:
+            raise ValueError(f"unknown weight operation {name!r}; expected one of {WEIGHT_OPS}")
+        return getattr(self.es_weights, name)(*args)
