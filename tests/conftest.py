@@ -111,3 +111,18 @@ def read_until(proc, prefix: str) -> list:
 
 
 PYTHON = sys.executable
+
+
+def fake_checkpoint(run: Path, iteration: int, finished=False) -> Path:
+    """A small checkpoint (or finished run) as the trainers write one, its weights a placeholder."""
+    from safetensors.torch import save_file
+
+    from es_llm import checkpoint as ckpt
+
+    directory = run if finished else run / f"{ckpt.CHECKPOINT_PREFIX}{iteration}"
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({"w": torch.arange(1000, dtype=torch.float32)}, str(directory / "model.safetensors"))
+    ckpt.write_metrics(directory / ckpt.METRICS_FILE, [{"iteration": i} for i in range(1, iteration + 1)])
+    ckpt.write_json_atomic(directory / ckpt.STATE_FILE, {"iteration": iteration, "finished": finished,
+                                                         "rng_state": None, "config": {}})
+    return directory

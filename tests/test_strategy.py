@@ -1,15 +1,19 @@
 import numpy as np
+import pytest
 import torch
 
 from es_llm.strategy import es_update, normalize_rewards
 
 
-def test_normalize_rewards_is_zscore_with_population_std():
-    r = [1.0, 2.0, 4.0, 9.0]
-    z = normalize_rewards(r)
-    a = np.asarray(r, dtype=np.float32)
-    assert z.dtype == torch.float32
-    np.testing.assert_allclose(z.numpy(), (a - a.mean()) / (a.std() + 1e-8), rtol=1e-6)
+@pytest.mark.parametrize("seed", range(20))
+def test_z_is_the_published_numpy_float32_expression_with_population_std(seed):
+    rng = np.random.default_rng(seed)
+    rewards = torch.tensor(rng.normal(-40, 25, size=int(rng.integers(2, 64))), dtype=torch.float32)
+    r = rewards.numpy()
+    expected = (r - r.mean()) / (r.std() + 1e-8)
+    z = normalize_rewards(rewards)
+    assert z.dtype == torch.float32 and np.array_equal(z.numpy(), expected.astype(np.float32))
+    assert np.array_equal(normalize_rewards(rewards.tolist()).numpy(), z.numpy())
 
 
 def test_normalize_equal_rewards_gives_zero_not_nan():
