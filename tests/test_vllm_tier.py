@@ -242,6 +242,7 @@ def test_the_accelerated_vllm_lowrank_run_equals_the_transformers_engines(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # 4.5 minutes on a quiet machine; twice that beside another job
 def test_the_gpu_check_and_every_work_unit_row_run_on_cpu(tmp_path):
     """bench/gpu_check.sh at its tiny CPU sizes: the accelerated vLLM run, both trainers and both
     work units with every row (vLLM per member and LoRA, and 1-engine Ray pools) succeed."""
