@@ -41,11 +41,17 @@ def test_the_dense_copy_is_the_gguf_conversion_bit_for_bit():
 
 def test_a_damaged_dense_copy_is_rebuilt_and_an_unwritable_cache_falls_back(tmp_path,
                                                                              monkeypatch):
+    """The cache's rules, with the conversion itself (tested above) read from the real copy."""
+    dense = models.bundled_dense_dir()
+    real_load = models._load
+    monkeypatch.setattr(models, "_load", lambda source, kwargs, dtype, name: real_load(
+        str(dense), {}, dtype, name))
     monkeypatch.setenv("ES_LLM_CACHE", str(tmp_path / "cache"))
     first = models.bundled_dense_dir()
     assert first.parent == tmp_path / "cache" and models.dense_copy_is_whole(first)
     weights = first / "model.safetensors"
     expected = weights.read_bytes()
+    assert expected == (dense / "model.safetensors").read_bytes()
     with open(weights, "r+b") as f:
         f.truncate(len(expected) // 2)  # a copy cut short (or damaged since)
     assert not models.dense_copy_is_whole(first)
@@ -53,6 +59,4 @@ def test_a_damaged_dense_copy_is_rebuilt_and_an_unwritable_cache_falls_back(tmp_
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left
     (tmp_path / "ro").write_text("a file, not a directory: nothing can be written below it")
     monkeypatch.setenv("ES_LLM_CACHE", str(tmp_path / "ro"))
-    assert models.bundled_dense_dir() is None
-    model, _ = models.load_model("bundled", "fp32")  # converts the GGUF file instead
-    assert model.config.vocab_size == 49152
+    assert models.bundled_dense_dir() is None  # load_model then converts the GGUF file itself
