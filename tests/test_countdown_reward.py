@@ -6,6 +6,7 @@ are safe to evaluate (no power towers).
 """
 
 import ast
+import gc
 import re
 import time
 import warnings
@@ -52,9 +53,20 @@ def _digits(body):
 
 
 def _timed(fn, *args):
-    t0 = time.thread_time()  # CPU time: a loaded machine must not fail the bound
-    out = fn(*args)
-    return out, time.thread_time() - t0
+    """The result and the least CPU time of three calls (a loaded machine must not fail the bound),
+    with the garbage collector off: collecting what earlier tests left must not either."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        times = []
+        for _ in range(3):
+            t0 = time.thread_time()
+            out = fn(*args)
+            times.append(time.thread_time() - t0)
+    finally:
+        if enabled:
+            gc.enable()
+    return out, min(times)
 
 
 # ------------------------------------------------------------------ the published rules, with eval
