@@ -8,7 +8,6 @@ its directory (`Run`). Reading and checking saved runs is es_llm/checkpoint.py's
 """
 import os
 import shlex
-import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -87,10 +86,7 @@ def clear_and_check_writable(run_dir: Path, remove, name_flag: str) -> None:
 def remove_paths(paths) -> None:
     """Remove files and directories, the finished marker first."""
     for path in sorted(paths, key=lambda p: p.name != STATE_FILE):
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        ckpt.remove(path)
 
 
 def ensure_writable(directory: Path, flag: str) -> None:
