@@ -134,15 +134,21 @@ def save_checkpoint(output_dir: Path, model, tokenizer, state: dict, records, ma
     return final
 
 
-def save_final(output_dir: Path, model, tokenizer, state: dict, records, masters=None) -> None:
-    """The final model goes directly into output_dir; trainer_state.json (finished) is written last."""
+def save_final(output_dir: Path, model, tokenizer, state: dict, records, masters=None,
+               also=None) -> None:
+    """The final model goes directly into output_dir; trainer_state.json (finished) is written last.
+    `also(directory)` writes more into the final files' directory after the model (a merged model)."""
     tmp = output_dir / ".final.tmp"
     with saving(output_dir, tmp):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         _write_run_files(tmp, model, tokenizer, state, records, masters)
+        if also is not None:
+            also(tmp)
         names = sorted(p.name for p in tmp.iterdir() if p.name != STATE_FILE) + [STATE_FILE]
         for name in names:
+            if (tmp / name).is_dir():  # a directory (merged_model/) replaces one left there
+                remove(output_dir / name)
             os.replace(tmp / name, output_dir / name)
         tmp.rmdir()
 

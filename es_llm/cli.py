@@ -12,7 +12,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .config import AcceleratedConfig, TrainConfig
+from .config import LORA, AcceleratedConfig, TrainConfig
 from .lowrank import LOWRANK
 from .models import ModelNotFoundError, model_short_name
 from .loop import STOPPED
@@ -79,7 +79,8 @@ def default_output_dir(args, num_questions: int, task_name: str = "conciseness")
     after a `finetuned_` prefix) or `_final` (Countdown). A local directory or .gguf file is named
     by its last component instead of its path (a path would place the run outside the working
     directory). Options of ours that change the run add their name before the ending: the lowrank
-    mode and its rank, antithetic sampling, a fitness shaping other than zscore."""
+    mode and its rank, LoRA-space ES and its rank, antithetic sampling, a fitness shaping other
+    than zscore."""
     local = Path(args.model_name).expanduser()
     model = model_short_name(args.model_name) if (local.is_dir() or local.suffix == ".gguf") \
         else args.model_name
@@ -92,6 +93,8 @@ def default_output_dir(args, num_questions: int, task_name: str = "conciseness")
         name += f"_{args.noise_mode}_rank{args.rank}"
         if args.lowrank_targets != "all":
             name += f"_{args.lowrank_targets}"
+    if args.es_params == LORA:
+        name += f"_lora_rank{args.lora_rank}"
     if args.antithetic:
         name += "_antithetic"
     if args.fitness_shaping != "zscore":

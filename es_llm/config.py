@@ -19,7 +19,8 @@ import math
 from dataclasses import dataclass, field
 
 from . import tracking
-from .lowrank import LOWRANK, LOWRANK_TARGETS
+from .lora import adapter_problems, target_list
+from .lowrank import LORA_MODULES, LOWRANK, LOWRANK_TARGETS
 from .models import BUNDLED_MODEL, PRECISIONS
 from .noise import NOISE_MODES
 from .shaping import FITNESS_SHAPINGS
@@ -30,10 +31,14 @@ MASTER_WEIGHTS = ("none", "fp32")
 ENGINES = ("vllm", "transformers")
 VLLM_NOISE = ("vllm", "hf")
 SCHEDULES = ("dynamic", "static")
+ES_PARAMS = ("full", "lora")
+LORA = "lora"
+# The settings of --es_params lora only (refused with --es_params full when not at their default).
+LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_targets", "lora_init", "merge_adapter")
 # The run's settings that a resumed run must share with its checkpoint.
 RESUME_MUST_MATCH = ("model_name", "task", "population_size", "noise_mode", "master_weights",
                      "precision", "data_sample", "rank", "lowrank_targets", "antithetic",
-                     "fitness_shaping")
+                     "fitness_shaping", "es_params", "lora_rank", "lora_alpha", "lora_targets")
 
 
 def default_engine() -> str:
@@ -99,6 +104,27 @@ class TrainConfig:
                 "perturb-then-subtract rounding (bf16/fp16) stays in the trained weights and "
                 "every process drifts its own way (default: the canonical weights are never "
                 "perturbed)"})
+    es_params: str = field(default="full", metadata={
+        "plain": True, "choices": ES_PARAMS,
+        "help": "the parameters ES evolves: full: every weight of the model (published); lora: "
+                "the A and B matrices of a LoRA adapter (PEFT) over the frozen base model, which "
+                "the run saves as a PEFT adapter"})
+    lora_rank: int = field(default=8, metadata={
+        "plain": True, "help": "es_params lora: the adapter's rank r"})
+    lora_alpha: int = field(default=16, metadata={
+        "plain": True, "help": "es_params lora: the adapter's lora_alpha (its output is scaled by "
+                               "lora_alpha / r)"})
+    lora_targets: str = field(default=",".join(LORA_MODULES), metadata={
+        "plain": True, "help": "es_params lora: the modules the adapter covers, comma-separated "
+                               "(PEFT's target_modules; default: the decoder's projections)"})
+    lora_init: str | None = field(default=None, metadata={
+        "plain": True, "metavar": "ADAPTER_DIR",
+        "help": "es_params lora: start from this PEFT adapter directory (a run or checkpoint of "
+                "--es_params lora; same base model, targets, rank and alpha) (default: PEFT's "
+                "initialisation, B = 0 and A random, seeded by --initial_seed)"})
+    merge_adapter: bool = field(default=False, metadata={
+        "plain": True, "help": "es_params lora: also write the base model with the final adapter "
+                               "merged into it, to <output_dir>/merged_model/"})
     precision: str = field(default="bf16", metadata={
         "constant": "PRECISION", "choices": sorted(PRECISIONS), "help": "the weights' dtype"})
     gpu_threads: int = field(default=4, metadata={
@@ -192,9 +218,34 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
         if self.report_to not in tracking.REPORT_TO:
             problems.append(f"report_to must be one of {tracking.REPORT_TO} (got {self.report_to!r})")
+        problems += self.lora_problems()
         problems += self.more_problems()
         if problems:
             raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
+
+    def lora_problems(self) -> list:
+        """What is wrong with the --es_params lora settings (and --lora_init's adapter)."""
+        if self.es_params not in ES_PARAMS:
+            return [f"es_params must be one of {ES_PARAMS} (got {self.es_params!r})"]
+        if self.es_params != LORA:
+            defaults = type(self).__dataclass_fields__
+            given = [f"--{name}" for name in LORA_SETTINGS
+                     if getattr(self, name) != defaults[name].default]
+            return [f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to "
+                    f"--es_params lora; add --es_params lora or drop them"] if given else []
+        if self.noise_mode == LOWRANK:
+            return ["--es_params lora cannot be combined with --noise_mode lowrank (lowrank noise "
+                    "perturbs the full weights; lora evolves an adapter's A and B matrices with "
+                    "correlated or iid noise): drop one of them"]
+        if self.lora_rank < 1 or not self.lora_alpha > 0:
+            return [f"lora_rank must be >= 1 and lora_alpha > 0 (got {self.lora_rank}, "
+                    f"{self.lora_alpha})"]
+        if not target_list(self.lora_targets):
+            return ["--lora_targets names no module: give module names such as q_proj,v_proj"]
+        if self.lora_init:
+            return adapter_problems(self.lora_init, self.model_name, self.lora_targets,
+                                    self.lora_rank, self.lora_alpha)
+        return []
 
     def more_problems(self) -> list:
         return []

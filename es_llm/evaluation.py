@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .lora import ADAPTER_CONFIG, is_adapter_dir, load_adapter
 from .models import PRECISIONS, load_model, precision_of
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -49,11 +50,14 @@ def load_for_eval(model_path, base_model_name, precision=AUTO_PRECISION, device=
     """(model, tokenizer, description) for an evaluation.
 
     `model_path` is what a trainer saved (its output directory or a checkpoint-N directory), any
-    model `load_model` accepts, or a bare weights file (.pth/.pt/.bin/.safetensors state dict, with
-    HF names or vLLM's fused names) applied to `base_model_name`. Without `model_path` the base model
+    model `load_model` accepts, a bare weights file (.pth/.pt/.bin/.safetensors state dict, with
+    HF names or vLLM's fused names) applied to `base_model_name`, or a PEFT adapter directory
+    (an --es_params lora run) on `base_model_name`. Without `model_path` the base model
     itself is evaluated. `precision` "auto" keeps the dtype the weights were saved in: the model
     directory's config.json dtype, a weights file's tensors' dtype (bf16 when neither says).
     """
+    if is_adapter_dir(model_path):
+        return load_adapter_for_eval(model_path, base_model_name, precision, device, cache_dir)
     source = model_path or base_model_name
     weights_file = model_path is not None and Path(model_path).suffix in WEIGHT_FILE_SUFFIXES
     state = None
@@ -75,6 +79,18 @@ def load_for_eval(model_path, base_model_name, precision=AUTO_PRECISION, device=
     model, tokenizer = load_model(base_model_name, precision, cache_dir, device)
     load_state_into(model, state, model_path)
     return model, tokenizer, precision
+
+
+def load_adapter_for_eval(model_path, base_model_name, precision=AUTO_PRECISION, device=None,
+                          cache_dir=None):
+    """(model, tokenizer, precision): a PEFT adapter directory (an --es_params lora run or
+    checkpoint) on its base model, unmerged, as it was trained. "auto" precision: the one its
+    trainer recorded, else the base model's."""
+    if precision == AUTO_PRECISION:
+        precision = _recorded_setting(Path(model_path), "precision") or saved_precision(
+            base_model_name)
+    model, tokenizer = load_model(base_model_name, precision, cache_dir, device)
+    return load_adapter(model, model_path), tokenizer, precision
 
 
 def read_state_dict(path) -> dict:
@@ -131,12 +147,22 @@ DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-3B-Instruct"
 _RUN_NAME_MARKER = "_es_random_seed"
 
 
+def _recorded_setting(directory: Path, key: str):
+    """A setting the plain trainers recorded in `directory` (trainer_state.json's config)."""
+    try:
+        return json.loads((directory / "trainer_state.json").read_text())["config"].get(key)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def _trainer_model_name(directory: Path):
     """The base model a trainer recorded in `directory`: trainer_state.json's config (the plain
-    trainers' outputs and checkpoints) or a run config.json with a model_name (the accelerated
-    trainer's run directory; an HF config.json has no model_name)."""
+    trainers' outputs and checkpoints), a run config.json with a model_name (the accelerated
+    trainer's run directory; an HF config.json has no model_name), or a PEFT adapter's
+    adapter_config.json."""
     for name, get in (("trainer_state.json", lambda d: (d.get("config") or {}).get("model_name")),
-                      ("config.json", lambda d: d.get("model_name"))):
+                      ("config.json", lambda d: d.get("model_name")),
+                      (ADAPTER_CONFIG, lambda d: d.get("base_model_name_or_path"))):
         file = directory / name
         if file.is_file():
             try:

@@ -15,13 +15,15 @@ from pathlib import Path
 from . import checkpoint as ckpt
 from .checkpoint import (CHECKPOINT_PREFIX, MASTER_FILE, METRICS_FILE, STATE_FILE, check_readable,
                          finished_state, iteration_of, load_resume, weights_dir)
+from .lora import MERGED_DIR
 from .tracking import PROJECT
 
 # The names a trainer writes into a run directory (what makes it "hold a run", and what
 # --overwrite may remove): its files, and the trackers' directories (es_llm.tracking: TensorBoard
 # under PROJECT/, wandb under wandb/); a model saved in place adds its config, weights and tokenizer.
 # A save's temporary is the same name behind a dot (es_llm.checkpoint.atomic).
-_WRITTEN = (CHECKPOINT_PREFIX, "final_model", "model_saves", METRICS_FILE, STATE_FILE, MASTER_FILE)
+_WRITTEN = (CHECKPOINT_PREFIX, "final_model", "model_saves", METRICS_FILE, STATE_FILE, MASTER_FILE,
+            MERGED_DIR)
 RUN_FILE_PREFIXES = (*_WRITTEN, *(f".{name}" for name in _WRITTEN), ".final", PROJECT, "wandb")
 
 
@@ -65,7 +67,8 @@ def plan_run_dir(run_dir: Path, resume, overwrite: bool, name_flag: str) -> list
     later = [c for c in ckpt.list_checkpoints(run_dir) if iteration_of(c) > start]
     if finished and int(finished["iteration"]) > start:
         later += [run_dir / name for name in (STATE_FILE, MASTER_FILE, "final_model",
-                                              "final_model.pth") if (run_dir / name).exists()]
+                                              "final_model.pth", MERGED_DIR)
+                  if (run_dir / name).exists()]
         later += sorted((run_dir / "model_saves").glob("final_model_iteration_*"))
     if later and not overwrite:
         raise FileExistsError(

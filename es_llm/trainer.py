@@ -20,13 +20,19 @@ from . import checkpoint as ckpt
 from . import tracking
 from .generation import Generator
 from .loop import report_iteration, run_es
-from .config import RESUME_MUST_MATCH, TrainConfig
+from .config import LORA, RESUME_MUST_MATCH, TrainConfig
+from .lora import MERGED_DIR, adapter_tensors, attach_adapter, save_merged, shared_copy
 from .lowrank import LOWRANK, BatchedLowRank, evaluate_batched
 from .models import load_model
 from .rundir import Run
 from .shaping import member_signs
 from .strategy import Strategy
 from .weightset import WeightSet
+
+
+def all_parameters(model) -> list:
+    return list(model.named_parameters())
+
 
 class Population:
     """The rank's weights and how its members are evaluated on them.
@@ -41,23 +47,28 @@ class Population:
     thread copy, so the weights after an iteration are a pure function of the weights before it,
     the seeds and the rewards. With `published_drift`, thread 0's copy is the canonical model
     itself, as in the published scripts. Every weight operation is a WeightSet's.
+
+    With `--es_params lora` the weights are the adapter's tensors (es_llm/lora.py), and a thread
+    copy owns its adapter but shares the one frozen base model.
     """
 
     def __init__(self, model, cfg: TrainConfig, generate, task, masters=None):
         self.cfg, self.generate, self.task, self.base = cfg, generate, task, model
-        self.weights = WeightSet(lambda: list(model.named_parameters()), cfg.noise_mode,
+        lora = cfg.es_params == LORA
+        tensors, clone = (adapter_tensors, shared_copy) if lora else (all_parameters, copy.deepcopy)
+        self.weights = WeightSet(lambda: tensors(model), cfg.noise_mode,
                                  cfg.master_weights, rank=cfg.rank, targets=cfg.lowrank_targets,
                                  update_order="accumulate")
         if self.weights.masters and masters is not None:
             self.weights.load_masters(masters)
         lowrank = cfg.noise_mode == LOWRANK
         self.lowrank = BatchedLowRank(model, cfg.rank, cfg.lowrank_targets) if lowrank else None
-        self.models = [copy.deepcopy(model) for _ in range(0 if lowrank else cfg.gpu_threads)]
+        self.models = [clone(model) for _ in range(0 if lowrank else cfg.gpu_threads)]
         if cfg.published_drift and self.models:
             # As published: thread 0 evaluates on the canonical weights, so its restore rounding
             # stays in the weights that are updated and saved.
             self.models[0] = model
-        self.copies = [WeightSet(lambda m=m: list(m.named_parameters()), cfg.noise_mode,
+        self.copies = [WeightSet(lambda m=m: tensors(m), cfg.noise_mode,
                                  masters=self.weights.masters, keep_noise=True)
                        for m in self.models]
         self.pool = ThreadPoolExecutor(len(self.models)) if len(self.models) > 1 else None
@@ -189,12 +200,24 @@ class LocalEvaluator:
         return self.population.base, self.tokenizer, self.population.master_state()
 
     def save_final(self, out: Path, state: dict, records) -> None:
-        ckpt.save_final(out, *self.saveable()[:2], state, records, self.population.master_state())
+        model, tokenizer, masters = self.saveable()
+        merged = (lambda directory: save_merged(model, tokenizer, directory / MERGED_DIR)
+                  ) if self.cfg.merge_adapter else None
+        ckpt.save_final(out, model, tokenizer, state, records, masters, merged)
 
     def finish(self) -> None:
         self.population.close()
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+
+
+def load_for_training(cfg: TrainConfig, weights, device):
+    """(model, tokenizer) to train: the base model, or the checkpoint's weights being resumed; with
+    --es_params lora the base model with its adapter (the checkpoint's, --lora_init's, or new)."""
+    if cfg.es_params != LORA:
+        return load_model(weights or cfg.model_name, cfg.precision, cfg.hf_cache_dir, device)
+    model, tokenizer = load_model(cfg.model_name, cfg.precision, cfg.hf_cache_dir, device)
+    return attach_adapter(model, cfg, weights or cfg.lora_init), tokenizer
 
 
 def train(cfg: TrainConfig, task) -> Path | None:
@@ -218,8 +241,7 @@ def train(cfg: TrainConfig, task) -> Path | None:
     # Every check (on every rank: they only read) before anything is written.
     run = Run(cfg, cfg.output_dir, "--output_dir", is_main,
               lambda saved: resume_mismatches(saved, cfg), log)
-    model, tokenizer = load_model(run.weights or cfg.model_name, cfg.precision, cfg.hf_cache_dir,
-                                  accelerator.device)
+    model, tokenizer = load_for_training(cfg, run.weights, accelerator.device)
     accelerator.wait_for_everyone()
     run.begin()
     tracking.start(accelerator, asdict(cfg), logging_dir)

@@ -1,0 +1,169 @@
+"""ES in LoRA space (`--es_params lora`): the ES parameters are a PEFT LoRA adapter's A and B
+matrices over a frozen base model.
+
+    attach_adapter   the base model wrapped by PEFT with a LoRA adapter: new (PEFT's own
+                     initialisation, B = 0 and A random, seeded by --initial_seed), or read from an
+                     adapter directory (--lora_init, or a checkpoint being resumed)
+    adapter_tensors  the adapter's (name, tensor) pairs in named_parameters() order: the list a
+                     WeightSet perturbs, restores and updates
+    shared_copy      a thread copy that owns its adapter and shares every base tensor
+    adapter_problems what is wrong with an adapter directory for this run (--lora_init)
+
+The adapter is kept in fp32 (PEFT's default, whatever the base model's precision). A run directory
+holds it as PEFT saves it (adapter_config.json, adapter_model.safetensors), which
+`PeftModel.from_pretrained(base, directory)` loads; `save_merged` writes the merged full model.
+"""
+import copy
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+ADAPTER_NAME = "default"  # PEFT's name for a model's only adapter
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MERGED_DIR = "merged_model"
+# The path components that mark a LoRA adapter's tensors in PEFT's parameter names.
+ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}
+
+
+def target_list(targets: str) -> list:
+    """--lora_targets (comma-separated module names) as a list."""
+    return [name.strip() for name in targets.split(",") if name.strip()]
+
+
+def lora_config(cfg):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                      target_modules=target_list(cfg.lora_targets), lora_dropout=0.0,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def attach_adapter(model, cfg, adapter_dir=None):
+    """`model` (frozen) wrapped with a LoRA adapter as `cfg` describes: its weights read from
+    `adapter_dir` when given, else PEFT's initialisation drawn from a generator seeded with
+    cfg.initial_seed (the global generators are left as they were)."""
+    from peft import get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.initial_seed)
+        wrapped = get_peft_model(model, lora_config(cfg))
+    # What --model_name was (the evaluation scripts' --base_model_name), not a cache path.
+    wrapped.peft_config[ADAPTER_NAME].base_model_name_or_path = cfg.model_name
+    if adapter_dir is not None:
+        load_adapter_weights(wrapped, Path(adapter_dir))
+    wrapped.requires_grad_(False)
+    wrapped.eval()
+    return wrapped
+
+
+def load_adapter_weights(model, directory: Path) -> None:
+    """The adapter weights saved in `directory` into `model`'s adapter; every one must fit."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = directory / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} holds no {ADAPTER_WEIGHTS}; give a PEFT adapter "
+                                f"directory (a run or checkpoint of --es_params lora)")
+    try:
+        result = set_peft_model_state_dict(model, load_file(str(path)))
+    except RuntimeError as error:  # a shape mismatch
+        raise ValueError(f"the adapter in {directory} does not fit this model ({error}); was it "
+                         f"trained on another base model or with another --lora_rank?") from error
+    missing = [k for k in result.missing_keys if ADAPTER_PARTS & set(k.split("."))]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"the adapter in {directory} does not match this model's adapter: "
+                         f"{len(missing)} tensor(s) missing (e.g. {missing[:2]}), "
+                         f"{len(result.unexpected_keys)} unexpected (e.g. "
+                         f"{result.unexpected_keys[:2]}); check --lora_targets and --model_name")
+
+
+def adapter_tensors(model) -> list:
+    """The adapter's (name, tensor) pairs, in named_parameters() order (the k of iid noise)."""
+    return [(name, p) for name, p in model.named_parameters()
+            if ADAPTER_PARTS & set(name.split("."))]
+
+
+def shared_copy(model):
+    """A copy of `model` whose adapter tensors are its own and whose other tensors (the frozen
+    base's parameters and buffers) are `model`'s: a thread copy costs one adapter, not a model."""
+    own = {id(p) for _, p in adapter_tensors(model)}
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())
+              if id(t) not in own}
+    return copy.deepcopy(model, memo=shared)
+
+
+def is_adapter_dir(path) -> bool:
+    return path is not None and (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def read_adapter_config(directory: Path) -> dict:
+    try:
+        return json.loads((Path(directory) / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read {Path(directory) / ADAPTER_CONFIG} ({error})") from error
+
+
+def same_model(a, b) -> bool:
+    """Two --model_name values naming the same model: equal, or paths to the same place."""
+    if a == b:
+        return True
+    pa, pb = Path(str(a)).expanduser(), Path(str(b)).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def adapter_problems(directory, model_name: str, targets: str, rank: int, alpha) -> list:
+    """What keeps the adapter in `directory` from starting this run (--lora_init): not a PEFT
+    LoRA adapter, or one made for another base model, other target modules, rank or alpha."""
+    directory = Path(directory)
+    if not (directory / ADAPTER_CONFIG).is_file() or not (directory / ADAPTER_WEIGHTS).is_file():
+        return [f"--lora_init {directory} is not a PEFT adapter directory (it needs "
+                f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}); give a run or checkpoint directory of "
+                f"an --es_params lora run"]
+    try:
+        saved = read_adapter_config(directory)
+    except ValueError as error:
+        return [f"--lora_init: {error}"]
+    problems = []
+    if saved.get("peft_type") != "LORA":
+        problems.append(f"--lora_init {directory} holds a {saved.get('peft_type')} adapter, not LORA")
+    base = saved.get("base_model_name_or_path")
+    if base and not same_model(base, model_name):
+        problems.append(f"--lora_init {directory} was trained on base model {base!r}, not "
+                        f"{model_name!r}: give --model_name {base}")
+    saved_targets = saved.get("target_modules")
+    if not isinstance(saved_targets, list) or set(saved_targets) != set(target_list(targets)):
+        shown = ",".join(sorted(saved_targets)) if isinstance(saved_targets, list) else saved_targets
+        problems.append(f"--lora_init {directory} covers target modules {shown!r}, not "
+                        f"{targets!r}: give --lora_targets {shown}")
+    for key, flag, value in (("r", "--lora_rank", rank), ("lora_alpha", "--lora_alpha", alpha)):
+        if saved.get(key) != value:
+            problems.append(f"--lora_init {directory} has {key} = {saved.get(key)}, this run "
+                            f"{flag} {value}: give {flag} {saved.get(key)}")
+    return problems
+
+
+def save_merged(model, tokenizer, directory) -> None:
+    """The base model with the adapter merged into its weights, as an HF directory. Merges in
+    place (the adapter's modules are unloaded): the last thing done with the model."""
+    from .models import save_model
+
+    save_model(model.merge_and_unload(), tokenizer, directory)
+
+
+def load_adapter(base, directory):
+    """An adapter directory on its base model, for evaluation (PEFT's loader)."""
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(base, str(directory))
+    except (RuntimeError, ValueError, KeyError) as error:
+        recorded = read_adapter_config(directory).get("base_model_name_or_path")
+        raise ValueError(f"the adapter in {directory} does not fit the base model ({error}); give "
+                         f"the --base_model_name it was trained on (recorded: {recorded!r})"
+                         ) from error
+    model.eval()
+    return model
