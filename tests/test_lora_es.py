@@ -216,8 +216,8 @@ def test_bundled_bf16_ctrl_c_then_resume_equals_the_uninterrupted_run_adapter_bi
     """The real model in bf16 (adapter fp32): Ctrl-C after iteration 1, the printed resume command,
     and the uninterrupted run give the same metrics and the same adapter, bit for bit."""
     settings = ["--model_name", "bundled", "--es_params", "lora", "--num_iterations", "3",
-                "--population_size", "4", "--sigma", "0.01", "--alpha", "0.005",
-                "--max_new_tokens", "12", "--gpu_threads", "2", "--report_to", "none"]
+                "--population_size", "4", "--sigma", "0.1", "--alpha", "0.05",
+                "--max_new_tokens", "8", "--gpu_threads", "2", "--report_to", "none"]
     reference, out = tmp_path / "reference", tmp_path / "run"
     run_main([PYTHON, "es_fine-tuning_conciseness.py", *settings, "--output_dir", reference])
     args = [PYTHON, "es_fine-tuning_conciseness.py", *settings, "--output_dir", str(out)]
