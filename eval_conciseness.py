@@ -4,6 +4,7 @@ from the reference, the training reward) and the mean per-token KL divergence of
 base model on those responses (k3 estimator, see es_llm/evaluation.py). Writes summary.json.
 
     python eval_conciseness.py --model_path RUN_DIR --base_model_name bundled
+    python eval_conciseness.py --model_path LORA_RUN_DIR --base_model_name bundled   # an adapter
     python eval_conciseness.py --base_model_name bundled          # the base model: KL 0 by definition
 """
 import argparse
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", default=None,
                    help="a trainer's output or checkpoint-N directory, any model --base_model_name "
-                        "accepts, or a weights file for --base_model_name (default: the base model)")
+                        "accepts, or a weights file or PEFT adapter directory (--es_params lora) "
+                        "for --base_model_name (default: the base model)")
     p.add_argument("--base_model_name", default="Qwen/Qwen2.5-3B-Instruct",
                    help="the model fine-tuning started from: the reference of the KL divergence")
     p.add_argument("--hf_cache_dir", default=None)

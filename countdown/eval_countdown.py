@@ -12,6 +12,8 @@ file (--eval_offset -100 --eval_samples 100). The paper's test split is the last
 
 A weights file (.pth/.pt/.bin/.safetensors) is a state dict applied to --base_model_name; both HF
 names and vLLM's fused names (qkv_proj, gate_up_proj: the accelerated trainer's .pth) are read.
+A PEFT adapter directory (an --es_params lora run or checkpoint: adapter_config.json) is loaded onto
+--base_model_name with PEFT, unmerged, as it was trained.
 Without --base_model_name the base model is guessed from the path (what the trainer recorded beside
 the weights, a model_saves/base_model directory, the run directory's name; else the paper's model).
 
@@ -36,6 +38,7 @@ from countdown.countdown_task import (DEFAULT_DATA_PATH, TEST_SIZE, TRAIN_SIZE, 
 from es_llm.evaluation import (AUTO_PRECISION, WEIGHT_FILE_SUFFIXES, argument_problems,  # noqa: E402
                                generate, guess_base_model, load_for_eval, run_evaluation,
                                write_json)
+from es_llm.lora import is_adapter_dir  # noqa: E402
 from es_llm.models import (BUNDLED_MODEL, DTYPE_NAMES, PRECISIONS,  # noqa: E402
                            model_short_name)
 
@@ -101,11 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", required=True,
                    help="a trainer's output directory or checkpoint-N directory, any model (hub "
-                        "id, local directory, .gguf file, 'bundled'), or a weights file "
-                        "(.pth/.pt/.bin/.safetensors, HF or vLLM names) for --base_model_name")
+                        "id, local directory, .gguf file, 'bundled'), a weights file "
+                        "(.pth/.pt/.bin/.safetensors, HF or vLLM names) or a PEFT adapter "
+                        "directory (--es_params lora) for --base_model_name")
     p.add_argument("--base_model_name", default=None,
-                   help="the model a weights file was trained from (default: guessed from the "
-                        "path; printed). A model directory carries its own architecture")
+                   help="the model a weights file or an adapter was trained from (default: "
+                        "guessed from the path; printed). A model directory carries its own "
+                        "architecture")
     add_data_flags(p)
     p.add_argument("--batch_size", type=int, default=None,
                    help=f"prompts per generate call (default: min({DEFAULT_BATCH_SIZE}, samples))")
@@ -288,7 +293,8 @@ def evaluate(args) -> dict:
     model, tokenizer, precision = load_for_eval(args.model_path, base,
                                                 TORCH_DTYPES[args.torch_dtype], device,
                                                 args.hf_cache_dir)
-    weights_file = Path(args.model_path).suffix in WEIGHT_FILE_SUFFIXES
+    weights_file = (Path(args.model_path).suffix in WEIGHT_FILE_SUFFIXES
+                    or is_adapter_dir(args.model_path))
     print(f"evaluating {args.model_path}" + (f" on base {base} ({how})" if weights_file else "")
           + f" ({precision}, {device}) on items {offset}..{offset + len(items) - 1} of {data_path}",
           flush=True)
