@@ -47,6 +47,7 @@ def attach_adapter(model, cfg, adapter_dir=None):
     cfg.initial_seed (the global generators are left as they were)."""
     from peft import get_peft_model
 
+    check_targets(model, target_list(cfg.lora_targets), cfg.model_name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.initial_seed)
         wrapped = get_peft_model(model, lora_config(cfg))
@@ -57,6 +58,18 @@ def attach_adapter(model, cfg, adapter_dir=None):
     wrapped.requires_grad_(False)
     wrapped.eval()
     return wrapped
+
+
+def check_targets(model, targets, model_name: str) -> None:
+    """Every --lora_targets name must name modules of the model (PEFT skips a name that matches
+    nothing as long as another one matches)."""
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"--lora_targets names {', '.join(missing)}, which {model_name} does not "
+                         f"have; its linear layers are {', '.join(linear)}")
 
 
 def load_adapter_weights(model, directory: Path) -> None:

@@ -208,6 +208,10 @@ def test_bad_lora_input_is_one_clear_error_before_anything_is_written(
     missing = refused(lora_run(tiny_model_dir, out, 1, "--lora_init", tmp_path), capsys)
     assert "is not a PEFT adapter directory" in missing
     assert not out.exists()
+    typo = refused(lora_run(tiny_model_dir, out, 1, "--lora_targets", "q_proj,v_porj"), capsys)
+    assert f"--lora_targets names v_porj, which {tiny_model_dir} does not have" in typo
+    assert "its linear layers are down_proj, gate_proj, k_proj, lm_head, o_proj" in typo
+    assert not out.exists() or not any(out.iterdir())  # checked once the model is loaded
 
 
 @pytest.mark.slow
