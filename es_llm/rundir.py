@@ -15,15 +15,16 @@ from pathlib import Path
 from . import checkpoint as ckpt
 from .checkpoint import (CHECKPOINT_PREFIX, MASTER_FILE, METRICS_FILE, STATE_FILE, check_readable,
                          finished_state, iteration_of, load_resume, weights_dir)
-from .lora import MERGED_DIR
+from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGED_DIR
 from .tracking import PROJECT
 
 # The names a trainer writes into a run directory (what makes it "hold a run", and what
 # --overwrite may remove): its files, and the trackers' directories (es_llm.tracking: TensorBoard
-# under PROJECT/, wandb under wandb/); a model saved in place adds its config, weights and tokenizer.
+# under PROJECT/, wandb under wandb/, an --es_params lora run's adapter and merged model); a model
+# saved in place adds its config, weights and tokenizer.
 # A save's temporary is the same name behind a dot (es_llm.checkpoint.atomic).
 _WRITTEN = (CHECKPOINT_PREFIX, "final_model", "model_saves", METRICS_FILE, STATE_FILE, MASTER_FILE,
-            MERGED_DIR)
+            MERGED_DIR, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 RUN_FILE_PREFIXES = (*_WRITTEN, *(f".{name}" for name in _WRITTEN), ".final", PROJECT, "wandb")
 
 

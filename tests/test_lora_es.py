@@ -81,7 +81,7 @@ def test_one_update_equals_a_recomputation_from_the_logged_seeds_and_rewards(
     assert not (out / "model.safetensors").exists()  # the base model is not saved again
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_the_saved_adapter_and_the_merged_model_compute_the_trained_models_logits(
         tiny_model_dir, tmp_path, precision):
     """The trained model in memory (captured before the final save) against the adapter loaded
@@ -114,6 +114,9 @@ def test_the_saved_adapter_and_the_merged_model_compute_the_trained_models_logit
     if precision == "fp32":
         torch.testing.assert_close(logits(merged, tokenizer), trained["logits"], atol=1e-5,
                                    rtol=0)
+        run_main(lora_run(tiny_model_dir, out, 1, "--es_params", "full", "--overwrite",
+                          precision=precision, threads=1))  # a full run replaces this one
+        assert not [p for p in out.iterdir() if "adapter" in p.name or "merged" in p.name]
 
 
 def test_resume_from_a_checkpoint_gives_the_uninterrupted_adapter_bit_for_bit(
