@@ -56,7 +56,7 @@ def test_one_update_equals_a_recomputation_from_the_logged_seeds_and_rewards(
         tiny_model_dir, tmp_path, noise_mode):
     """Written from the description alone: PEFT's adapter seeded with initial_seed, eps of the k-th
     adapter tensor (named_parameters order) from seed (correlated) or seed + k (iid), z-scores in
-    numpy float32, theta += alpha * (sum_i z_i eps_i) / N; the base model untouched."""
+    numpy float32, theta += alpha * (sum_i z_i eps_i) / N; the base model is not saved again."""
     from peft import LoraConfig, get_peft_model
 
     out = tmp_path / "run"
