@@ -5,5 +5,9 @@ mode; same flags.
 """
 from es_llm.cli import run_twin
 
-if __name__ == "__main__":
+def main():
     run_twin(__file__, "es_fine-tuning_conciseness.py", NOISE_MODE="iid")
+
+
+if __name__ == "__main__":
+    main()

@@ -37,8 +37,10 @@ fi
 ready=$(date +%s)
 
 status=0
+# One test at a time (pytest.ini's `-n 2` is for the main suite): each vLLM engine binds its
+# threads to every core.
 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 nice -n 10 "$VENV/bin/python" -m pytest \
-    tests/test_vllm_tier.py -p no:cacheprovider -rs "$@" || status=$?
+    tests/test_vllm_tier.py -p no:cacheprovider -o addopts="-ra --durations=15" "$@" || status=$?
 end=$(date +%s)
 echo "vLLM tier: environment $((ready - start)) s, tests $((end - ready)) s, total $((end - start)) s"
 exit $status

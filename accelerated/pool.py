@@ -26,14 +26,19 @@ def _pythonpath() -> str:
     return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 
-def start_ray(address: str = "local", verbose: bool = False, num_cpus=None) -> None:
-    """Start a private local Ray ("local") or join a running cluster ("auto" or host:port)."""
+def start_ray(address: str = "local", verbose: bool = False, num_cpus=None) -> bool:
+    """Start a private local Ray ("local") or join a running cluster ("auto" or host:port), and
+    return True; a Ray this process already runs (a notebook's, a test session's) is used as it is,
+    and False returned: it is not the run's to shut down."""
+    if ray.is_initialized():
+        return False
     runtime_env = {"env_vars": {"PYTHONPATH": _pythonpath()}}
     if address == "local":
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  log_to_driver=verbose, runtime_env=runtime_env)
     else:
         ray.init(address=address, log_to_driver=verbose, runtime_env=runtime_env)
+    return True
 
 
 class EngineActor:

@@ -243,10 +243,10 @@ def train_on_engines(cfg, task, run, base: str, layout: dict, max_model_len: int
     cores = len(os.sched_getaffinity(0))
     local = cfg.ray_address == "local"
     cpus_per_engine = max(1, cores // cfg.num_engines) if local else 1
-    pool, status = None, 1
+    pool, status, own_ray = None, 1, False
     try:
-        start_ray(cfg.ray_address, cfg.verbose,
-                  num_cpus=max(cores, cfg.num_engines * cpus_per_engine) if local else None)
+        own_ray = start_ray(cfg.ray_address, cfg.verbose,
+                            num_cpus=max(cores, cfg.num_engines * cpus_per_engine) if local else None)
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         engine_kwargs = engine_settings(cfg, base, layout, max_model_len)
         t0 = time.time()
@@ -283,6 +283,6 @@ def train_on_engines(cfg, task, run, base: str, layout: dict, max_model_len: int
     finally:
         if pool is not None:
             pool.shutdown()
-        if ray.is_initialized():
+        if own_ray and ray.is_initialized():
             ray.shutdown()
     return status

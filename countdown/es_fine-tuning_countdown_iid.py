@@ -10,5 +10,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from es_llm.cli import run_twin  # noqa: E402
 
-if __name__ == "__main__":
+def main():
     run_twin(__file__, "es_fine-tuning_countdown.py", NOISE_MODE="iid")
+
+
+if __name__ == "__main__":
+    main()

@@ -27,10 +27,19 @@ def make_task(*args, **kwargs):
     return task
 
 
-if __name__ == "__main__":
-    countdown_task.make_task = make_task
+def main():
+    """The real script's main() with make_task swapped (put back afterwards: run_main calls this
+    in the tests' own process)."""
     from es_llm.tasks import load_python_file
 
-    script = load_python_file(ROOT / "es_fine-tuning_countdown_accl.py", "es_accl")
-    sys.argv[0] = script.__file__
-    script.main()
+    countdown_task.make_task = make_task
+    try:
+        script = load_python_file(ROOT / "es_fine-tuning_countdown_accl.py", "es_accl")
+        sys.argv[0] = script.__file__
+        script.main()
+    finally:
+        countdown_task.make_task = _make_task
+
+
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,24 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers (pytest.ini: -n 2) share the cores: one thread each, for the tests and for the
+    # scripts they start. Two threads each would oversubscribe the cores, and torch's threads
+    # then wait on each other at every parallel region (runs measured 5 to 9 times slower).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Tests that start Ray (marked `ray`, or the accelerated case of a test parametrized by
+    trainer) form one pytest-xdist group: one worker runs them one after another (two local Ray
+    instances on one machine are not supported), the other worker runs the rest beside them."""
+    for item in items:
+        params = getattr(item, "callspec", None)
+        accelerated = params is not None and params.params.get("trainer") == "accelerated"
+        if item.get_closest_marker("ray") or accelerated:
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(scope="session")
@@ -70,19 +88,64 @@ def run_script(args, cwd=ROOT, timeout=600, check=True, env=None):
     return proc
 
 
-def run_main(args) -> None:
+def run_main(args, check=True) -> subprocess.CompletedProcess:
     """A command line (a list, as for run_script) run in this process: the script's main() with
     sys.argv set, so the test pays no new interpreter, imports or model conversion. For command
-    lines that are not themselves the point (reference runs); fails unless it exits 0."""
+    lines whose process is not itself the point (reference runs, resumes, refusals). Returns what
+    run_script returns: the exit status (a SystemExit's, 1 for a message, as Python exits) and
+    what was printed (the exit message at the end of stderr); with `check`, fails unless it exits
+    0. Another exception propagates (a script's traceback). The environment and the signal
+    handlers the script sets are put back afterwards; the accelerated version's runs use the Ray
+    this process shares (`shared_ray`) instead of starting their own."""
+    import contextlib
+    import io
+    import signal
     from unittest import mock
 
     script = Path(args[1]) if Path(args[1]).is_absolute() else ROOT / args[1]
+    if "accl" in script.name:
+        shared_ray()
     module = load_module(script, f"main_{script.stem.replace('-', '_')}")
-    with mock.patch.object(sys, "argv", [str(script), *map(str, args[2:])]):
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stdout, stderr, status = io.StringIO(), io.StringIO(), 0
+    with mock.patch.object(sys, "argv", [str(script), *map(str, args[2:])]), \
+            mock.patch.dict(os.environ), contextlib.redirect_stdout(stdout), \
+            contextlib.redirect_stderr(stderr):
         try:
             module.main()
         except SystemExit as leaving:
-            assert leaving.code in (0, None), f"{args} exited {leaving.code}"
+            status = leaving.code if isinstance(leaving.code, int) else int(leaving.code is not None)
+            if isinstance(leaving.code, str):
+                print(leaving.code, file=sys.stderr)
+        finally:
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
+    done = subprocess.CompletedProcess(args, status, stdout.getvalue(), stderr.getvalue())
+    if check and status != 0:
+        raise AssertionError(f"{args} exited {status}:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return done
+
+
+def shared_ray() -> None:
+    """A local Ray in this process, started once and left running for the tests that run the
+    accelerated version in-process (each run still starts and stops its own engines): Ray's start
+    and shutdown cost seconds per run. `stop_shared_ray` ends it (before a test that needs no Ray
+    here); the session's end does too."""
+    import ray
+
+    from accelerated.pool import start_ray
+
+    if not ray.is_initialized():
+        start_ray("local", num_cpus=max(2, len(os.sched_getaffinity(0))))
+
+
+def stop_shared_ray() -> None:
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    stop_shared_ray()
 
 
 def start_script(args, cwd=ROOT):
@@ -111,6 +174,22 @@ def read_until(proc, prefix: str) -> list:
 
 
 PYTHON = sys.executable
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_processes() -> list:
+    """`accelerate launch` of 2 processes on this machine (gloo), at a port of their own: tests
+    may run side by side (pytest-xdist)."""
+    return ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--machine_rank", "0", "--main_process_port", str(free_port()), "--mixed_precision",
+            "no", "--dynamo_backend", "no"]
 
 
 def fake_checkpoint(run: Path, iteration: int, finished=False) -> Path:

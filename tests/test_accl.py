@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from accelerated.engines import TransformersEngine
-from conftest import PYTHON, ROOT, load_module, read_until, run_script, start_script
+from conftest import (PYTHON, ROOT, load_module, read_until, run_main, shared_ray, start_script,
+                      stop_shared_ray)
 from es_llm.hf_weights import full_state_dict, hf_layout, save_hf_model
 from es_llm.models import load_model
 from es_llm.strategy import es_update, normalize_rewards
@@ -129,6 +130,7 @@ def test_pth_has_hf_names_and_hf_directory_reloads_identically(tiny_model_dir, t
 def test_bad_model_is_a_clear_error_before_ray_starts(tmp_path, capsys):
     import ray
 
+    stop_shared_ray()
     script = load_module(SCRIPT, "es_accl")
     previous = signal.getsignal(signal.SIGTERM)  # main() installs its own SIGTERM handler
     try:
@@ -141,16 +143,17 @@ def test_bad_model_is_a_clear_error_before_ray_starts(tmp_path, capsys):
     assert not ray.is_initialized() and "Ray" not in "".join(capsys.readouterr())
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_ray_engines_identical_after_broadcast_and_update_equals_plain(tiny_model_dir):
     import ray
 
-    from accelerated.pool import EnginePool, start_ray
+    from accelerated.pool import EnginePool
     from countdown.countdown_task import make_task
 
     kwargs = {"model_path": str(tiny_model_dir), "precision": "fp32", "max_new_tokens": 4,
               "noise_mode": "iid"}
-    start_ray("local", num_cpus=2)
+    shared_ray()
     pool = None
     try:
         pool = EnginePool("transformers", 2, kwargs, make_task(2), use_gpu=False)
@@ -170,18 +173,18 @@ def test_ray_engines_identical_after_broadcast_and_update_equals_plain(tiny_mode
     finally:
         if pool:
             pool.shutdown()
-        ray.shutdown()
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_two_engines_two_iterations_end_to_end(tiny_model_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    proc = run_script([PYTHON, SCRIPT, "--model_name", str(tiny_model_dir), "--engine",
-                       "transformers", "--num_engines", "2", "--population_size", "4",
-                       "--num_iterations", "2", "--max_new_tokens", "8", "--data_sample", "3",
-                       "--precision", "fp32", "--noise_mode", "iid", "--experiment_dir",
-                       str(tmp_path), "--run_name", "run"])
+    proc = run_main([PYTHON, SCRIPT, "--model_name", str(tiny_model_dir), "--engine",
+                     "transformers", "--num_engines", "2", "--population_size", "4",
+                     "--num_iterations", "2", "--max_new_tokens", "8", "--data_sample", "3",
+                     "--precision", "fp32", "--noise_mode", "iid", "--experiment_dir",
+                     str(tmp_path), "--run_name", "run"])
     run = tmp_path / "run"
     assert "Iteration 1/2, Time:" in proc.stdout and "Iteration 2/2, Time:" in proc.stdout
     assert "all 2 engines identical" in proc.stdout
@@ -226,9 +229,9 @@ def test_two_engines_two_iterations_end_to_end(tiny_model_dir, tmp_path):
                                             "--base_model_name", str(tiny_model_dir)],
                               "hf": ["--model_path", str(run / "final_model")]}.items():
         out = tmp_path / f"eval_{label}"
-        run_script([PYTHON, str(ROOT / "countdown" / "eval_countdown.py"), *model_args,
-                    "--precision", "fp32", "--eval_samples", "3", "--max_new_tokens", "6",
-                    "--save_responses", "--output_dir", str(out)])
+        run_main([PYTHON, str(ROOT / "countdown" / "eval_countdown.py"), *model_args,
+                  "--precision", "fp32", "--eval_samples", "3", "--max_new_tokens", "6",
+                  "--save_responses", "--output_dir", str(out)])
         assert json.loads((out / "summary.json").read_text())["eval_stats"]["num_samples"] == 3
         responses[label] = [r["response"] for r in
                             json.loads((out / "eval_detailed_results.json").read_text())]
@@ -249,6 +252,7 @@ def _assert_session_ends(pid: int, within_s: float = 30) -> None:
     assert _session_processes(pid) == []
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_ctrl_c_stops_engines_and_ray(tiny_model_dir, tmp_path):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) saves a checkpoint of the
@@ -276,6 +280,7 @@ def test_ctrl_c_stops_engines_and_ray(tiny_model_dir, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_engine_failure_exits_nonzero_and_leaves_nothing_running(tiny_model_dir, tmp_path):
     """An engine that cannot load its model: the run fails, and Ray and its actors are gone."""

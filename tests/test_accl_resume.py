@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import PYTHON, ROOT, load_module, run_script
+from conftest import PYTHON, ROOT, load_module, run_main
 from es_llm import checkpoint as ckpt
 from es_llm import rundir
 from es_llm.weightset import WeightSet
@@ -69,7 +69,7 @@ def experiment(tmp_path_factory):
 @pytest.fixture(scope="module")
 def four(tiny_model_dir, experiment):
     """An uninterrupted 4-iteration run, a checkpoint after every iteration, the newest 2 kept."""
-    run_script(command(tiny_model_dir, experiment, 4, *MASTERS, "--save_every", "1",
+    run_main(command(tiny_model_dir, experiment, 4, *MASTERS, "--save_every", "1",
                        "--keep_checkpoints", "2", run_name="four"))
     return experiment / "four"
 
@@ -77,6 +77,7 @@ def four(tiny_model_dir, experiment):
 # --------------------------------------------------------------------------- with real runs
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_checkpoints_hold_what_resume_needs(four):
     # every iteration, the last one included (as published); the newest 2 kept
@@ -92,18 +93,19 @@ def test_checkpoints_hold_what_resume_needs(four):
     assert not list(four.glob(".checkpoint-*")), "no temporary checkpoint is left behind"
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_resume_from_a_checkpoint_into_another_run_without_masters(tiny_model_dir, experiment):
     """Without fp32 masters an engine drifts with every member it evaluates, so the reference
     run and the resumed one use --schedule static; resumed from checkpoint-2/ into a new run
     directory, the run equals the uninterrupted one."""
     static = ["--schedule", "static"]
-    run_script(command(tiny_model_dir, experiment, 4, *static, "--save_every", "2",
+    run_main(command(tiny_model_dir, experiment, 4, *static, "--save_every", "2",
                        run_name="static"))
     reference = experiment / "static"
     assert [p.name for p in ckpt.list_checkpoints(reference)] == ["checkpoint-2", "checkpoint-4"]
     assert ckpt.load_masters(reference / "checkpoint-2") is None
-    run_script(command(tiny_model_dir, experiment, 4, *static, "--resume",
+    run_main(command(tiny_model_dir, experiment, 4, *static, "--resume",
                        str(reference / "checkpoint-2"), run_name="static-resumed"))
     assert_same_run(experiment / "static-resumed", reference, masters=False)
 

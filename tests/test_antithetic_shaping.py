@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import PYTHON, run_script
+from conftest import PYTHON, run_main
 from es_llm.lowrank import lowrank_update
 from es_llm.models import load_model
 from es_llm.noise import tensor_noise
@@ -148,7 +148,7 @@ def read_metrics(out):
 @pytest.mark.slow
 def test_an_antithetic_centered_rank_run_logs_signs_and_recomputes_its_weights(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    run_script([PYTHON, "es_fine-tuning_conciseness_iid.py", "--model_name", str(tiny_model_dir),
+    run_main([PYTHON, "es_fine-tuning_conciseness_iid.py", "--model_name", str(tiny_model_dir),
                 "--precision", "fp32", "--gpu_threads", "2", "--output_dir", str(out),
                 "--num_iterations", "2", "--population_size", "4", "--sigma", "0.05",
                 "--alpha", "0.02", "--max_new_tokens", "8", "--antithetic",

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from conftest import PYTHON, run_script
+from conftest import PYTHON, run_main
 from es_llm.models import ModelNotFoundError, load_model
 from es_llm.tasks import Task, conciseness_reward
 from es_llm.trainer import TrainConfig
@@ -58,18 +58,16 @@ def test_task_columns_must_match_the_prompts():
         Task("t", ["a", "b"], conciseness_reward, {"target": ["x"]})
 
 
-@pytest.mark.slow
 def test_data_sample_larger_than_the_train_split_is_refused():
-    proc = run_script([PYTHON, "countdown/es_fine-tuning_countdown.py", "--model_name", "x",
-                       "--data_sample", "5000"], check=False)
+    proc = run_main([PYTHON, "countdown/es_fine-tuning_countdown.py", "--model_name", "x",
+                     "--data_sample", "5000"], check=False)
     assert proc.returncode != 0
     assert "200" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
 def test_bad_flags_exit_before_loading_a_model(tmp_path):
-    proc = run_script([PYTHON, "es_fine-tuning_conciseness.py", "--model_name", "bundled",
-                       "--sigma", "-1", "--output_dir", str(tmp_path / "o")], check=False)
+    proc = run_main([PYTHON, "es_fine-tuning_conciseness.py", "--model_name", "bundled",
+                     "--sigma", "-1", "--output_dir", str(tmp_path / "o")], check=False)
     assert proc.returncode != 0 and "sigma must be a positive number" in proc.stderr
     assert not (tmp_path / "o").exists()
 

@@ -10,7 +10,7 @@ from es_llm.evaluation import (Sample, generate, k3_kl, load_for_eval, per_sampl
                                response_log_probs)
 from es_llm.models import load_model, save_model
 from es_llm.noise import add_noise
-from tests.conftest import PYTHON, run_script
+from conftest import PYTHON, run_main
 
 PROMPTS = ["Solve: 7 + 2 =", "Is the Sun a star?"]
 
@@ -116,9 +116,9 @@ def test_eval_conciseness_end_to_end_reward_and_kl(tmp_path, tiny_model_dir, tin
     data.write_text(json.dumps([{"prompt": p, "target": t} for p, t in zip(PROMPTS, ["9", "Yes"])]))
     common = ["--base_model_name", str(tiny_model_dir), "--eval_data_path", str(data),
               "--num_samples", "3", "--max_new_tokens", "6", "--save_responses", "--device", "cpu"]
-    run_script([PYTHON, "eval_conciseness.py", "--model_path", str(tuned), "--label", "tuned",
+    run_main([PYTHON, "eval_conciseness.py", "--model_path", str(tuned), "--label", "tuned",
                 "--output_dir", str(tmp_path / "out"), *common])
-    run_script([PYTHON, "eval_conciseness.py", "--output_dir", str(tmp_path / "base"), *common])
+    run_main([PYTHON, "eval_conciseness.py", "--output_dir", str(tmp_path / "base"), *common])
 
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     records = [json.loads(line) for line in (tmp_path / "out" / "responses.jsonl").open()]

@@ -17,7 +17,7 @@ from es_llm.evaluation import Sample, guess_base_model
 from es_llm.generation import Generator
 from es_llm.models import load_model
 from es_llm.vllm_names import hf_to_vllm
-from tests.conftest import PYTHON, ROOT, load_module, run_script
+from conftest import PYTHON, ROOT, load_module, run_main
 
 SCRIPT = ROOT / "countdown" / "eval_countdown.py"
 TRAINER = ROOT / "countdown" / "es_fine-tuning_countdown.py"
@@ -362,15 +362,15 @@ def test_bad_flags_exit_with_the_reason(tmp_path):
 @pytest.mark.slow
 def test_trained_model_and_checkpoint_evaluate_with_the_training_rewards(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
-    run_script([PYTHON, str(TRAINER), "--model_name", str(tiny_model_dir), "--data_sample", "3",
+    run_main([PYTHON, str(TRAINER), "--model_name", str(tiny_model_dir), "--data_sample", "3",
                 "--num_iterations", "2", "--population_size", "2", "--gpu_threads", "1",
                 "--max_new_tokens", "8", "--save_every", "1", "--output_dir", str(run)])
     task = make_task(data_sample=3)
     for model_dir in (run, run / "checkpoint-1"):
         out = tmp_path / f"eval-{model_dir.name}"
-        proc = run_script([PYTHON, str(SCRIPT), "--model_path", str(model_dir), "--eval_offset",
-                           "0", "--eval_samples", "3", "--max_new_tokens", "8",
-                           "--save_responses", "--output_dir", str(out), "--device", "cpu"])
+        proc = run_main([PYTHON, str(SCRIPT), "--model_path", str(model_dir), "--eval_offset",
+                         "0", "--eval_samples", "3", "--max_new_tokens", "8",
+                         "--save_responses", "--output_dir", str(out), "--device", "cpu"])
         assert "are training items" in proc.stdout  # items 0..2 are training items
         summary = json.loads((out / "summary.json").read_text())
         assert summary["base_model_name"] == str(tiny_model_dir)  # recorded by the trainer

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import PYTHON, ROOT, load_module, run_script
+from conftest import PYTHON, ROOT, load_module, run_main, run_script
 
 pytest.importorskip("trl", reason="the GRPO baseline needs requirements-baselines.txt")
 
@@ -30,10 +30,10 @@ def test_grpo_runs_and_counts_generations_like_es(tiny_model_dir, tmp_path):
     """Two GRPO steps on the tiny model write the ES metrics fields; the generation counters are
     group x prompts x steps (GRPO) and population x prompts x iterations (ES)."""
     out = tmp_path / "grpo"
-    run_script([PYTHON, "baselines/grpo.py", "--task", "conciseness", "--model_name",
-                str(tiny_model_dir), "--precision", "fp32", "--max_steps", "2",
-                "--num_generations", "4", "--max_new_tokens", "6", "--beta", "0.04",
-                "--output_dir", str(out)])
+    run_main([PYTHON, "baselines/grpo.py", "--task", "conciseness", "--model_name",
+              str(tiny_model_dir), "--precision", "fp32", "--max_steps", "2",
+              "--num_generations", "4", "--max_new_tokens", "6", "--beta", "0.04",
+              "--output_dir", str(out)])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2]
     assert [r["generations"] for r in records] == [4 * 2 * 1, 4 * 2 * 2]
@@ -43,10 +43,10 @@ def test_grpo_runs_and_counts_generations_like_es(tiny_model_dir, tmp_path):
     assert (out / "model.safetensors").exists()
 
     es = tmp_path / "es"
-    run_script([PYTHON, "es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir),
-                "--precision", "fp32", "--num_iterations", "2", "--population_size", "4",
-                "--max_new_tokens", "6", "--gpu_threads", "1", "--report_to", "none",
-                "--output_dir", str(es)])
+    run_main([PYTHON, "es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir),
+              "--precision", "fp32", "--num_iterations", "2", "--population_size", "4",
+              "--max_new_tokens", "6", "--gpu_threads", "1", "--report_to", "none",
+              "--output_dir", str(es)])
     es_records = [json.loads(line) for line in (es / "metrics.jsonl").read_text().splitlines()]
     assert [r["generations"] for r in es_records] == [4 * 2 * 1, 4 * 2 * 2]
 

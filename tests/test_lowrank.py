@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-from conftest import PYTHON, run_script
+from conftest import PYTHON, run_main
 from es_llm.generation import Generator
 from es_llm.lowrank import BatchedLowRank, factors, lowrank_update, target_indices
 from es_llm.models import load_model
@@ -293,7 +293,7 @@ def test_a_lowrank_run_trains_and_its_logged_seeds_and_rewards_recompute_the_wei
         tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     # lowrank_batch 4 = two members per call: the population takes two batched calls.
-    run_script([PYTHON, "es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir),
+    run_main([PYTHON, "es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir),
                 "--precision", "fp32", "--lowrank_batch", "4", "--output_dir", str(out), *TINY])
     records = read_metrics(out)
     assert [r["iteration"] for r in records] == [1, 2]
@@ -314,7 +314,7 @@ def test_a_lowrank_run_trains_and_its_logged_seeds_and_rewards_recompute_the_wei
 @pytest.mark.slow
 def test_a_bf16_lowrank_run_keeps_fp32_masters_and_saves_them(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    run_script([PYTHON, "es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir),
+    run_main([PYTHON, "es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir),
                 "--precision", "bf16", "--antithetic", "--no_prune_finished", "--output_dir", str(out), *TINY])
     assert json.loads((out / "trainer_state.json").read_text())["config"]["prune_finished"] is False
     records = read_metrics(out)

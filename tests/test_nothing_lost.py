@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, ROOT, run_main, run_script
+from conftest import PYTHON, ROOT, run_main
 from es_llm import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def trainer(request, tiny_model_dir):
 @pytest.fixture(scope="module")
 def four(trainer, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"{trainer.name}-four") / "run"
-    (run_main if trainer.name == "plain" else run_script)(trainer.command(out, 4))
+    run_main(trainer.command(out, 4))
     return out
 
 
@@ -80,8 +80,8 @@ def assert_same_run(trainer, out, reference):
 
 def test_two_plus_two_resumed_iterations_equal_four(trainer, tmp_path, four):
     out = tmp_path / "run"
-    run_script(trainer.command(out, 2))
-    proc = run_script(trainer.command(out, 4, "--resume", str(out)))
+    run_main(trainer.command(out, 2))
+    proc = run_main(trainer.command(out, 4, "--resume", str(out)))
     assert f"resuming from {out} at iteration 2" in proc.stdout
     assert "Iteration 1/4" not in proc.stdout and "Iteration 3/4" in proc.stdout
     assert_same_run(trainer, out, four)
@@ -115,14 +115,14 @@ def test_sigterm_saves_a_checkpoint_and_the_printed_command_resumes_it(trainer, 
     assert ckpt.STATE_FILE not in os.listdir(out)
     printed = shlex.split(output.split("Resume with:\n", 1)[1].splitlines()[0])
     assert printed[0] == "python" and printed[-2:] == ["--resume", str(out)]
-    run_script(trainer.resumed(printed))
+    run_main(trainer.resumed(printed))
     assert_same_run(trainer, out, four)
 
 
 def test_resume_with_another_population_is_refused_naming_the_mismatch(trainer, four, tmp_path):
     args = trainer.command(tmp_path / "other", 6, "--resume", str(four))
     args[args.index("--population_size") + 1] = "6"
-    proc = run_script(args, check=False)
+    proc = run_main(args, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "population_size: checkpoint has 4, this run has 6" in proc.stderr
     assert not (tmp_path / "other").exists() or not os.listdir(tmp_path / "other")
@@ -130,23 +130,23 @@ def test_resume_with_another_population_is_refused_naming_the_mismatch(trainer, 
 
 def test_a_finished_run_is_refused_then_replaced_with_overwrite(trainer, tmp_path):
     out = tmp_path / "run"
-    run_script(trainer.command(out, 1))
+    run_main(trainer.command(out, 1))
     (out / "notes.txt").write_text("mine")
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    proc = run_script(trainer.command(out, 2), check=False)
+    proc = run_main(trainer.command(out, 2), check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "already holds a finished run (1 iterations)" in proc.stderr and "--overwrite" in proc.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
-    run_script(trainer.command(out, 2, "--overwrite"))
+    run_main(trainer.command(out, 2, "--overwrite"))
     assert [r["iteration"] for r in metrics(out)] == [1, 2]
     assert (out / "notes.txt").read_text() == "mine"  # only the old run's files went
 
 
 def test_resume_into_another_runs_directory_is_refused_without_overwrite(trainer, tmp_path, four):
     other = tmp_path / "other"
-    run_script(trainer.command(other, 1))
+    run_main(trainer.command(other, 1))
     before = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
-    proc = run_script(trainer.command(other, 6, "--resume", str(four)), check=False)
+    proc = run_main(trainer.command(other, 6, "--resume", str(four)), check=False)
     assert proc.returncode != 0 and "already holds a finished run" in proc.stderr
     assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
 
@@ -161,7 +161,7 @@ def test_bad_input_is_refused_with_the_reason_and_writes_no_run(trainer, tmp_pat
     out = tmp_path / "run"
     args = trainer.command(out, 2)
     args[args.index(flag) + 1] = value
-    proc = run_script(args, check=False, env={"HF_HUB_OFFLINE": "1"})
+    proc = run_main(args, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert message in proc.stderr
     assert not (out / ckpt.METRICS_FILE).exists() and not ckpt.list_checkpoints(out)

@@ -5,7 +5,7 @@ import matplotlib.image as mpimg
 import pytest
 
 import plot_results
-from tests.conftest import PYTHON, run_script
+from conftest import PYTHON, run_main
 
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
 
@@ -51,7 +51,7 @@ def test_plot_writes_reward_curves_and_reward_vs_kl_pngs(tmp_path):
 
 def test_plot_command_line_writes_png_from_a_synthetic_metrics_file(tmp_path):
     run = write_metrics(tmp_path / "run", 3.0)
-    run_script([PYTHON, "plot_results.py", "--metrics", str(run), "--output_dir", str(tmp_path)])
+    run_main([PYTHON, "plot_results.py", "--metrics", str(run), "--output_dir", str(tmp_path)])
     assert_png(tmp_path / "reward_curves.png")
 
 

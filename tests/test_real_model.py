@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, ROOT, run_main, run_script, start_script
+from conftest import PYTHON, ROOT, run_main, run_script, start_script, two_processes
 from es_llm import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -116,7 +116,7 @@ def test_ctrl_c_then_the_printed_resume_command_equals_the_uninterrupted_run(tmp
     assert printed[2:] == args[2:] + ["--resume", str(out)]
     stopped_at = ckpt.load_state(ckpt.list_checkpoints(out)[-1])["iteration"]
     assert 1 <= stopped_at < 3
-    run_script([PYTHON, *printed[1:]])
+    run_main([PYTHON, *printed[1:]])
     ran = ckpt.read_metrics(out / ckpt.METRICS_FILE)
     assert without_time(ran) == without_time(ckpt.read_metrics(reference / ckpt.METRICS_FILE))
     assert len({r for record in ran for r in record["rewards"]}) > 1, "rewards should differ"
@@ -132,14 +132,15 @@ ACCL = [PYTHON, str(ROOT / "tests" / "accl_varied_reward.py"), "--model_name", "
         "--max_new_tokens", "16"]
 
 
+@pytest.mark.ray
 def test_accelerated_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path):
     """Transformers engines in bf16 (the default precision here), static schedule: the resumed run
     equals the uninterrupted one, metrics and both output forms bit for bit."""
     base = ACCL + ["--experiment_dir", str(tmp_path), "--num_iterations", "3"]
-    run_script(base + ["--run_name", "reference"])
+    run_main(base + ["--run_name", "reference"])
     output = interrupt_after(base + ["--run_name", "run"], "Iteration 1/3")
     resume = shlex.split(output.split("Resume with:\n", 1)[1].splitlines()[0])
-    run_script([PYTHON, ACCL[1], *resume[2:]])
+    run_main([PYTHON, ACCL[1], *resume[2:]])
     run, reference = tmp_path / "run", tmp_path / "reference"
     records = ckpt.read_metrics(run / ckpt.METRICS_FILE)
     assert without_time(records) == without_time(ckpt.read_metrics(reference / ckpt.METRICS_FILE))
@@ -155,10 +156,10 @@ def test_accelerated_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path):
                               "pth": ["--model_path", str(run / "final_model.pth")],
                               "published": ["--model_path", str(published)]}.items():
         out = tmp_path / f"eval-{label}"
-        run_script([PYTHON, "countdown/eval_countdown.py", *model_args, "--base_model_name",
-                    "bundled", "--eval_samples", "3", "--max_new_tokens", "16", "--torch_dtype",
-                    "bfloat16", "--mixed_precision", "no", "--save_responses",
-                    "--output_dir", str(out)])
+        run_main([PYTHON, "countdown/eval_countdown.py", *model_args, "--base_model_name",
+                  "bundled", "--eval_samples", "3", "--max_new_tokens", "16", "--torch_dtype",
+                  "bfloat16", "--mixed_precision", "no", "--save_responses",
+                  "--output_dir", str(out)])
         details = json.loads((out / "eval_detailed_results.json").read_text())
         results[label] = [(r["response"], r["reward"]) for r in details]
     assert results["hf"] == results["pth"] == results["published"]
@@ -172,9 +173,9 @@ def test_the_untrained_model_saved_to_a_directory_has_kl_exactly_zero_to_the_bun
 
     model, tokenizer = load_model("bundled", "bf16")
     save_model(model, tokenizer, tmp_path / "untrained")
-    run_script([PYTHON, "eval_conciseness.py", "--model_path", str(tmp_path / "untrained"),
-                "--base_model_name", "bundled", "--num_samples", "2", "--max_new_tokens", "12",
-                "--output_dir", str(tmp_path / "eval")])
+    run_main([PYTHON, "eval_conciseness.py", "--model_path", str(tmp_path / "untrained"),
+              "--base_model_name", "bundled", "--num_samples", "2", "--max_new_tokens", "12",
+              "--output_dir", str(tmp_path / "eval")])
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["kl_mean"] == 0.0 and summary["kl_token_mean"] == 0.0
 
@@ -182,18 +183,14 @@ def test_the_untrained_model_saved_to_a_directory_has_kl_exactly_zero_to_the_bun
 # --------------------------------------------------------------------------- layout
 
 
-TWO_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-                 "1", "--machine_rank", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
-
-
-def layout_run(tmp_path, name, threads, extra=(), launcher=(PYTHON,)):
+def layout_run(tmp_path, name, threads, extra=(), processes=1):
     out = tmp_path / name
     args = conciseness(out, 1, *extra)
     args[args.index("--gpu_threads") + 1] = str(threads)
-    if launcher == (PYTHON,):
+    if processes == 1:
         run_main(args)
     else:
-        run_script([*launcher, *args[1:]])
+        run_script([*two_processes(), *args[1:]])
     return without_time(ckpt.read_metrics(out / ckpt.METRICS_FILE)), weights(out)
 
 
@@ -204,7 +201,7 @@ def test_layout_in_bf16_depends_on_the_number_of_copies_not_on_their_split(tmp_p
     thread in each of 2 processes agree. With fp32 masters (exact restore) 1 and 2 copies agree."""
     one, w_one = layout_run(tmp_path, "one", 1)
     threads, w_threads = layout_run(tmp_path, "threads", 2)
-    processes, w_processes = layout_run(tmp_path, "processes", 1, launcher=TWO_PROCESSES)
+    processes, w_processes = layout_run(tmp_path, "processes", 1, processes=2)
     assert threads == processes and same_tensors(w_threads, w_processes)
     assert one != threads and not same_tensors(w_one, w_threads)
     masters = ("--master_weights", "fp32")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, run_main, start_script
+from conftest import PYTHON, run_main, start_script, two_processes
 from es_llm import checkpoint as ckpt
 from es_llm.models import load_model
 
@@ -87,8 +87,7 @@ def worker_pids(marker):
 @pytest.mark.parametrize("how", [signal.SIGSTOP, signal.SIGKILL])
 def test_a_stalled_or_killed_rank_does_not_hang_the_others(tiny_model_dir, tmp_path, how):
     out = tmp_path / f"run-{how.name}"
-    args = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--machine_rank", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+    args = [*two_processes(),
             *conciseness(tiny_model_dir, out, 1000, "--collective_timeout", "10")[1:]]
     proc = start_script(args)
     try:

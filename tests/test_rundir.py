@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import PYTHON, fake_checkpoint, run_main, run_script
+from conftest import PYTHON, fake_checkpoint, run_main
 from es_llm import checkpoint as ckpt
 from es_llm import rundir
 
@@ -49,7 +49,7 @@ def test_resume_into_another_finished_run_and_a_damaged_checkpoint(tiny_model_di
     run_main(command(a, 2, "--save_every", "1"))
     run_main(command(b, 1))
     before = {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()}
-    proc = run_script(command(b, 3, "--resume", str(a / "checkpoint-1")), check=False)
+    proc = run_main(command(b, 3, "--resume", str(a / "checkpoint-1")), check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "already holds a finished run (1 iterations)" in proc.stderr and "--overwrite" in proc.stderr
     assert {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()} == before
@@ -57,7 +57,7 @@ def test_resume_into_another_finished_run_and_a_damaged_checkpoint(tiny_model_di
     weights = a / "checkpoint-2" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     metrics_before = (a / ckpt.METRICS_FILE).read_bytes()
-    proc = run_script(command(a, 3, "--resume", str(a)), check=False)
+    proc = run_main(command(a, 3, "--resume", str(a)), check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert str(weights) in proc.stderr and f"--resume {a / 'checkpoint-1'}" in proc.stderr
     assert (a / ckpt.METRICS_FILE).read_bytes() == metrics_before

@@ -8,7 +8,6 @@ run within a bounded time, its last checkpoint intact and the resume command pri
 resumes on the node that is left.
 """
 import shlex
-import socket
 import subprocess
 import time
 
@@ -16,19 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, ROOT, read_until, run_script, start_script
+from conftest import (PYTHON, ROOT, free_port, read_until, run_main, run_script, start_script,
+                      stop_shared_ray)
 from es_llm import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
 TINY = ["--population_size", "4", "--sigma", "0.05", "--alpha", "0.02", "--max_new_tokens", "6",
         "--precision", "fp32", "--report_to", "none"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def without_time(records):
@@ -44,7 +38,7 @@ def test_two_machines_equal_one_process(tiny_model_dir, tmp_path):
     """Machine ranks 0 and 1 on 127.0.0.1 (gloo), one process each, as on two real machines."""
     train = ["es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir),
              "--num_iterations", "2", "--gpu_threads", "1", "--verbose", *TINY]
-    run_script([PYTHON, *train, "--output_dir", str(tmp_path / "one")])
+    run_main([PYTHON, *train, "--output_dir", str(tmp_path / "one")])
     port = str(free_port())
     launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "2",
               "--main_process_ip", "127.0.0.1", "--main_process_port", port,
@@ -86,12 +80,14 @@ def accl(tiny_model_dir, experiment, iterations, *extra):
             "--experiment_dir", str(experiment), "--num_iterations", str(iterations), *TINY, *extra]
 
 
+@pytest.mark.ray
 def test_accelerated_on_a_two_node_ray_cluster_equals_one_machine(tiny_model_dir, tmp_path,
                                                                    two_node_cluster):
     import ray
 
     cluster, _ = two_node_cluster
-    run_script(accl(tiny_model_dir, tmp_path, 2, "--run_name", "local"))
+    run_main(accl(tiny_model_dir, tmp_path, 2, "--run_name", "local"))
+    stop_shared_ray()  # this process joins the cluster below
     proc = run_script(accl(tiny_model_dir, tmp_path, 2, "--run_name", "cluster", "--ray_address",
                            cluster.address))
     assert "2 transformers engines on CPU ready" in proc.stdout
@@ -107,6 +103,7 @@ def test_accelerated_on_a_two_node_ray_cluster_equals_one_machine(tiny_model_dir
                         local / "final_model" / "model.safetensors")
 
 
+@pytest.mark.ray
 def test_a_lost_worker_node_stops_the_run_which_resumes_on_the_node_left(tiny_model_dir, tmp_path,
                                                                         two_node_cluster):
     cluster, worker = two_node_cluster

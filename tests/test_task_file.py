@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, ROOT, run_script
+from conftest import PYTHON, ROOT, run_main, run_script
 from es_llm import checkpoint as ckpt
 from es_llm.tasks import load_task_file
 
@@ -132,6 +132,7 @@ ACCL = [PYTHON, str(ROOT / "es_fine-tuning_countdown_accl.py"), "--engine", "tra
         "--num_engines", "2", "--report_to", "none"]
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_accelerated_antithetic_centered_rank_on_two_engines(tiny_model_dir, tmp_path):
     """--antithetic --fitness_shaping centered_rank on two transformers engines, on the example
@@ -139,7 +140,7 @@ def test_accelerated_antithetic_centered_rank_on_two_engines(tiny_model_dir, tmp
     from es_llm.shaping import shape_fitness, update_terms
     from es_llm.strategy import es_update
 
-    run_script([*ACCL, "--task", str(EXAMPLE), "--model_name", str(tiny_model_dir),
+    run_main([*ACCL, "--task", str(EXAMPLE), "--model_name", str(tiny_model_dir),
                 "--antithetic", "--fitness_shaping", "centered_rank", "--noise_mode", "iid",
                 "--experiment_dir", str(tmp_path), "--run_name", "run", *TINY,
                 "--report_to", "tensorboard"])
@@ -160,15 +161,16 @@ def test_accelerated_antithetic_centered_rank_on_two_engines(tiny_model_dir, tmp
     assert ckpt.load_state(run)["config"]["task"] == "word_count"
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_lowrank_on_two_engines_equals_the_plain_lowrank_trainer(tiny_model_dir, tmp_path):
     """--noise_mode lowrank with the accelerated version's transformers engines: the same run as
     the plain trainer's lowrank mode, metrics and weights bit for bit."""
     lowrank = ["--noise_mode", "lowrank", "--rank", "2", "--task", str(EXAMPLE), *TINY]
-    run_script([*ACCL, "--model_name", str(tiny_model_dir), "--experiment_dir", str(tmp_path),
+    run_main([*ACCL, "--model_name", str(tiny_model_dir), "--experiment_dir", str(tmp_path),
                 "--run_name", "accl", *lowrank])
     plain = tmp_path / "plain"
-    run_script([PYTHON, "es_fine-tuning.py", "--model_name", str(tiny_model_dir), "--gpu_threads",
+    run_main([PYTHON, "es_fine-tuning.py", "--model_name", str(tiny_model_dir), "--gpu_threads",
                 "1", "--output_dir", str(plain), "--report_to", "tensorboard", *lowrank])
     assert set(scalars(plain / "es_llm")) == readme_tags("plain trainers")
     accl = tmp_path / "accl"

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import PYTHON, run_main, run_script
+from conftest import PYTHON, run_main, run_script, two_processes
 from es_llm.strategy import es_update, normalize_rewards
 
 SCRIPTS = ["es_fine-tuning_conciseness.py", "es_fine-tuning_conciseness_iid.py",
@@ -35,8 +35,8 @@ def without_time(records):
 def test_each_script_trains_two_iterations_and_saves_a_loadable_model(script, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     extra = ["--data_sample", "3", "--save_every", "1"] if "countdown" in script else []
-    proc = run_script([PYTHON, script, "--model_name", str(tiny_model_dir), "--precision", "bf16",
-                       "--gpu_threads", "2", "--output_dir", str(out), *TINY, *extra])
+    proc = run_main([PYTHON, script, "--model_name", str(tiny_model_dir), "--precision", "bf16",
+                     "--gpu_threads", "2", "--output_dir", str(out), *TINY, *extra])
     assert "Iteration 2/2, Time: " in proc.stdout + proc.stderr
     assert "Training completed in " in proc.stdout
     records = read_metrics(out)
@@ -55,22 +55,21 @@ def test_each_script_trains_two_iterations_and_saves_a_loadable_model(script, ti
     assert state["finished"] and state["config"]["noise_mode"] == ("iid" if "iid" in script else "correlated")
 
 
-def run_conciseness(tiny_model_dir, out, launcher=(PYTHON,), threads=1, extra=()):
-    (run_main if launcher == (PYTHON,) else run_script)([*launcher, "es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir),
-                "--precision", "fp32", "--gpu_threads", str(threads), "--output_dir", str(out),
-                *TINY, *extra])
+def run_conciseness(tiny_model_dir, out, processes=1, threads=1, extra=()):
+    args = ["es_fine-tuning_conciseness.py", "--model_name", str(tiny_model_dir), "--precision",
+            "fp32", "--gpu_threads", str(threads), "--output_dir", str(out), *TINY, *extra]
+    if processes == 1:
+        run_main([PYTHON, *args])
+    else:
+        run_script([*two_processes(), *args])
     return read_metrics(out), weights(out)
-
-
-TWO_PROCESSES = ("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-                 "1", "--machine_rank", "0", "--mixed_precision", "no", "--dynamo_backend", "no")
 
 
 @pytest.mark.slow
 def test_final_weights_do_not_depend_on_processes_or_threads(tiny_model_dir, tmp_path):
     one, w_one = run_conciseness(tiny_model_dir, tmp_path / "one")
     threads, w_threads = run_conciseness(tiny_model_dir, tmp_path / "threads", threads=2)
-    two, w_two = run_conciseness(tiny_model_dir, tmp_path / "two", launcher=TWO_PROCESSES)
+    two, w_two = run_conciseness(tiny_model_dir, tmp_path / "two", processes=2)
     assert len({json.dumps(r) for r in (without_time(one), without_time(threads), without_time(two))}) == 1
     assert len(set(r for x in one for r in x["rewards"])) > 1, "rewards should differ across members"
     for name in w_one:
@@ -81,7 +80,7 @@ def test_final_weights_do_not_depend_on_processes_or_threads(tiny_model_dir, tmp
 def test_lowrank_final_weights_do_not_depend_on_processes_or_batching(tiny_model_dir, tmp_path):
     lowrank = ("--noise_mode", "lowrank", "--rank", "2")
     one, w_one = run_conciseness(tiny_model_dir, tmp_path / "one", extra=lowrank)
-    two, w_two = run_conciseness(tiny_model_dir, tmp_path / "two", launcher=TWO_PROCESSES,
+    two, w_two = run_conciseness(tiny_model_dir, tmp_path / "two", processes=2,
                                  extra=lowrank)
     # lowrank_batch 2 with two prompts: one member per generate call.
     alone, w_alone = run_conciseness(tiny_model_dir, tmp_path / "alone",

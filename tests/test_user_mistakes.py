@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, run_script
+from conftest import PYTHON, run_main, run_script
 from es_llm import checkpoint as ckpt
 from es_llm.rundir import RunFailed
 from es_llm.tasks import RewardError, Task, load_task_file
@@ -302,6 +302,6 @@ def test_bundled_model_a_reward_of_the_wrong_type_stops_with_one_line_and_the_ru
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "metrics.jsonl"]
     assert load_file(str(out / "checkpoint-1" / "model.safetensors"))
     resume = proc.stderr.split("Resume with:\n", 1)[1].splitlines()[0]
-    resumed = run_script([PYTHON, *shlex.split(resume)[1:]])
+    resumed = run_main([PYTHON, *shlex.split(resume)[1:]])
     assert "resuming from" in resumed.stdout and ckpt.load_state(out)["finished"]
     assert [r["iteration"] for r in ckpt.read_metrics(out / ckpt.METRICS_FILE)] == [1, 2]
