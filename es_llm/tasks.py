@@ -107,6 +107,12 @@ class Task:
             raise ValueError(f"{self.where} is called with {', '.join(map(repr, unknown))} but "
                              f"takes no such parameter; add them, or **columns to its signature")
 
+    def subset(self, indices) -> "Task":
+        """The task on the prompts `indices` only (an iteration's --prompt_batch)."""
+        return Task(self.name, [self.prompts[i] for i in indices], self.reward_fn,
+                    {k: [values[i] for i in indices] for k, values in self.columns.items()},
+                    self.source)
+
     def score(self, completions, seed=None) -> list:
         """One reward per completion, checked against REWARD_CONTRACT; a reward function that
         raises, returns something else, or gives a NaN or infinite reward is a RewardError naming
