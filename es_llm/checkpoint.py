@@ -206,10 +206,16 @@ def load_masters(checkpoint: Path):
     return load_file(str(path)) if path.exists() else None
 
 
-def load_optimizer(checkpoint: Path):
-    """The optimizer state_dict a checkpoint saved, or None (an sgd run saves none)."""
+def load_optimizer(checkpoint: Path, optimizer: str = "sgd"):
+    """The optimizer state_dict a checkpoint saved, or None for an sgd run (which saves none); a
+    run of another optimizer whose checkpoint lacks it, or holds a damaged one, is refused."""
     path = Path(checkpoint) / OPTIMIZER_FILE
-    return torch.load(path, weights_only=True) if path.exists() else None
+    if optimizer == "sgd":
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as error:  # missing, truncated, or not a state_dict
+        raise _unreadable(checkpoint, path, error) from error
 
 
 def load_weights(directory) -> dict:

@@ -151,6 +151,8 @@ class Run:
         self.remove = plan_run_dir(self.out, self.resume, cfg.overwrite, name_flag)
         if self.resume:
             check_readable(self.resume["checkpoint"])
+        self.optimizer_state = (ckpt.load_optimizer(self.resume["checkpoint"], cfg.optimizer)
+                                if self.resume else None)
         if is_main:
             ensure_writable(self.out, name_flag)
         self.start = self.resume["start"] if self.resume else 0
@@ -158,8 +160,6 @@ class Run:
         self.rng_state = self.resume["state"]["rng_state"] if self.resume else None
         self.weights = str(weights_dir(self.resume["checkpoint"])) if self.resume else None
         self.masters = ckpt.load_masters(self.resume["checkpoint"]) if self.resume else None
-        self.optimizer_state = (ckpt.load_optimizer(self.resume["checkpoint"]) if self.resume
-                                else None)
 
     def begin(self) -> None:
         if self.is_main:

@@ -191,3 +191,17 @@ def test_settings_of_another_optimizer_are_refused(tiny_model_dir, tmp_path, cap
                           "--weight_decay", "0.1", "--warmup_iterations", "-1"), capsys)
     assert "--weight_decay only applies to --optimizer adamw" in error
     assert "warmup_iterations must be >= 0" in error and not (tmp_path / "run").exists()
+
+
+def test_a_damaged_optimizer_state_is_named_before_anything_is_written(
+        tuned_run, tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    checkpoint = tmp_path / "copy" / "checkpoint-1"
+    shutil.copytree(tuned_run / "checkpoint-1", checkpoint)
+    state = checkpoint / "optimizer.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    error = fails(command(tiny_model_dir, tmp_path / "again", "--precision", "fp32", *TUNED,
+                          "--resume", checkpoint), capsys)
+    assert f"cannot read {state}" in error and "damaged or incomplete" in error
+    assert not (tmp_path / "again").exists()
