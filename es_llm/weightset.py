@@ -220,8 +220,9 @@ class WeightSet:
             tensor.copy_(state[name])
         if self.masters and masters is not None:
             self.load_masters(masters, converted=True)
-        elif self.masters:
-            self.masters = MasterWeights(self.params())
+        elif self.masters:  # in place: an optimizer keeps stepping these tensors
+            for master, tensor in zip(self.masters.tensors, self.params()):
+                master.copy_(tensor)
         self.after_change()
 
     @torch.no_grad()

@@ -205,3 +205,28 @@ def test_a_damaged_optimizer_state_is_named_before_anything_is_written(
                           "--resume", checkpoint), capsys)
     assert f"cannot read {state}" in error and "damaged or incomplete" in error
     assert not (tmp_path / "again").exists()
+
+
+def test_the_weightset_steps_its_own_masters_even_after_loading_weights():
+    """The optimizer keeps stepping the master tensors that a load_state_dict refreshed in place,
+    and the weights are cast from them; sgd at a scheduled lr is the published update at that
+    alpha."""
+    from es_llm.weightset import WeightSet
+
+    weight = torch.zeros(3, 2, dtype=torch.bfloat16)
+    adam = WeightSet(lambda: [("w", weight)], "correlated", optimizer="adam",
+                     update_order="accumulate")  # the plain trainers' order
+    adam.load_state_dict({"w": torch.ones(3, 2)})
+    adam.update([5, 7], [1.0, -1.0], 0.1)
+    expected = torch.ones(3, 2)
+    reference = torch.optim.Adam([expected], lr=0.1)
+    expected.grad = -es_gradient(expected, [5, 7], [1.0, -1.0])
+    reference.step()
+    assert torch.equal(adam.masters.tensors[0], expected)
+    assert torch.equal(weight, expected.to(torch.bfloat16))
+    plain = torch.ones(3, 2)
+    WeightSet(lambda: [("w", plain)], "correlated", update_order="accumulate").update(
+        [5, 7], [1.0, -1.0], 0.05)
+    published = [torch.ones(3, 2)]
+    es_update(published, [5, 7], [1.0, -1.0], 0.05, "correlated")
+    assert torch.equal(plain, published[0])
