@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import PYTHON, ROOT, load_module, run_main
+from conftest import PYTHON, ROOT, load_module, run_main, run_script
 from es_llm.strategy import es_update, normalize_rewards
 from es_llm.tuning import lr_factor, prompt_batch
 
@@ -84,6 +84,20 @@ def test_adams_first_step_on_fp32_masters_is_torch_optim_adams(tiny_model_dir, t
     assert len(state["state"]) == len(masters) and float(state["state"][0]["step"]) == 1.0
 
 
+def same_saved_state(a: Path, b: Path) -> bool:
+    """Two run directories hold the same weights (or adapter), fp32 masters and optimizer state,
+    bit for bit."""
+    for name in ("model.safetensors", "adapter_model.safetensors", "master_weights.safetensors"):
+        if (a / name).exists() or (b / name).exists():
+            x, y = load_file(str(a / name)), load_file(str(b / name))
+            if x.keys() != y.keys() or not all(torch.equal(x[k], y[k]) for k in x):
+                return False
+    x, y = (torch.load(d / "optimizer.pt", weights_only=True) for d in (a, b))
+    return x["param_groups"] == y["param_groups"] and x["state"].keys() == y["state"].keys() and all(
+        torch.equal(v, y["state"][k][key]) for k, state in x["state"].items()
+        for key, v in state.items())
+
+
 @pytest.mark.parametrize("mode", [
     ("--optimizer", "adam", "--lr_schedule", "cosine", "--prompt_batch", "1"),
     ("--optimizer", "momentum", "--noise_mode", "lowrank", "--rank", "2", "--lr_schedule",
@@ -96,14 +110,7 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tiny_model_dir, tmp_path, mo
     run_main(command(tiny_model_dir, resumed, "--precision", "fp32", *mode,
                      "--resume", whole / "checkpoint-1"))
     assert without_time(records(whole)) == without_time(records(resumed))
-    for name in ("master_weights.safetensors", "model.safetensors", "adapter_model.safetensors"):
-        if (whole / name).exists():
-            a, b = load_file(str(whole / name)), load_file(str(resumed / name))
-            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    a, b = (torch.load(d / "optimizer.pt", weights_only=True) for d in (whole, resumed))
-    assert a["param_groups"] == b["param_groups"]
-    for k, state in a["state"].items():
-        assert all(torch.equal(v, b["state"][k][key]) for key, v in state.items())
+    assert same_saved_state(whole, resumed)
     rows = records(whole)
     if "--lr_schedule" in mode:  # cosine and linear over 2 iterations: alpha, then alpha / 2
         assert [r["lr"] for r in rows] == [ALPHA, ALPHA / 2]
@@ -230,3 +237,17 @@ def test_the_weightset_steps_its_own_masters_even_after_loading_weights():
     published = [torch.ones(3, 2)]
     es_update(published, [5, 7], [1.0, -1.0], 0.05, "correlated")
     assert torch.equal(plain, published[0])
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_run_with_adam_and_a_prompt_batch(tiny_model_dir,
+                                                                             tmp_path):
+    """Every process draws the same prompts and takes the same optimizer step (fp32)."""
+    from test_trainers import TWO_PROCESSES
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    settings = ["--precision", "fp32", *TUNED, "--population_size", "4"]
+    run_main(command(tiny_model_dir, one, *settings))
+    run_script([*TWO_PROCESSES, *command(tiny_model_dir, two, *settings)[1:]])
+    assert without_time(records(one)) == without_time(records(two))
+    assert same_saved_state(one, two)
