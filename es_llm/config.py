@@ -121,6 +121,14 @@ class TrainConfig:
         "help": "score every member of an iteration on the same N training prompts, drawn by a "
                 "seeded sampler (without replacement within an epoch, then reshuffled) and "
                 "recorded in metrics.jsonl (0: every prompt, published)"})
+    eval_every: int = field(default=0, metadata={
+        "plain": True, "metavar": "N",
+        "help": "every N iterations, score the canonical model (greedy, as in training) on the "
+                "task's held-out prompts; the mean reward goes to metrics.jsonl "
+                "(heldout_reward_mean) and the trackers, its time apart (0: never)"})
+    eval_samples: int = field(default=0, metadata={
+        "plain": True, "metavar": "N",
+        "help": "--eval_every: the first N held-out prompts only (0: all of them)"})
     published_drift: bool = field(default=False, metadata={
         "plain": True,
         "help": "thread 0 evaluates on the canonical weights themselves, as published, so its "
@@ -278,11 +286,15 @@ class TrainConfig:
             problems.append(f"optimizer must be one of {OPTIMIZERS} (got {self.optimizer!r})")
         if self.lr_schedule not in LR_SCHEDULES:
             problems.append(f"lr_schedule must be one of {LR_SCHEDULES} (got {self.lr_schedule!r})")
-        for name in ("warmup_iterations", "prompt_batch", "weight_decay"):
+        for name in ("warmup_iterations", "prompt_batch", "weight_decay", "eval_every",
+                     "eval_samples"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
         if not 0 <= self.momentum < 1:
             problems.append(f"momentum must be in [0, 1) (got {self.momentum})")
+        if self.eval_samples and not self.eval_every:
+            problems.append("--eval_samples only applies with --eval_every N; add it or drop "
+                            "--eval_samples")
         defaults = type(self).__dataclass_fields__
         for name, owner in (("momentum", "momentum"), ("weight_decay", "adamw")):
             if getattr(self, name) != defaults[name].default and self.optimizer != owner:

@@ -8,8 +8,8 @@ locally, or engine 0 then a broadcast). The run directory logs, checkpoints, sto
 An evaluator provides: is_main; label (a prefix for its printed lines); agree(strategy, stop) -> seeds, or None to stop; evaluate(seeds,
 signs, on_result, prompts) -> (rewards, timings), `prompts` the indices of the iteration's training
 prompts (None: all); update(seeds, weights, n, lr) -> timings; saveable() -> (model, tokenizer,
-fp32 masters or None); optimizer_state() -> the optimizer's state_dict or None; save_final(out,
-state, records); finish().
+fp32 masters or None); optimizer_state() -> the optimizer's state_dict or None; heldout_reward()
+-> the held-out entries of the record (--eval_every); save_final(out, state, records); finish().
 """
 import signal
 import sys
@@ -115,7 +115,10 @@ def _iterate(cfg, evaluator, run, strategy, num_prompts, stop) -> bool:
         update_seeds, weights = strategy.tell(seeds, rewards)
         timings.update(evaluator.update(update_seeds, weights, n, lr))
         scored = len(prompts) if prompts is not None else num_prompts
-        record = iteration_record(iteration, seeds, rewards, time.time() - t0, timings,
+        seconds = time.time() - t0  # the held-out evaluation's time is recorded apart
+        if cfg.eval_every and iteration % cfg.eval_every == 0:
+            extra.update(evaluator.heldout_reward())
+        record = iteration_record(iteration, seeds, rewards, seconds, timings,
                                   strategy.signs if cfg.antithetic else None,
                                   generations=generations + n * scored, extra=extra)
         generations = record["generations"]

@@ -166,11 +166,12 @@ class LocalEvaluator:
     the main rank's seeds broadcast, the rewards all-reduced, the same update on every rank."""
 
     def __init__(self, cfg: TrainConfig, accelerator, model, tokenizer, task, masters=None,
-                 optimizer_state=None):
+                 optimizer_state=None, heldout=None):
         self.cfg, self.accelerator, self.task, self.tokenizer = cfg, accelerator, task, tokenizer
         self.is_main = accelerator.is_main_process
         self.world = accelerator.num_processes
         self.every_prompt = (self.generator(task.prompts), task)
+        self.heldout = (self.generator(heldout.prompts), heldout) if heldout else None
         self.population = Population(model, cfg, *self.every_prompt, masters, optimizer_state)
         self.mine = list(range(accelerator.process_index, cfg.population_size, self.world))
         self.label = f"[rank {accelerator.process_index}] " if self.world > 1 else ""
@@ -213,6 +214,18 @@ class LocalEvaluator:
         timings["evaluate"] = time.perf_counter() - t0  # wall clock, the all-reduce included
         return rewards.cpu().tolist(), timings
 
+    def heldout_reward(self) -> dict:
+        """The canonical model's mean reward on the held-out prompts (greedy, as in training) and
+        its time, on the main rank (the others hold the same weights and record nothing)."""
+        if not self.is_main:
+            return {}
+        t0 = time.perf_counter()
+        generate, task = self.heldout
+        completions = generate(self.population.base,
+                               with_prompt=self.cfg.reward_on_prompt_and_response)
+        reward = float(np.mean(task.score(completions, seed="heldout")))
+        return {"heldout_reward_mean": reward, "time_heldout_s": time.perf_counter() - t0}
+
     def update(self, seeds, weights, n: int, lr: float | None = None) -> dict:
         t0 = time.perf_counter()
         self.population.update(seeds, weights, n, lr)
@@ -237,6 +250,19 @@ class LocalEvaluator:
         self.accelerator.end_training()
 
 
+def heldout_task(cfg: TrainConfig, task):
+    """The task on its held-out prompts (the first --eval_samples of them), for --eval_every."""
+    if task.heldout is None:
+        raise ValueError(f"--eval_every: the task {task.name!r} has no held-out prompts (the "
+                         f"conciseness and Countdown tasks have); drop --eval_every")
+    heldout = task.heldout()
+    if cfg.eval_samples > len(heldout.prompts):
+        raise ValueError(f"--eval_samples {cfg.eval_samples} is more than the task's "
+                         f"{len(heldout.prompts)} held-out prompts; give at most "
+                         f"{len(heldout.prompts)} (or 0 for all of them)")
+    return heldout.subset(range(cfg.eval_samples)) if cfg.eval_samples else heldout
+
+
 def load_for_training(cfg: TrainConfig, weights, device):
     """(model, tokenizer) to train: the base model, or the checkpoint's weights being resumed; with
     --es_params lora the base model with its adapter (the checkpoint's, --lora_init's, or new)."""
@@ -258,6 +284,7 @@ def train(cfg: TrainConfig, task) -> Path | None:
     cfg.validate(world)
     if cfg.prompt_batch > len(task.prompts):
         raise ValueError(prompt_batch_problem(cfg.prompt_batch, len(task.prompts)))
+    heldout = heldout_task(cfg, task) if cfg.eval_every else None
     if cfg.population_size < world * cfg.gpu_threads and cfg.noise_mode != LOWRANK and is_main:
         print(f"note: population {cfg.population_size} < {world} processes x {cfg.gpu_threads} "
               f"threads; some threads will stay idle", file=sys.stderr)
@@ -275,7 +302,7 @@ def train(cfg: TrainConfig, task) -> Path | None:
     tracking.start(accelerator, asdict(cfg), logging_dir)
     accelerator.wait_for_everyone()
     evaluator = LocalEvaluator(cfg, accelerator, model, tokenizer, task, run.masters,
-                               run.optimizer_state)
+                               run.optimizer_state, heldout)
     strategy = Strategy(cfg.population_size, cfg.initial_seed, cfg.antithetic,
                         cfg.fitness_shaping, run.rng_state)
     out = run_es(cfg, evaluator, run, strategy, len(task.prompts))

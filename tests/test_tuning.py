@@ -251,3 +251,34 @@ def test_two_processes_give_the_one_process_run_with_adam_and_a_prompt_batch(tin
     run_script([*TWO_PROCESSES, *command(tiny_model_dir, two, *settings)[1:]])
     assert without_time(records(one)) == without_time(records(two))
     assert same_saved_state(one, two)
+
+
+def test_eval_every_records_the_held_out_reward_of_the_saved_model(tiny_model_dir, tmp_path):
+    """--eval_every 1: each iteration's heldout_reward_mean is the greedy mean reward, on the first
+    --eval_samples held-out prompts of eval_conciseness.py, of the model saved at that iteration."""
+    from es_llm.generation import Generator
+    from es_llm.models import load_model
+    from es_llm.tasks import conciseness_heldout
+
+    out = tmp_path / "run"
+    run_main(command(tiny_model_dir, out, "--precision", "fp32", "--save_every", "1",
+                     "--eval_every", "1", "--eval_samples", "3"))
+    heldout = conciseness_heldout().subset(range(3))
+    for record in records(out):
+        model, tokenizer = load_model(str(out / f"checkpoint-{record['iteration']}"), "fp32")
+        completions = Generator(tokenizer, heldout.prompts, 4)(model)
+        expected = sum(heldout.score(completions)) / 3
+        assert record["heldout_reward_mean"] == expected
+        assert record["time_heldout_s"] > 0 and record["time_s"] > 0
+
+
+def test_eval_every_is_refused_where_it_cannot_run(tiny_model_dir, tmp_path, capsys):
+    error = fails(command(tiny_model_dir, tmp_path / "run", "--eval_samples", "2"), capsys)
+    assert "--eval_samples only applies with --eval_every N" in error
+    error = fails(command(tiny_model_dir, tmp_path / "run", "--eval_every", "1",
+                          "--eval_samples", "13"), capsys)
+    assert "--eval_samples 13 is more than the task's 12 held-out prompts" in error
+    task = ROOT / "examples" / "word_count_task.py"
+    error = fails(command(tiny_model_dir, tmp_path / "run", "--eval_every", "1", "--task", task),
+                  capsys)
+    assert "has no held-out prompts" in error and not (tmp_path / "run").exists()
