@@ -282,3 +282,19 @@ def test_eval_every_is_refused_where_it_cannot_run(tiny_model_dir, tmp_path, cap
     error = fails(command(tiny_model_dir, tmp_path / "run", "--eval_every", "1", "--task", task),
                   capsys)
     assert "has no held-out prompts" in error and not (tmp_path / "run").exists()
+
+
+def test_the_held_out_reward_goes_to_the_trackers():
+    from es_llm import tracking
+
+    class Accelerator:
+        log_with = ["tensorboard"]
+
+        def log(self, values, step):
+            self.logged = values, step
+
+    accelerator = Accelerator()
+    tracking.log(accelerator, {"iteration": 3, "reward_mean": -2.0, "heldout_reward_mean": -1.5,
+                               "time_heldout_s": 0.25})
+    assert accelerator.logged == ({"reward/mean": -2.0, "heldout/reward_mean": -1.5,
+                                   "time/heldout": 0.25}, 2)
