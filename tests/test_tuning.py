@@ -262,7 +262,7 @@ def test_eval_every_records_the_held_out_reward_of_the_saved_model(tiny_model_di
 
     out = tmp_path / "run"
     run_main(command(tiny_model_dir, out, "--precision", "fp32", "--save_every", "1",
-                     "--eval_every", "1", "--eval_samples", "3"))
+                     "--eval_every", "1", "--eval_samples", "3", iterations=1))
     heldout = conciseness_heldout().subset(range(3))
     for record in records(out):
         model, tokenizer = load_model(str(out / f"checkpoint-{record['iteration']}"), "fp32")
