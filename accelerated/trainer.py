@@ -99,7 +99,8 @@ class PoolEvaluator:
     def agree(self, strategy, stop: bool):
         return None if stop else strategy.ask()
 
-    def evaluate(self, seeds, signs, on_result):
+    def evaluate(self, seeds, signs, on_result, prompts=None):
+        """Every member on every training prompt (--prompt_batch is the plain trainers')."""
         from es_llm.lowrank import LOWRANK
 
         import ray
@@ -121,9 +122,9 @@ class PoolEvaluator:
                          "noise": float(np.mean([r["noise_s"] for r in results])),
                          "generate": float(np.mean([r["generate_s"] for r in results]))}
 
-    def update(self, seeds, weights, n: int) -> dict:
+    def update(self, seeds, weights, n: int, lr: float) -> dict:
         t0 = time.perf_counter()
-        self.pool.update(seeds, [float(w) for w in weights], self.cfg.alpha, n)
+        self.pool.update(seeds, [float(w) for w in weights], lr, n)
         t1 = time.perf_counter()
         self.pool.broadcast()
         return {"update": t1 - t0, "broadcast": time.perf_counter() - t1}
@@ -139,6 +140,9 @@ class PoolEvaluator:
         model, tokenizer = hf_model(self.state(), self.base, self.cfg.precision,
                                     self.cfg.hf_cache_dir)
         return model, tokenizer, self.pool.call_main("master_state")
+
+    def optimizer_state(self):
+        return None  # the engines step with sgd (--optimizer is the plain trainers')
 
     def save_final(self, out: Path, state_file: dict, records) -> None:
         """final_model.pth, final_model/, the published .pth, masters, metrics, then

@@ -40,6 +40,7 @@ import json
 import operator
 import re
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -397,6 +398,7 @@ def make_task(data_sample=None, path=None, split="train"):
     from es_llm.tasks import Task
 
     items = load_countdown_data(path, data_sample=data_sample, split=split)
+    heldout = partial(make_task, path=path, split="test") if split == "train" else None
     return Task("countdown", [item["context"] for item in items], countdown_rewards,
                 {"numbers": [item["numbers"] for item in items],
-                 "target": [item["target"] for item in items]})
+                 "target": [item["target"] for item in items]}, heldout=heldout)

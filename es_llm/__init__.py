@@ -5,6 +5,7 @@ Layout (each file does one thing):
     strategy.py     the population's seeds (ask) and the update terms (tell); the published update
     shaping.py      z-scores as published, centered ranks, antithetic pairs
     noise.py        seeded Gaussian noise per tensor (correlated / iid), fp32 master weights
+    tuning.py       the optimizer on the ES gradient, the lr schedule, the prompt mini-batch sampler
     lowrank.py      low-rank noise: the whole population in batched generate calls
     weightset.py    WeightSet, the one class that perturbs, restores and updates weights
     trainer.py      the plain trainers' evaluator: processes (accelerate) and thread copies

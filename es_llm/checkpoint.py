@@ -8,8 +8,8 @@ is a WriteError naming the path, its temporary removed.
 
 A checkpoint directory `checkpoint-<iteration>/` holds the model and tokenizer (loadable with
 `from_pretrained`), `trainer_state.json` (iteration, numpy seed-generator state, the run's
-configuration), `metrics.jsonl` (every iteration so far) and, with fp32 master weights,
-`master_weights.safetensors`.
+configuration), `metrics.jsonl` (every iteration so far), with fp32 master weights
+`master_weights.safetensors`, and with a torch.optim optimizer its state_dict, `optimizer.pt`.
 """
 import json
 import os
@@ -18,9 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
+import torch
 from safetensors.torch import load_file, save_file
 
 from .models import save_model
+from .tuning import OPTIMIZER_FILE
 
 STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
@@ -113,21 +115,25 @@ def read_metrics(path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _write_run_files(directory: Path, model, tokenizer, state, records, masters) -> None:
+def _write_run_files(directory: Path, model, tokenizer, state, records, masters,
+                     optimizer=None) -> None:
     save_model(model, tokenizer, directory)
     if masters is not None:
         save_file(masters, str(directory / MASTER_FILE))
+    if optimizer is not None:
+        torch.save(optimizer, directory / OPTIMIZER_FILE)
     write_metrics(directory / METRICS_FILE, records)
     write_json_atomic(directory / STATE_FILE, state)
 
 
 def save_checkpoint(output_dir: Path, model, tokenizer, state: dict, records, masters=None,
-                    keep: int = 0) -> Path:
-    """Write checkpoint-<iteration>/ atomically; keep only the newest `keep` if keep > 0."""
+                    keep: int = 0, optimizer=None) -> Path:
+    """Write checkpoint-<iteration>/ atomically; keep only the newest `keep` if keep > 0.
+    `optimizer`: the optimizer's state_dict, or None (sgd)."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{state['iteration']}"
     with atomic(final) as tmp:
         tmp.mkdir(parents=True)
-        _write_run_files(tmp, model, tokenizer, state, records, masters)
+        _write_run_files(tmp, model, tokenizer, state, records, masters, optimizer)
     if keep > 0:
         for stale in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(stale)
@@ -135,14 +141,14 @@ def save_checkpoint(output_dir: Path, model, tokenizer, state: dict, records, ma
 
 
 def save_final(output_dir: Path, model, tokenizer, state: dict, records, masters=None,
-               also=None) -> None:
+               also=None, optimizer=None) -> None:
     """The final model goes directly into output_dir; trainer_state.json (finished) is written last.
     `also(directory)` writes more into the final files' directory after the model (a merged model)."""
     tmp = output_dir / ".final.tmp"
     with saving(output_dir, tmp):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        _write_run_files(tmp, model, tokenizer, state, records, masters)
+        _write_run_files(tmp, model, tokenizer, state, records, masters, optimizer)
         if also is not None:
             also(tmp)
         names = sorted(p.name for p in tmp.iterdir() if p.name != STATE_FILE) + [STATE_FILE]
@@ -198,6 +204,18 @@ def load_state(checkpoint: Path) -> dict:
 def load_masters(checkpoint: Path):
     path = checkpoint / MASTER_FILE
     return load_file(str(path)) if path.exists() else None
+
+
+def load_optimizer(checkpoint: Path, optimizer: str = "sgd"):
+    """The optimizer state_dict a checkpoint saved, or None for an sgd run (which saves none); a
+    run of another optimizer whose checkpoint lacks it, or holds a damaged one, is refused."""
+    path = Path(checkpoint) / OPTIMIZER_FILE
+    if optimizer == "sgd":
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as error:  # missing, truncated, or not a state_dict
+        raise _unreadable(checkpoint, path, error) from error
 
 
 def load_weights(directory) -> dict:

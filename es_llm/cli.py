@@ -80,7 +80,7 @@ def default_output_dir(args, num_questions: int, task_name: str = "conciseness")
     by its last component instead of its path (a path would place the run outside the working
     directory). Options of ours that change the run add their name before the ending: the lowrank
     mode and its rank, LoRA-space ES and its rank, antithetic sampling, a fitness shaping other
-    than zscore."""
+    than zscore, an optimizer other than sgd, an lr schedule other than constant, a prompt batch."""
     local = Path(args.model_name).expanduser()
     model = model_short_name(args.model_name) if (local.is_dir() or local.suffix == ".gguf") \
         else args.model_name
@@ -99,6 +99,12 @@ def default_output_dir(args, num_questions: int, task_name: str = "conciseness")
         name += "_antithetic"
     if args.fitness_shaping != "zscore":
         name += f"_{args.fitness_shaping}"
+    if args.optimizer != "sgd":
+        name += f"_{args.optimizer}"
+    if args.lr_schedule != "constant":
+        name += f"_{args.lr_schedule}"
+    if args.prompt_batch:
+        name += f"_batch{args.prompt_batch}"
     return name + ending
 
 

@@ -24,6 +24,7 @@ from .lowrank import LORA_MODULES, LOWRANK, LOWRANK_TARGETS
 from .models import BUNDLED_MODEL, PRECISIONS
 from .noise import NOISE_MODES
 from .shaping import FITNESS_SHAPINGS
+from .tuning import LR_SCHEDULES, OPTIMIZERS
 from .weightset import COLLECTIVE_TIMEOUT_S
 
 TRAINER_NOISE_MODES = NOISE_MODES + (LOWRANK,)
@@ -38,7 +39,9 @@ LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_targets", "lora_init", "merge_
 # The run's settings that a resumed run must share with its checkpoint.
 RESUME_MUST_MATCH = ("model_name", "task", "population_size", "noise_mode", "master_weights",
                      "precision", "data_sample", "rank", "lowrank_targets", "antithetic",
-                     "fitness_shaping", "es_params", "lora_rank", "lora_alpha", "lora_targets")
+                     "fitness_shaping", "es_params", "lora_rank", "lora_alpha", "lora_targets",
+                     "optimizer", "momentum", "weight_decay", "lr_schedule", "warmup_iterations",
+                     "prompt_batch")
 
 
 def default_engine() -> str:
@@ -98,6 +101,34 @@ class TrainConfig:
     master_weights: str = field(default="none", metadata={
         "choices": MASTER_WEIGHTS,
         "help": "fp32: keep fp32 master weights; exact restore, update accumulated in fp32"})
+    optimizer: str = field(default="sgd", metadata={
+        "plain": True, "choices": OPTIMIZERS,
+        "help": "the step on the ES gradient estimate: sgd: alpha times it, added to the weights "
+                "(published); momentum, adam, adamw: that torch.optim optimizer at learning rate "
+                "alpha, on fp32 master weights (implied: --master_weights fp32)"})
+    momentum: float = field(default=0.9, metadata={
+        "plain": True, "help": "--optimizer momentum: torch.optim.SGD's momentum"})
+    weight_decay: float = field(default=0.01, metadata={
+        "plain": True, "help": "--optimizer adamw: torch.optim.AdamW's weight_decay"})
+    lr_schedule: str = field(default="constant", metadata={
+        "plain": True, "choices": LR_SCHEDULES,
+        "help": "alpha over the run, after the warm-up: constant (published), linear or cosine "
+                "decay towards 0"})
+    warmup_iterations: int = field(default=0, metadata={
+        "plain": True, "help": "alpha rises linearly over the first N iterations"})
+    prompt_batch: int = field(default=0, metadata={
+        "plain": True, "metavar": "N",
+        "help": "score every member of an iteration on the same N training prompts, drawn by a "
+                "seeded sampler (without replacement within an epoch, then reshuffled) and "
+                "recorded in metrics.jsonl (0: every prompt, published)"})
+    eval_every: int = field(default=0, metadata={
+        "plain": True, "metavar": "N",
+        "help": "every N iterations, score the canonical model (greedy, as in training) on the "
+                "task's held-out prompts; the mean reward goes to metrics.jsonl "
+                "(heldout_reward_mean) and the trackers, its time apart (0: never)"})
+    eval_samples: int = field(default=0, metadata={
+        "plain": True, "metavar": "N",
+        "help": "--eval_every: the first N held-out prompts only (0: all of them)"})
     published_drift: bool = field(default=False, metadata={
         "plain": True,
         "help": "thread 0 evaluates on the canonical weights themselves, as published, so its "
@@ -219,6 +250,7 @@ class TrainConfig:
         if self.report_to not in tracking.REPORT_TO:
             problems.append(f"report_to must be one of {tracking.REPORT_TO} (got {self.report_to!r})")
         problems += self.lora_problems()
+        problems += self.tuning_problems()
         problems += self.more_problems()
         if problems:
             raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
@@ -246,6 +278,29 @@ class TrainConfig:
             return adapter_problems(self.lora_init, self.model_name, self.lora_targets,
                                     self.lora_rank, self.lora_alpha)
         return []
+
+    def tuning_problems(self) -> list:
+        """What is wrong with the optimizer, schedule and prompt batch settings."""
+        problems = []
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {OPTIMIZERS} (got {self.optimizer!r})")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr_schedule must be one of {LR_SCHEDULES} (got {self.lr_schedule!r})")
+        for name in ("warmup_iterations", "prompt_batch", "weight_decay", "eval_every",
+                     "eval_samples"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
+        if not 0 <= self.momentum < 1:
+            problems.append(f"momentum must be in [0, 1) (got {self.momentum})")
+        if self.eval_samples and not self.eval_every:
+            problems.append("--eval_samples only applies with --eval_every N; add it or drop "
+                            "--eval_samples")
+        defaults = type(self).__dataclass_fields__
+        for name, owner in (("momentum", "momentum"), ("weight_decay", "adamw")):
+            if getattr(self, name) != defaults[name].default and self.optimizer != owner:
+                problems.append(f"--{name} only applies to --optimizer {owner} (this run uses "
+                                f"{self.optimizer!r}); add --optimizer {owner} or drop --{name}")
+        return problems
 
     def more_problems(self) -> list:
         return []

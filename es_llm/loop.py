@@ -6,8 +6,10 @@ turns the rewards into update terms, and the evaluator applies the update its ow
 locally, or engine 0 then a broadcast). The run directory logs, checkpoints, stops and saves.
 
 An evaluator provides: is_main; label (a prefix for its printed lines); agree(strategy, stop) -> seeds, or None to stop; evaluate(seeds,
-signs, on_result) -> (rewards, timings); update(seeds, weights, n) -> timings; saveable() ->
-(model, tokenizer, fp32 masters or None); save_final(out, state, records); finish().
+signs, on_result, prompts) -> (rewards, timings), `prompts` the indices of the iteration's training
+prompts (None: all); update(seeds, weights, n, lr) -> timings; saveable() -> (model, tokenizer,
+fp32 masters or None); optimizer_state() -> the optimizer's state_dict or None; heldout_reward()
+-> the held-out entries of the record (--eval_every); save_final(out, state, records); finish().
 """
 import signal
 import sys
@@ -16,6 +18,8 @@ import time
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from .tuning import lr_factor, prompt_batch
 
 
 class StopRequest:
@@ -44,9 +48,10 @@ class StopRequest:
 
 
 def iteration_record(iteration, seeds, rewards, seconds, timings=None, signs=None,
-                     generations=None) -> dict:
+                     generations=None, extra=None) -> dict:
     """One line of metrics.jsonl; `timings` (seconds per phase) are added as time_<phase>_s, `signs`
-    (antithetic runs) give each member's sign, `generations` the sample generations so far."""
+    (antithetic runs) give each member's sign, `generations` the sample generations so far, `extra`
+    the settings' own entries (the prompts scored, the learning rate)."""
     r = np.asarray(rewards, dtype=np.float64)
     record = {"iteration": iteration, "seeds": [int(s) for s in seeds],
               "rewards": [float(x) for x in r], "reward_mean": float(r.mean()),
@@ -56,6 +61,7 @@ def iteration_record(iteration, seeds, rewards, seconds, timings=None, signs=Non
         record["signs"] = [int(x) for x in signs]
     if generations is not None:
         record["generations"] = int(generations)
+    record.update(extra or {})
     record.update({f"time_{phase}_s": value for phase, value in (timings or {}).items()})
     return record
 
@@ -88,6 +94,7 @@ def run_es(cfg, evaluator, run, strategy, num_prompts: int):
 def _iterate(cfg, evaluator, run, strategy, num_prompts, stop) -> bool:
     """Run the iterations; False when stopped early."""
     n = cfg.population_size
+    generations = run.records[-1].get("generations", 0) if run.records else 0
     bar = tqdm(range(run.start + 1, cfg.num_iterations + 1), initial=run.start,
                total=cfg.num_iterations, disable=not evaluator.is_main, desc="ES iterations")
     for iteration in bar:
@@ -103,12 +110,33 @@ def _iterate(cfg, evaluator, run, strategy, num_prompts, stop) -> bool:
                 tqdm.write(f"{evaluator.label}member {i} seed {sign}{seeds[i]}: reward "
                            f"{reward:.4f} {completion[:120]!r}")
 
-        rewards, timings = evaluator.evaluate(seeds, strategy.signs, show)
+        prompts, lr, extra = tuning_of(cfg, iteration, num_prompts)
+        rewards, timings = evaluator.evaluate(seeds, strategy.signs, show, prompts)
         update_seeds, weights = strategy.tell(seeds, rewards)
-        timings.update(evaluator.update(update_seeds, weights, n))
-        record = iteration_record(iteration, seeds, rewards, time.time() - t0, timings,
+        timings.update(evaluator.update(update_seeds, weights, n, lr))
+        scored = len(prompts) if prompts is not None else num_prompts
+        seconds = time.time() - t0  # the held-out evaluation's time is recorded apart
+        if cfg.eval_every and iteration % cfg.eval_every == 0:
+            extra.update(evaluator.heldout_reward())
+        record = iteration_record(iteration, seeds, rewards, seconds, timings,
                                   strategy.signs if cfg.antithetic else None,
-                                  generations=iteration * n * num_prompts)
+                                  generations=generations + n * scored, extra=extra)
+        generations = record["generations"]
         run.add(record, evaluator, strategy)
     bar.close()
     return True
+
+
+def tuning_of(cfg, iteration: int, num_prompts: int):
+    """The iteration's training prompts (None: all of them), learning rate (alpha times the
+    schedule), and what metrics.jsonl records of them: "prompts" with --prompt_batch, "lr" with a
+    schedule other than a constant alpha."""
+    lr = cfg.alpha * lr_factor(iteration, cfg.num_iterations, cfg.lr_schedule,
+                               cfg.warmup_iterations)
+    scheduled = cfg.lr_schedule != "constant" or cfg.warmup_iterations > 0
+    extra = {"lr": lr} if scheduled else {}
+    prompts = None
+    if cfg.prompt_batch:
+        prompts = prompt_batch(cfg.initial_seed, iteration, cfg.prompt_batch, num_prompts)
+        extra["prompts"] = prompts
+    return prompts, lr, extra

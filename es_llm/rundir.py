@@ -17,6 +17,7 @@ from .checkpoint import (CHECKPOINT_PREFIX, MASTER_FILE, METRICS_FILE, STATE_FIL
                          finished_state, iteration_of, load_resume, weights_dir)
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGED_DIR
 from .tracking import PROJECT
+from .tuning import OPTIMIZER_FILE
 
 # The names a trainer writes into a run directory (what makes it "hold a run", and what
 # --overwrite may remove): its files, and the trackers' directories (es_llm.tracking: TensorBoard
@@ -24,7 +25,7 @@ from .tracking import PROJECT
 # saved in place adds its config, weights and tokenizer.
 # A save's temporary is the same name behind a dot (es_llm.checkpoint.atomic).
 _WRITTEN = (CHECKPOINT_PREFIX, "final_model", "model_saves", METRICS_FILE, STATE_FILE, MASTER_FILE,
-            MERGED_DIR, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+            MERGED_DIR, ADAPTER_CONFIG, ADAPTER_WEIGHTS, OPTIMIZER_FILE)
 RUN_FILE_PREFIXES = (*_WRITTEN, *(f".{name}" for name in _WRITTEN), ".final", PROJECT, "wandb")
 
 
@@ -67,8 +68,8 @@ def plan_run_dir(run_dir: Path, resume, overwrite: bool, name_flag: str) -> list
     start = resume["start"]
     later = [c for c in ckpt.list_checkpoints(run_dir) if iteration_of(c) > start]
     if finished and int(finished["iteration"]) > start:
-        later += [run_dir / name for name in (STATE_FILE, MASTER_FILE, "final_model",
-                                              "final_model.pth", MERGED_DIR)
+        later += [run_dir / name for name in (STATE_FILE, MASTER_FILE, OPTIMIZER_FILE,
+                                              "final_model", "final_model.pth", MERGED_DIR)
                   if (run_dir / name).exists()]
         later += sorted((run_dir / "model_saves").glob("final_model_iteration_*"))
     if later and not overwrite:
@@ -150,6 +151,8 @@ class Run:
         self.remove = plan_run_dir(self.out, self.resume, cfg.overwrite, name_flag)
         if self.resume:
             check_readable(self.resume["checkpoint"])
+        self.optimizer_state = (ckpt.load_optimizer(self.resume["checkpoint"], cfg.optimizer)
+                                if self.resume else None)
         if is_main:
             ensure_writable(self.out, name_flag)
         self.start = self.resume["start"] if self.resume else 0
@@ -185,7 +188,8 @@ class Run:
     def checkpoint(self, evaluator, strategy, iteration: int) -> Path:
         model, tokenizer, masters = evaluator.saveable()
         return ckpt.save_checkpoint(self.out, model, tokenizer, self.state(iteration, strategy),
-                                    self.records, masters, self.cfg.keep_checkpoints)
+                                    self.records, masters, self.cfg.keep_checkpoints,
+                                    evaluator.optimizer_state())
 
     def stop(self, evaluator, strategy, last: int) -> None:
         """Save the last completed iteration (if any) and print the resume command; the front

@@ -59,12 +59,14 @@ def reward_values(returned) -> list | None:
 
 @dataclass
 class Task:
-    """`source` says where the task comes from (a --task file's path), for error messages."""
+    """`source` says where the task comes from (a --task file's path), for error messages;
+    `heldout` (optional) returns the task on its held-out prompts (--eval_every)."""
     name: str
     prompts: list
     reward_fn: Callable
     columns: dict = field(default_factory=dict)
     source: str = ""
+    heldout: Callable | None = None
 
     def __post_init__(self):
         if not self.prompts:
@@ -107,6 +109,12 @@ class Task:
             raise ValueError(f"{self.where} is called with {', '.join(map(repr, unknown))} but "
                              f"takes no such parameter; add them, or **columns to its signature")
 
+    def subset(self, indices) -> "Task":
+        """The task on the prompts `indices` only (an iteration's --prompt_batch)."""
+        return Task(self.name, [self.prompts[i] for i in indices], self.reward_fn,
+                    {k: [values[i] for i in indices] for k, values in self.columns.items()},
+                    self.source)
+
     def score(self, completions, seed=None) -> list:
         """One reward per completion, checked against REWARD_CONTRACT; a reward function that
         raises, returns something else, or gives a NaN or infinite reward is a RewardError naming
@@ -147,9 +155,19 @@ CONCISENESS_PROMPTS = ["Solve: 3 + 5 =",
 CONCISENESS_TARGETS = ["8", "No"]
 
 
+# The held-out prompts and targets eval_conciseness.py evaluates on.
+CONCISENESS_HELDOUT = Path(__file__).resolve().parents[1] / "data" / "conciseness_eval.json"
+
+
 def conciseness_task() -> Task:
     return Task("conciseness", CONCISENESS_PROMPTS, conciseness_reward,
-                {"target": CONCISENESS_TARGETS})
+                {"target": CONCISENESS_TARGETS}, heldout=conciseness_heldout)
+
+
+def conciseness_heldout() -> Task:
+    rows = json.loads(CONCISENESS_HELDOUT.read_text())
+    return task_from_rows("conciseness-heldout", rows, conciseness_reward,
+                          str(CONCISENESS_HELDOUT))
 
 
 def load_python_file(path, name: str):

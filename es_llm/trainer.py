@@ -27,6 +27,7 @@ from .models import load_model
 from .rundir import Run
 from .shaping import member_signs
 from .strategy import Strategy
+from .tuning import prompt_batch_problem
 from .weightset import WeightSet
 
 
@@ -52,15 +53,19 @@ class Population:
     copy owns its adapter but shares the one frozen base model.
     """
 
-    def __init__(self, model, cfg: TrainConfig, generate, task, masters=None):
+    def __init__(self, model, cfg: TrainConfig, generate, task, masters=None,
+                 optimizer_state=None):
         self.cfg, self.generate, self.task, self.base = cfg, generate, task, model
         lora = cfg.es_params == LORA
         tensors, clone = (adapter_tensors, shared_copy) if lora else (all_parameters, copy.deepcopy)
         self.weights = WeightSet(lambda: tensors(model), cfg.noise_mode,
                                  cfg.master_weights, rank=cfg.rank, targets=cfg.lowrank_targets,
-                                 update_order="accumulate")
+                                 update_order="accumulate", optimizer=cfg.optimizer,
+                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         if self.weights.masters and masters is not None:
             self.weights.load_masters(masters)
+        if optimizer_state is not None:
+            self.weights.load_optimizer_state(optimizer_state)
         lowrank = cfg.noise_mode == LOWRANK
         self.lowrank = BatchedLowRank(model, cfg.rank, cfg.lowrank_targets) if lowrank else None
         self.models = [clone(model) for _ in range(0 if lowrank else cfg.gpu_threads)]
@@ -127,12 +132,13 @@ class Population:
                 on_result(members[j], reward, completions)
         return rewards, timings
 
-    def update(self, seeds, weights, n: int | None = None) -> None:
+    def update(self, seeds, weights, n: int | None = None, lr: float | None = None) -> None:
         """The same update on every rank; then every thread copy gets the new weights.
 
         (seeds, weights) are the strategy's update terms (the shaped rewards; one term per pair
-        for antithetic pairs); n is the population size, len(seeds) unless given."""
-        self.weights.update(seeds, weights, self.cfg.alpha, n)
+        for antithetic pairs); n is the population size, len(seeds) unless given; lr is alpha
+        unless given (the schedule's)."""
+        self.weights.update(seeds, weights, self.cfg.alpha if lr is None else lr, n)
         for copy_ in self.copies:
             copy_.copy_from(self.weights)
 
@@ -146,10 +152,12 @@ class Population:
 
 def resume_mismatches(saved: dict, cfg) -> list:
     """The RESUME_MUST_MATCH settings on which a checkpoint's config and this run differ; a setting
-    missing from an older checkpoint counts as its default."""
+    missing from an older checkpoint counts as its default. A decaying --lr_schedule spans the
+    run's --num_iterations, so they must match too."""
     fields = type(cfg).__dataclass_fields__
+    must_match = RESUME_MUST_MATCH + (("num_iterations",) if cfg.lr_schedule != "constant" else ())
     return [f"{k}: checkpoint has {saved.get(k, fields[k].default)!r}, this run has "
-            f"{getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH
+            f"{getattr(cfg, k)!r}" for k in must_match
             if saved.get(k, fields[k].default) != getattr(cfg, k)]
 
 
@@ -157,12 +165,14 @@ class LocalEvaluator:
     """The population on this process: thread copies (correlated, iid) or batched rows (lowrank);
     the main rank's seeds broadcast, the rewards all-reduced, the same update on every rank."""
 
-    def __init__(self, cfg: TrainConfig, accelerator, model, tokenizer, task, masters=None):
+    def __init__(self, cfg: TrainConfig, accelerator, model, tokenizer, task, masters=None,
+                 optimizer_state=None, heldout=None):
         self.cfg, self.accelerator, self.task, self.tokenizer = cfg, accelerator, task, tokenizer
         self.is_main = accelerator.is_main_process
         self.world = accelerator.num_processes
-        generate = Generator(tokenizer, task.prompts, cfg.max_new_tokens, cfg.do_sample)
-        self.population = Population(model, cfg, generate, task, masters)
+        self.every_prompt = (self.generator(task.prompts), task)
+        self.heldout = (self.generator(heldout.prompts), heldout) if heldout else None
+        self.population = Population(model, cfg, *self.every_prompt, masters, optimizer_state)
         self.mine = list(range(accelerator.process_index, cfg.population_size, self.world))
         self.label = f"[rank {accelerator.process_index}] " if self.world > 1 else ""
 
@@ -178,8 +188,21 @@ class LocalEvaluator:
             message = broadcast(message, from_process=0)
         return None if message[0] else message[1:].tolist()
 
-    def evaluate(self, seeds, signs, on_result):
+    def generator(self, prompts) -> Generator:
+        return Generator(self.tokenizer, prompts, self.cfg.max_new_tokens, self.cfg.do_sample)
+
+    def use_prompts(self, prompts) -> None:
+        """Score the members on the training prompts `prompts` (indices; None: every one)."""
+        if prompts is None:
+            scoring = self.every_prompt
+        else:
+            task = self.task.subset(prompts)
+            scoring = (self.generator(task.prompts), task)
+        self.population.generate, self.population.task = scoring
+
+    def evaluate(self, seeds, signs, on_result, prompts=None):
         t0 = time.perf_counter()
+        self.use_prompts(prompts)
         mine, timings = self.population.evaluate_members(
             self.mine, seeds, lambda i, reward, completions: on_result(i, reward, completions[0]),
             signs)
@@ -191,24 +214,53 @@ class LocalEvaluator:
         timings["evaluate"] = time.perf_counter() - t0  # wall clock, the all-reduce included
         return rewards.cpu().tolist(), timings
 
-    def update(self, seeds, weights, n: int) -> dict:
+    def heldout_reward(self) -> dict:
+        """The canonical model's mean reward on the held-out prompts (greedy, as in training) and
+        its time, on the main rank (the others hold the same weights and record nothing)."""
+        if not self.is_main:
+            return {}
         t0 = time.perf_counter()
-        self.population.update(seeds, weights, n)
+        generate, task = self.heldout
+        completions = generate(self.population.base,
+                               with_prompt=self.cfg.reward_on_prompt_and_response)
+        reward = float(np.mean(task.score(completions, seed="heldout")))
+        return {"heldout_reward_mean": reward, "time_heldout_s": time.perf_counter() - t0}
+
+    def update(self, seeds, weights, n: int, lr: float | None = None) -> dict:
+        t0 = time.perf_counter()
+        self.population.update(seeds, weights, n, lr)
         return {"update": time.perf_counter() - t0}
 
     def saveable(self):
         return self.population.base, self.tokenizer, self.population.master_state()
 
+    def optimizer_state(self):
+        return self.population.weights.optimizer_state()
+
     def save_final(self, out: Path, state: dict, records) -> None:
         model, tokenizer, masters = self.saveable()
         merged = (lambda directory: save_merged(model, tokenizer, directory / MERGED_DIR)
                   ) if self.cfg.merge_adapter else None
-        ckpt.save_final(out, model, tokenizer, state, records, masters, merged)
+        ckpt.save_final(out, model, tokenizer, state, records, masters, merged,
+                        self.optimizer_state())
 
     def finish(self) -> None:
         self.population.close()
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+
+
+def heldout_task(cfg: TrainConfig, task):
+    """The task on its held-out prompts (the first --eval_samples of them), for --eval_every."""
+    if task.heldout is None:
+        raise ValueError(f"--eval_every: the task {task.name!r} has no held-out prompts (the "
+                         f"conciseness and Countdown tasks have); drop --eval_every")
+    heldout = task.heldout()
+    if cfg.eval_samples > len(heldout.prompts):
+        raise ValueError(f"--eval_samples {cfg.eval_samples} is more than the task's "
+                         f"{len(heldout.prompts)} held-out prompts; give at most "
+                         f"{len(heldout.prompts)} (or 0 for all of them)")
+    return heldout.subset(range(cfg.eval_samples)) if cfg.eval_samples else heldout
 
 
 def load_for_training(cfg: TrainConfig, weights, device):
@@ -230,6 +282,9 @@ def train(cfg: TrainConfig, task) -> Path | None:
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))])
     world, is_main = accelerator.num_processes, accelerator.is_main_process
     cfg.validate(world)
+    if cfg.prompt_batch > len(task.prompts):
+        raise ValueError(prompt_batch_problem(cfg.prompt_batch, len(task.prompts)))
+    heldout = heldout_task(cfg, task) if cfg.eval_every else None
     if cfg.population_size < world * cfg.gpu_threads and cfg.noise_mode != LOWRANK and is_main:
         print(f"note: population {cfg.population_size} < {world} processes x {cfg.gpu_threads} "
               f"threads; some threads will stay idle", file=sys.stderr)
@@ -246,7 +301,8 @@ def train(cfg: TrainConfig, task) -> Path | None:
     run.begin()
     tracking.start(accelerator, asdict(cfg), logging_dir)
     accelerator.wait_for_everyone()
-    evaluator = LocalEvaluator(cfg, accelerator, model, tokenizer, task, run.masters)
+    evaluator = LocalEvaluator(cfg, accelerator, model, tokenizer, task, run.masters,
+                               run.optimizer_state, heldout)
     strategy = Strategy(cfg.population_size, cfg.initial_seed, cfg.antithetic,
                         cfg.fitness_shaping, run.rng_state)
     out = run_es(cfg, evaluator, run, strategy, len(task.prompts))

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from .lowrank import LOWRANK, keeps_masters, lowrank_update, target_indices
 from .noise import MasterWeights, add_noise, subtract_noise
 from .strategy import es_update
+from .tuning import make_optimizer, optimizer_step
 
 COLLECTIVE_TIMEOUT_S = 1800
 UPDATE_ORDERS = ("accumulate", "sequential")
@@ -58,6 +59,8 @@ class WeightSet:
     With `master_weights="fp32"` an fp32 copy is the true state: perturbation is cast from it,
     restore is exact, and the update accumulates in fp32 (see es_llm.noise.MasterWeights); thread
     copies share their canonical weights' masters (`masters`).
+    `optimizer` other than "sgd" (the published step) steps a torch.optim optimizer on the ES
+    gradient estimate (es_llm.tuning); it implies fp32 master weights, the tensors it steps.
 
     `update_order`: "accumulate" as the published plain scripts (sum_i z_i eps_i, divided by N,
     times alpha, added once: es_llm.strategy.es_update), or "sequential" as the published
@@ -69,7 +72,8 @@ class WeightSet:
     def __init__(self, named_tensors, noise_mode: str, master_weights: str = "none",
                  after_change=None, to_hf=None, from_hf=None, rank: int = 1,
                  targets: str = "all", update_order: str = "sequential", masters=None,
-                 keep_noise: bool = False):
+                 keep_noise: bool = False, optimizer: str = "sgd", momentum: float = 0.9,
+                 weight_decay: float = 0.01):
         if master_weights not in ("none", "fp32"):
             raise ValueError(f"master_weights must be 'none' or 'fp32', got {master_weights!r}")
         if update_order not in UPDATE_ORDERS:
@@ -87,7 +91,9 @@ class WeightSet:
         self.keep_noise, self.added = keep_noise, None
         self.after_change = after_change or (lambda: None)
         self.masters = masters or (MasterWeights(self.params()) if keeps_masters(
-            master_weights, noise_mode, self.params()) else None)
+            master_weights, noise_mode, self.params()) or optimizer != "sgd" else None)
+        self.optimizer = make_optimizer(optimizer, self.masters.tensors, momentum, weight_decay
+                                        ) if optimizer != "sgd" else None
         self.group = None
 
     def names(self) -> list:
@@ -121,9 +127,24 @@ class WeightSet:
     def update(self, seeds, z, alpha: float, n: int | None = None) -> None:
         """theta += alpha * (1/N) * sum_i z_i * eps_i in `update_order`; N is the population size,
         len(seeds) unless given (antithetic pairs give one term per pair); lowrank:
-        alpha * (1/N) * sum_i z_i * A_i B_i^T / sqrt(R), in fp32."""
+        alpha * (1/N) * sum_i z_i * A_i B_i^T / sqrt(R), in fp32. With an optimizer (momentum,
+        adam, adamw), the same sum at alpha = 1 is the ES gradient estimate its step follows, at
+        learning rate alpha, on the fp32 master weights."""
         target = self.masters.tensors if self.masters else self.params()
         n = n or len(seeds)
+        if self.optimizer is None:
+            self._add_update(target, seeds, z, alpha, n)
+        else:
+            gradients = [torch.zeros_like(t) for t in target]
+            self._add_update(gradients, seeds, z, 1.0, n)
+            optimizer_step(self.optimizer, target,
+                           [g if self.only is None or k in self.only else None
+                            for k, g in enumerate(gradients)], alpha)
+        if self.masters:
+            self.masters.copy_to(self.params())
+        self.after_change()
+
+    def _add_update(self, target, seeds, z, alpha: float, n: int) -> None:
         if self.noise_mode == LOWRANK:
             lowrank_update(target, [int(s) for s in seeds], z, alpha, self.rank, n=n,
                            only=self.only)
@@ -132,9 +153,16 @@ class WeightSet:
         else:
             for seed, zi in zip(seeds, z):
                 add_noise(target, int(seed), alpha / n * float(zi), self.noise_mode)
-        if self.masters:
-            self.masters.copy_to(self.params())
-        self.after_change()
+
+    def optimizer_state(self):
+        """The optimizer's state_dict (momentum, Adam's moments), or None for the sgd step."""
+        return None if self.optimizer is None else self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        if self.optimizer is None:
+            raise ValueError("optimizer state was given, but this run steps with sgd "
+                             "(--optimizer sgd keeps none)")
+        self.optimizer.load_state_dict(state)
 
     @torch.no_grad()
     def copy_from(self, other: "WeightSet") -> None:
@@ -192,8 +220,9 @@ class WeightSet:
             tensor.copy_(state[name])
         if self.masters and masters is not None:
             self.load_masters(masters, converted=True)
-        elif self.masters:
-            self.masters = MasterWeights(self.params())
+        elif self.masters:  # in place: an optimizer keeps stepping these tensors
+            for master, tensor in zip(self.masters.tensors, self.params()):
+                master.copy_(tensor)
         self.after_change()
 
     @torch.no_grad()

@@ -30,16 +30,19 @@ class Evaluator:
         self.iteration += 1
         return None if self.iteration == self.stop_at else strategy.ask()
 
-    def evaluate(self, seeds, signs, on_result):
+    def evaluate(self, seeds, signs, on_result, prompts=None):
         if self.iteration == self.fail_at:
             raise self.error
         return [float(s % 7) for s in seeds], {"generate": 0.5}
 
-    def update(self, seeds, weights, n):
+    def update(self, seeds, weights, n, lr):
         return {"update": 0.25}
 
     def saveable(self):
         return Saved(), Saved(), None
+
+    def optimizer_state(self):
+        return None
 
     def save_final(self, out, state, records):
         ckpt.save_final(out, Saved(), Saved(), state, records)
