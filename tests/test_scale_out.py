@@ -64,6 +64,7 @@ def two_node_cluster():
     """A head node and a worker node, one CPU each: two engines of one CPU land on both."""
     from ray.cluster_utils import Cluster
 
+    stop_shared_ray()  # one Ray on this machine at a time, as Ray supports (this process joins it)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     worker = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -86,8 +87,7 @@ def test_accelerated_on_a_two_node_ray_cluster_equals_one_machine(tiny_model_dir
     import ray
 
     cluster, _ = two_node_cluster
-    run_main(accl(tiny_model_dir, tmp_path, 2, "--run_name", "local"))
-    stop_shared_ray()  # this process joins the cluster below
+    run_script(accl(tiny_model_dir, tmp_path, 2, "--run_name", "local"))
     proc = run_script(accl(tiny_model_dir, tmp_path, 2, "--run_name", "cluster", "--ray_address",
                            cluster.address))
     assert "2 transformers engines on CPU ready" in proc.stdout

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import PYTHON, ROOT, load_module, run_main, run_script
+from conftest import PYTHON, ROOT, load_module, run_main, run_script, two_processes
 from es_llm.strategy import es_update, normalize_rewards
 from es_llm.tuning import lr_factor, prompt_batch
 
@@ -243,12 +243,10 @@ def test_the_weightset_steps_its_own_masters_even_after_loading_weights():
 def test_two_processes_give_the_one_process_run_with_adam_and_a_prompt_batch(tiny_model_dir,
                                                                              tmp_path):
     """Every process draws the same prompts and takes the same optimizer step (fp32)."""
-    from test_trainers import TWO_PROCESSES
-
     one, two = tmp_path / "one", tmp_path / "two"
     settings = ["--precision", "fp32", *TUNED, "--population_size", "4"]
     run_main(command(tiny_model_dir, one, *settings))
-    run_script([*TWO_PROCESSES, *command(tiny_model_dir, two, *settings)[1:]])
+    run_script([*two_processes(), *command(tiny_model_dir, two, *settings)[1:]])
     assert without_time(records(one)) == without_time(records(two))
     assert same_saved_state(one, two)
 
