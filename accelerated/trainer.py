@@ -99,8 +99,9 @@ class PoolEvaluator:
     def agree(self, strategy, stop: bool):
         return None if stop else strategy.ask()
 
-    def evaluate(self, seeds, signs, on_result, prompts=None):
-        """Every member on every training prompt (--prompt_batch is the plain trainers')."""
+    def evaluate(self, seeds, signs, on_result, prompts=None, iteration=None):
+        """Every member on every training prompt, greedy (--prompt_batch and --num_rollouts are
+        the plain trainers')."""
         from es_llm.lowrank import LOWRANK
 
         import ray

@@ -80,7 +80,7 @@ def default_output_dir(args, num_questions: int, task_name: str = "conciseness")
     by its last component instead of its path (a path would place the run outside the working
     directory). Options of ours that change the run add their name before the ending: the lowrank
     mode and its rank, LoRA-space ES and its rank, antithetic sampling, a fitness shaping other
-    than zscore, an optimizer other than sgd, an lr schedule other than constant, a prompt batch."""
+    than zscore, an optimizer other than sgd, an lr schedule other than constant, a prompt batch, sampled rollouts."""
     local = Path(args.model_name).expanduser()
     model = model_short_name(args.model_name) if (local.is_dir() or local.suffix == ".gguf") \
         else args.model_name
@@ -105,6 +105,8 @@ def default_output_dir(args, num_questions: int, task_name: str = "conciseness")
         name += f"_{args.lr_schedule}"
     if args.prompt_batch:
         name += f"_batch{args.prompt_batch}"
+    if args.num_rollouts != 1 or args.temperature is not None:
+        name += f"_k{args.num_rollouts}_t{args.temperature}_p{args.top_p}"
     return name + ending
 
 

@@ -41,7 +41,7 @@ RESUME_MUST_MATCH = ("model_name", "task", "population_size", "noise_mode", "mas
                      "precision", "data_sample", "rank", "lowrank_targets", "antithetic",
                      "fitness_shaping", "es_params", "lora_rank", "lora_alpha", "lora_targets",
                      "optimizer", "momentum", "weight_decay", "lr_schedule", "warmup_iterations",
-                     "prompt_batch")
+                     "prompt_batch", "num_rollouts", "temperature", "top_p")
 
 
 def default_engine() -> str:
@@ -156,6 +156,18 @@ class TrainConfig:
     merge_adapter: bool = field(default=False, metadata={
         "plain": True, "help": "es_params lora: also write the base model with the final adapter "
                                "merged into it, to <output_dir>/merged_model/"})
+    num_rollouts: int = field(default=1, metadata={
+        "plain": True, "metavar": "K",
+        "help": "completions sampled per prompt; a member's reward is their mean. Sampling seeds "
+                "come from (iteration, member seed, prompt, rollout) only (default 1: greedy "
+                "unless --temperature is given)"})
+    temperature: float | None = field(default=None, metadata={
+        "plain": True,
+        "help": "sample at this temperature (even with --num_rollouts 1); 0 is greedy "
+                "(default: greedy, or 1.0 with --num_rollouts above 1)"})
+    top_p: float = field(default=1.0, metadata={
+        "plain": True, "help": "sampling: keep the most likely tokens whose probabilities sum to "
+                               "top_p (nucleus sampling)"})
     precision: str = field(default="bf16", metadata={
         "constant": "PRECISION", "choices": sorted(PRECISIONS), "help": "the weights' dtype"})
     gpu_threads: int = field(default=4, metadata={
@@ -251,6 +263,7 @@ class TrainConfig:
             problems.append(f"report_to must be one of {tracking.REPORT_TO} (got {self.report_to!r})")
         problems += self.lora_problems()
         problems += self.tuning_problems()
+        problems += self.rollout_problems()
         problems += self.more_problems()
         if problems:
             raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
@@ -301,6 +314,38 @@ class TrainConfig:
                 problems.append(f"--{name} only applies to --optimizer {owner} (this run uses "
                                 f"{self.optimizer!r}); add --optimizer {owner} or drop --{name}")
         return problems
+
+    def sampling(self):
+        """(rollouts, temperature, top_p) when the members' completions are sampled, else None."""
+        temperature = self.temperature
+        if temperature is None and self.num_rollouts > 1:
+            temperature = 1.0
+        return (self.num_rollouts, temperature, self.top_p) if temperature else None
+
+    def rollout_problems(self) -> list:
+        """What is wrong with --num_rollouts, --temperature and --top_p."""
+        if self.num_rollouts < 1:
+            return [f"num_rollouts must be >= 1 (got {self.num_rollouts})"]
+        if self.temperature is not None and not self.temperature >= 0:
+            return [f"temperature must be >= 0 (got {self.temperature})"]
+        if not 0 < self.top_p <= 1:
+            return [f"top_p must be in (0, 1] (got {self.top_p})"]
+        if self.sampling() is None:
+            if self.num_rollouts > 1:
+                return [f"--num_rollouts {self.num_rollouts} with --temperature 0 would generate "
+                        f"the same greedy completion {self.num_rollouts} times; give a positive "
+                        f"--temperature or drop --num_rollouts"]
+            if self.top_p != 1:
+                return ["--top_p only applies to sampling; add --temperature T (or --num_rollouts "
+                        "K > 1) or drop --top_p"]
+            return []
+        if self.noise_mode == LOWRANK:
+            return ["--num_rollouts and --temperature are not built for --noise_mode lowrank yet; "
+                    "use correlated or iid noise, or greedy generation"]
+        if self.do_sample:
+            return ["the script's do_sample = True samples with generate's own unseeded sampling; "
+                    "set it to False to use --temperature/--num_rollouts"]
+        return []
 
     def more_problems(self) -> list:
         return []

@@ -6,8 +6,8 @@ turns the rewards into update terms, and the evaluator applies the update its ow
 locally, or engine 0 then a broadcast). The run directory logs, checkpoints, stops and saves.
 
 An evaluator provides: is_main; label (a prefix for its printed lines); agree(strategy, stop) -> seeds, or None to stop; evaluate(seeds,
-signs, on_result, prompts) -> (rewards, timings), `prompts` the indices of the iteration's training
-prompts (None: all); update(seeds, weights, n, lr) -> timings; saveable() -> (model, tokenizer,
+signs, on_result, prompts, iteration) -> (rewards, timings), `prompts` the indices of the iteration's
+training prompts (None: all), `iteration` seeding sampled rollouts; update(seeds, weights, n, lr) -> timings; saveable() -> (model, tokenizer,
 fp32 masters or None); optimizer_state() -> the optimizer's state_dict or None; heldout_reward()
 -> the held-out entries of the record (--eval_every); save_final(out, state, records); finish().
 """
@@ -111,7 +111,7 @@ def _iterate(cfg, evaluator, run, strategy, num_prompts, stop) -> bool:
                            f"{reward:.4f} {completion[:120]!r}")
 
         prompts, lr, extra = tuning_of(cfg, iteration, num_prompts)
-        rewards, timings = evaluator.evaluate(seeds, strategy.signs, show, prompts)
+        rewards, timings = evaluator.evaluate(seeds, strategy.signs, show, prompts, iteration)
         update_seeds, weights = strategy.tell(seeds, rewards)
         timings.update(evaluator.update(update_seeds, weights, n, lr))
         scored = len(prompts) if prompts is not None else num_prompts
@@ -120,7 +120,8 @@ def _iterate(cfg, evaluator, run, strategy, num_prompts, stop) -> bool:
             extra.update(evaluator.heldout_reward())
         record = iteration_record(iteration, seeds, rewards, seconds, timings,
                                   strategy.signs if cfg.antithetic else None,
-                                  generations=generations + n * scored, extra=extra)
+                                  generations=generations + n * scored * cfg.num_rollouts,
+                                  extra=extra)
         generations = record["generations"]
         run.add(record, evaluator, strategy)
     bar.close()

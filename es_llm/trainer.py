@@ -78,25 +78,28 @@ class Population:
                        for m in self.models]
         self.pool = ThreadPoolExecutor(len(self.models)) if len(self.models) > 1 else None
 
-    def evaluate(self, slot: int, seed: int, sign: float = 1.0):
-        """Mean reward of the member `seed` on every prompt, its completions, and phase timings."""
+    def evaluate(self, slot: int, seed: int, sign: float = 1.0, iteration: int = 0):
+        """Mean reward of the member `seed` on every prompt (and rollout: --num_rollouts), its
+        completions (the first rollout's), and phase timings."""
         scale = sign * self.cfg.sigma
         t0 = time.perf_counter()
         self.copies[slot].perturb(seed, scale)
         t1 = time.perf_counter()
         try:
-            completions = self.generate(self.models[slot],
-                                        with_prompt=self.cfg.reward_on_prompt_and_response)
+            rollouts = self.generate.rollouts(self.models[slot], iteration, seed,
+                                              with_prompt=self.cfg.reward_on_prompt_and_response)
         finally:
             t2 = time.perf_counter()
             self.copies[slot].restore(seed, scale)
         t3 = time.perf_counter()
-        reward = float(np.mean(self.task.score(completions, seed=seed)))
-        return reward, completions, {"noise": t1 - t0 + t3 - t2, "generate": t2 - t1}
+        reward = float(np.mean([np.mean(self.task.score(completions, seed=seed))
+                                for completions in rollouts]))
+        return reward, rollouts[0], {"noise": t1 - t0 + t3 - t2, "generate": t2 - t1}
 
-    def evaluate_members(self, members, seeds, on_result=None, signs=None):
+    def evaluate_members(self, members, seeds, on_result=None, signs=None, iteration: int = 0):
         """Evaluate the members (population indices) this rank owns, `gpu_threads` at a time, or in
-        lowrank mode up to `lowrank_batch` sequences per batched generate call.
+        lowrank mode up to `lowrank_batch` sequences per batched generate call. `iteration` seeds
+        the sampled rollouts (with the member's seed).
 
         `signs[i]` (default +1) multiplies member i's perturbation (antithetic pairs).
         Returns {index: reward} and the summed phase timings (thread-seconds)."""
@@ -111,7 +114,8 @@ class Population:
             # measured 1.6x slower (bench/bench_es.py, docs/benchmarks.md).
             run = self.pool.map if self.pool else map
             results = run(lambda slot_i: self.evaluate(slot_i[0], seeds[slot_i[1]],
-                                                       signs[slot_i[1]]), enumerate(batch))
+                                                       signs[slot_i[1]], iteration),
+                          enumerate(batch))
             for i, (reward, completions, spent) in zip(batch, results):
                 rewards[i] = reward
                 for phase, seconds in spent.items():
@@ -170,7 +174,7 @@ class LocalEvaluator:
         self.cfg, self.accelerator, self.task, self.tokenizer = cfg, accelerator, task, tokenizer
         self.is_main = accelerator.is_main_process
         self.world = accelerator.num_processes
-        self.every_prompt = (self.generator(task.prompts), task)
+        self.every_prompt = (self.generator(task.prompts, cfg.sampling()), task)
         self.heldout = (self.generator(heldout.prompts), heldout) if heldout else None
         self.population = Population(model, cfg, *self.every_prompt, masters, optimizer_state)
         self.mine = list(range(accelerator.process_index, cfg.population_size, self.world))
@@ -188,8 +192,9 @@ class LocalEvaluator:
             message = broadcast(message, from_process=0)
         return None if message[0] else message[1:].tolist()
 
-    def generator(self, prompts) -> Generator:
-        return Generator(self.tokenizer, prompts, self.cfg.max_new_tokens, self.cfg.do_sample)
+    def generator(self, prompts, sampling=None, prompt_ids=None) -> Generator:
+        return Generator(self.tokenizer, prompts, self.cfg.max_new_tokens, self.cfg.do_sample,
+                         sampling=sampling, prompt_ids=prompt_ids)
 
     def use_prompts(self, prompts) -> None:
         """Score the members on the training prompts `prompts` (indices; None: every one)."""
@@ -197,15 +202,15 @@ class LocalEvaluator:
             scoring = self.every_prompt
         else:
             task = self.task.subset(prompts)
-            scoring = (self.generator(task.prompts), task)
+            scoring = (self.generator(task.prompts, self.cfg.sampling(), prompts), task)
         self.population.generate, self.population.task = scoring
 
-    def evaluate(self, seeds, signs, on_result, prompts=None):
+    def evaluate(self, seeds, signs, on_result, prompts=None, iteration: int = 0):
         t0 = time.perf_counter()
         self.use_prompts(prompts)
         mine, timings = self.population.evaluate_members(
             self.mine, seeds, lambda i, reward, completions: on_result(i, reward, completions[0]),
-            signs)
+            signs, iteration)
         rewards = torch.zeros(len(seeds), dtype=torch.float32, device=self.accelerator.device)
         for i, reward in mine.items():
             rewards[i] = reward
@@ -215,7 +220,8 @@ class LocalEvaluator:
         return rewards.cpu().tolist(), timings
 
     def heldout_reward(self) -> dict:
-        """The canonical model's mean reward on the held-out prompts (greedy, as in training) and
+        """The canonical model's mean reward on the held-out prompts (greedy, whatever training's
+        --temperature) and
         its time, on the main rank (the others hold the same weights and record nothing)."""
         if not self.is_main:
             return {}

@@ -30,7 +30,7 @@ class Evaluator:
         self.iteration += 1
         return None if self.iteration == self.stop_at else strategy.ask()
 
-    def evaluate(self, seeds, signs, on_result, prompts=None):
+    def evaluate(self, seeds, signs, on_result, prompts=None, iteration=None):
         if self.iteration == self.fail_at:
             raise self.error
         return [float(s % 7) for s in seeds], {"generate": 0.5}
