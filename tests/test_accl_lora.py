@@ -1,13 +1,13 @@
 """--es_params lora on the accelerated version (transformers engines): the same adapter as the plain
 trainer, saved as a PEFT adapter, resumed exactly; the combinations it refuses."""
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import PYTHON, ROOT, load_module, run_main
 from es_llm import checkpoint as ckpt
+from test_lora_es import adapter, same_tensors
+from test_lora_es import metrics as without_time
 
 # A task both trainers read (--task): two prompts, a reward a tiny random model earns in varied
 # amounts (distinct characters / 10), so every iteration moves the adapter.
@@ -23,19 +23,6 @@ SETTINGS = ["--es_params", "lora", "--precision", "fp32", "--master_weights", "f
             "--max_new_tokens", "6", "--save_every", "1", "--report_to", "none"]
 ACCL = [PYTHON, str(ROOT / "es_fine-tuning_countdown_accl.py"), "--engine", "transformers",
         "--num_engines", "2"]
-
-
-def without_time(directory):
-    return [{k: v for k, v in r.items() if not k.startswith("time")}
-            for r in ckpt.read_metrics(Path(directory) / ckpt.METRICS_FILE)]
-
-
-def adapter(directory):
-    return load_file(str(Path(directory) / "adapter_model.safetensors"))
-
-
-def same_tensors(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.ray
