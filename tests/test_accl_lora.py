@@ -84,3 +84,14 @@ def test_vllm_engines_lowrank_noise_and_merge_adapter_are_refused(tmp_path, caps
     merge = refusal([*common, "--engine", "transformers", "--merge_adapter"], capsys)
     assert "unrecognized arguments: --merge_adapter" in merge
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_target_the_model_lacks_is_named_before_any_engine_starts(tiny_model_dir, tmp_path):
+    script = load_module(ROOT / "es_fine-tuning_countdown_accl.py", "front_accl_lora_targets")
+    with pytest.raises(SystemExit) as leaving:
+        script.main(["--engine", "transformers", "--es_params", "lora", "--precision", "fp32",
+                     "--model_name", str(tiny_model_dir), "--lora_targets", "q_proj,v_porj",
+                     "--data_sample", "4", "--experiment_dir", str(tmp_path), "--run_name", "r"])
+    assert str(leaving.value.code).startswith(
+        f"error: --lora_targets names v_porj, which {tiny_model_dir} does not have")
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
