@@ -174,8 +174,12 @@ class PoolEvaluator:
             raise RuntimeError(f"the engines' weights differ after the final broadcast: "
                                f"{fingerprints}")
         if self.cfg.es_params == LORA:  # the adapter, where the plain trainers save theirs
+            from es_llm.lora import merge_saved
+
             model, tokenizer, masters = self.saveable()
-            ckpt.save_final(out, model, tokenizer, state_file, records, masters)
+            merged = (lambda directory: merge_saved(self.base, self.cfg, directory)
+                      ) if self.cfg.merge_adapter else None
+            ckpt.save_final(out, model, tokenizer, state_file, records, masters, merged)
             print(f"Training finished: the adapter in {out} (all {self.cfg.num_engines} engines "
                   f"identical)", flush=True)
             return

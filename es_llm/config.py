@@ -153,7 +153,7 @@ class TrainConfig:
                 "--es_params lora; same base model, targets, rank and alpha) (default: PEFT's "
                 "initialisation, B = 0 and A random, seeded by --initial_seed)"})
     merge_adapter: bool = field(default=False, metadata={
-        "plain": True, "help": "es_params lora: also write the base model with the final adapter "
+        "help": "es_params lora: also write the base model with the final adapter "
                                "merged into it, to <output_dir>/merged_model/"})
     precision: str = field(default="bf16", metadata={
         "constant": "PRECISION", "choices": sorted(PRECISIONS), "help": "the weights' dtype"})

@@ -200,6 +200,15 @@ def save_merged(model, tokenizer, directory) -> None:
     save_model(model.merge_and_unload(), tokenizer, directory)
 
 
+def merge_saved(base: str, cfg, directory) -> None:
+    """<directory>/merged_model/: the base model (read again, in cfg.precision) with the adapter
+    saved in `directory` merged into it (the accelerated driver, which holds no model)."""
+    from .models import load_model
+
+    model, tokenizer = load_model(base, cfg.precision, cfg.hf_cache_dir)
+    save_merged(attach_adapter(model, cfg, directory), tokenizer, Path(directory) / MERGED_DIR)
+
+
 def load_adapter(base, directory):
     """An adapter directory on its base model, for evaluation (PEFT's loader)."""
     from peft import PeftModel

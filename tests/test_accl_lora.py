@@ -20,7 +20,7 @@ def reward(completions, prompts, **_):
 '''
 SETTINGS = ["--es_params", "lora", "--precision", "fp32", "--master_weights", "fp32",
             "--num_iterations", "2", "--population_size", "4", "--sigma", "0.05", "--alpha", "0.02",
-            "--max_new_tokens", "6", "--save_every", "1", "--report_to", "none"]
+            "--max_new_tokens", "6", "--save_every", "1", "--merge_adapter", "--report_to", "none"]
 ACCL = [PYTHON, str(ROOT / "es_fine-tuning_countdown_accl.py"), "--engine", "transformers",
         "--num_engines", "2"]
 
@@ -47,6 +47,8 @@ def test_two_engines_equal_the_plain_trainer_save_a_peft_adapter_and_resume_exac
     assert len({r for record in without_time(accl) for r in record["rewards"]}) > 1
     assert same_tensors(adapter(accl), adapter(plain))
     assert not same_tensors(adapter(accl / "checkpoint-1"), adapter(accl))
+    merged = [load_file(str(run / "merged_model" / "model.safetensors")) for run in (accl, plain)]
+    assert same_tensors(*merged)
     assert not any((accl / name).exists() for name in ("final_model.pth", "final_model",
                                                        "model_saves", "model.safetensors"))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -72,7 +74,7 @@ def refusal(argv, capsys) -> str:
     return capsys.readouterr().err
 
 
-def test_vllm_engines_lowrank_noise_and_merge_adapter_are_refused(tmp_path, capsys):
+def test_vllm_engines_and_lowrank_noise_are_refused(tmp_path, capsys):
     common = ["--es_params", "lora", "--precision", "fp32", "--data_sample", "4",
               "--experiment_dir", str(tmp_path)]
     vllm = refusal([*common, "--engine", "vllm"], capsys)
@@ -81,8 +83,8 @@ def test_vllm_engines_lowrank_noise_and_merge_adapter_are_refused(tmp_path, caps
     assert "--es_params lora cannot be combined with --noise_mode lowrank" in lowrank
     full = refusal(["--engine", "transformers", "--lora_rank", "4", *common[2:]], capsys)
     assert "--lora_rank only applies to --es_params lora" in full
-    merge = refusal([*common, "--engine", "transformers", "--merge_adapter"], capsys)
-    assert "unrecognized arguments: --merge_adapter" in merge
+    merge = refusal(["--engine", "transformers", "--merge_adapter", *common[2:]], capsys)
+    assert "--merge_adapter only applies to --es_params lora" in merge
     assert list(tmp_path.iterdir()) == []
 
 
