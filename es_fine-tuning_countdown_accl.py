@@ -49,6 +49,10 @@ Outputs under <experiment_dir>/<run>/ (the run's name printed at the start):
                        countdown/eval_countdown.py --model_path .../final_model
     trainer_state.json written last, when the run has finished (with master_weights.safetensors
                        under --master_weights fp32): a finished run can be continued with --resume
+With --es_params lora (transformers engines) the run evolves a LoRA adapter instead: the run
+directory and checkpoints hold it as PEFT saves it (adapter_config.json, adapter_model.safetensors),
+in place of final_model.pth, final_model/ and model_saves/; --merge_adapter adds merged_model/
+(README, "ES in LoRA space").
 The bundled model and .gguf files are converted once to an HF directory in
 <experiment_dir>/converted/.
 

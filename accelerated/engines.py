@@ -8,7 +8,8 @@ and gate/up into one tensor each). So tensor k gets the same noise in every engi
 `.pth` is an HF state dict: it loads into an HF model with no renaming.
 
     TransformersEngine  the HF model itself; greedy generation with `generate` (CPU or GPU);
-                        `weights` is its WeightSet
+                        `weights` is its WeightSet (with --es_params lora: the model wrapped
+                        with a PEFT LoRA adapter, and `weights` the adapter's tensors only)
     VLLMEngine          a vLLM `LLM`; its WeightSet lives inside the vLLM worker
                         (accelerated/vllm_worker.py) and `weights` reaches it through
                         `collective_rpc` (WorkerWeights)
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from es_llm.config import ENGINES
+from es_llm.lora import attach_adapter, saved_tensors
 from es_llm.lowrank import LOWRANK, BatchedLowRank, evaluate_batched
 from es_llm.models import DTYPE_NAMES, load_model
 from es_llm.weightset import WEIGHT_OPS, WeightSet
@@ -83,15 +85,24 @@ class TransformersEngine(Engine):
     def __init__(self, model_path: str, precision: str, max_new_tokens: int, noise_mode: str,
                  master_weights: str = "none", cache_dir=None, device=None, rank: int = 1,
                  lowrank_targets: str = "all", lowrank_batch: int = 256,
-                 prune_finished: bool = True, **_):
+                 prune_finished: bool = True, lora=None, **_):
+        """`lora`: the run's settings with --es_params lora (the adapter's, es_llm.lora), else
+        None. In lora mode the update is accumulated as the plain trainers do (no published
+        accelerated LoRA update to follow), so both trainers give the same adapter bit for bit;
+        the adapter's tensors carry the names adapter_model.safetensors gives them."""
         from es_llm.generation import Generator
 
         self._generator_cls = Generator
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.tokenizer = load_model(model_path, precision, cache_dir, device)
         self.max_new_tokens = max_new_tokens
-        self.weights = WeightSet(lambda: list(self.model.named_parameters()), noise_mode,
-                                 master_weights, rank=rank, targets=lowrank_targets)
+        if lora is not None:
+            self.model = attach_adapter(self.model, lora, lora.lora_init)
+        tensors = ((lambda: saved_tensors(self.model)) if lora is not None
+                   else (lambda: list(self.model.named_parameters())))
+        self.weights = WeightSet(tensors, noise_mode, master_weights, rank=rank,
+                                 targets=lowrank_targets,
+                                 update_order="sequential" if lora is None else "accumulate")
         self.lowrank = (BatchedLowRank(self.model, rank, lowrank_targets) if noise_mode == LOWRANK
                         else None)
         self.lowrank_batch, self.prune_finished = lowrank_batch, prune_finished

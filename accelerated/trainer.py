@@ -4,7 +4,9 @@ The loop is es_llm/loop.py, as for every trainer. Here the evaluator hands seeds
 (accelerated/pool.py: whichever engine is free, as published, or a static schedule; in lowrank mode
 each engine generates its share of the population in batches), the update is applied on engine 0
 as N seeded additions of (alpha / N) * z_i * eps_i and broadcast to the others, and the saves are
-the published ones (model_saves/) beside an HF directory and checkpoints.
+the published ones (model_saves/) beside an HF directory and checkpoints. With --es_params lora the
+engines evolve a LoRA adapter (engine 0's is saved, as a PEFT adapter, where the plain trainers
+save theirs).
 """
 import os
 import signal
@@ -16,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from es_llm.config import LORA
+
 CONVERTED = "converted"
 PUBLISHED_SAVES = "model_saves"
 
@@ -23,8 +27,9 @@ PUBLISHED_SAVES = "model_saves"
 def default_run_name(cfg) -> str:
     from es_llm.models import model_short_name
 
+    lora = f"_lora_rank{cfg.lora_rank}" if cfg.es_params == LORA else ""
     return (f"{cfg.task}_{model_short_name(cfg.model_name)}_{cfg.engine}_pop{cfg.population_size}"
-            f"_sigma{cfg.sigma}_alpha{cfg.alpha}_{cfg.noise_mode}_{cfg.precision}"
+            f"_sigma{cfg.sigma}_alpha{cfg.alpha}_{cfg.noise_mode}{lora}_{cfg.precision}"
             f"_{datetime.now():%Y%m%d-%H%M%S}")
 
 
@@ -136,17 +141,27 @@ class PoolEvaluator:
         return full_state_dict(self.pool.call_main("state_dict"), self.layout)
 
     def saveable(self):
-        from es_llm.hf_weights import hf_model
+        """(model, tokenizer, fp32 masters or None) of engine 0, for a checkpoint; with
+        --es_params lora the model is its adapter alone (es_llm.lora.SavedAdapter)."""
+        from transformers import AutoTokenizer
 
-        model, tokenizer = hf_model(self.state(), self.base, self.cfg.precision,
-                                    self.cfg.hf_cache_dir)
+        from es_llm.hf_weights import hf_model
+        from es_llm.lora import SavedAdapter
+
+        if self.cfg.es_params == LORA:
+            model = SavedAdapter(self.cfg, self.pool.call_main("state_dict"))
+            tokenizer = AutoTokenizer.from_pretrained(self.base, cache_dir=self.cfg.hf_cache_dir)
+        else:
+            model, tokenizer = hf_model(self.state(), self.base, self.cfg.precision,
+                                        self.cfg.hf_cache_dir)
         return model, tokenizer, self.pool.call_main("master_state")
 
     def optimizer_state(self):
         return None  # the engines step with sgd (--optimizer is the plain trainers')
 
     def save_final(self, out: Path, state_file: dict, records) -> None:
-        """final_model.pth, final_model/, the published .pth, masters, metrics, then
+        """final_model.pth, final_model/, the published .pth (with --es_params lora the adapter
+        instead, as the plain trainers save it), masters, metrics, then
         trainer_state.json ("finished") last; an older one goes first, so a crash half-way never
         leaves a finished state beside other weights."""
         import torch
@@ -159,6 +174,16 @@ class PoolEvaluator:
         if len(set(fingerprints)) != 1:
             raise RuntimeError(f"the engines' weights differ after the final broadcast: "
                                f"{fingerprints}")
+        if self.cfg.es_params == LORA:  # the adapter, where the plain trainers save theirs
+            from es_llm.lora import merge_saved
+
+            model, tokenizer, masters = self.saveable()
+            merged = (lambda directory: merge_saved(self.base, self.cfg, directory)
+                      ) if self.cfg.merge_adapter else None
+            ckpt.save_final(out, model, tokenizer, state_file, records, masters, merged)
+            print(f"Training finished: the adapter in {out} (all {self.cfg.num_engines} engines "
+                  f"identical)", flush=True)
+            return
         (out / ckpt.STATE_FILE).unlink(missing_ok=True)
         state = self.state()
         with ckpt.saving(out):  # each save below removes its own temporary if it fails
@@ -192,7 +217,8 @@ def train_accelerated(cfg, task) -> int:
 
     from es_llm import tracking
     from es_llm.checkpoint import write_json_atomic
-    from es_llm.hf_weights import hf_layout, resolve_base_model
+    from es_llm.hf_weights import hf_layout, meta_model, resolve_base_model
+    from es_llm.lora import check_targets, target_list
     from es_llm.loop import report_iteration
     from es_llm.rundir import Run
     from es_llm.trainer import resume_mismatches
@@ -213,6 +239,9 @@ def train_accelerated(cfg, task) -> int:
     base = resolve_base_model(cfg.model_name, Path(cfg.experiment_dir) / CONVERTED,
                               cfg.hf_cache_dir)
     layout = hf_layout(base, cfg.hf_cache_dir)
+    if cfg.es_params == LORA:  # a target the model lacks, named before any engine starts
+        check_targets(meta_model(base, cfg.hf_cache_dir), target_list(cfg.lora_targets),
+                      cfg.model_name)
     tokenizer = AutoTokenizer.from_pretrained(base, cache_dir=cfg.hf_cache_dir)
     run.begin()
     longest_prompt = max(len(ids) for ids in tokenizer(task.prompts)["input_ids"])
@@ -230,7 +259,8 @@ def engine_settings(cfg, base: str, layout: dict, max_model_len: int) -> dict:
             "cache_dir": cfg.hf_cache_dir, "layout": layout, "max_model_len": max_model_len,
             "seed": cfg.initial_seed, "noise_names": cfg.vllm_noise, "rank": cfg.rank,
             "lowrank_targets": cfg.lowrank_targets, "lowrank_batch": cfg.lowrank_batch,
-            "population_size": cfg.population_size, "prune_finished": cfg.prune_finished}
+            "population_size": cfg.population_size, "prune_finished": cfg.prune_finished,
+            "lora": cfg if cfg.es_params == LORA else None}
 
 
 def train_on_engines(cfg, task, run, base: str, layout: dict, max_model_len: int, accelerator,
@@ -265,7 +295,8 @@ def train_on_engines(cfg, task, run, base: str, layout: dict, max_model_len: int
         pool.broadcast()  # ... and every engine starts from engine 0's weights
         print(f"{cfg.num_engines} {cfg.engine} engines on {'GPU' if use_gpu else 'CPU'} ready "
               f"in {time.time() - t0:.1f}s", flush=True)
-        save_published_base(base, run_dir, cfg.hf_cache_dir)
+        if cfg.es_params != LORA:  # the published saves are of full weights
+            save_published_base(base, run_dir, cfg.hf_cache_dir)
         tracking.start(accelerator, vars(cfg), logging_dir)
         strategy = Strategy(cfg.population_size, cfg.initial_seed, cfg.antithetic,
                             cfg.fitness_shaping, run.rng_state)

@@ -136,25 +136,24 @@ class TrainConfig:
                 "every process drifts its own way (default: the canonical weights are never "
                 "perturbed)"})
     es_params: str = field(default="full", metadata={
-        "plain": True, "choices": ES_PARAMS,
+        "choices": ES_PARAMS,
         "help": "the parameters ES evolves: full: every weight of the model (published); lora: "
                 "the A and B matrices of a LoRA adapter (PEFT) over the frozen base model, which "
                 "the run saves as a PEFT adapter"})
     lora_rank: int = field(default=8, metadata={
-        "plain": True, "help": "es_params lora: the adapter's rank r"})
+        "help": "es_params lora: the adapter's rank r"})
     lora_alpha: int = field(default=16, metadata={
-        "plain": True, "help": "es_params lora: the adapter's lora_alpha (its output is scaled by "
-                               "lora_alpha / r)"})
+        "help": "es_params lora: the adapter's lora_alpha (its output is scaled by lora_alpha / r)"})
     lora_targets: str = field(default=",".join(LORA_MODULES), metadata={
-        "plain": True, "help": "es_params lora: the modules the adapter covers, comma-separated "
-                               "(PEFT's target_modules; default: the decoder's projections)"})
+        "help": "es_params lora: the modules the adapter covers, comma-separated (PEFT's "
+                "target_modules; default: the decoder's projections)"})
     lora_init: str | None = field(default=None, metadata={
-        "plain": True, "metavar": "ADAPTER_DIR",
+        "metavar": "ADAPTER_DIR",
         "help": "es_params lora: start from this PEFT adapter directory (a run or checkpoint of "
                 "--es_params lora; same base model, targets, rank and alpha) (default: PEFT's "
                 "initialisation, B = 0 and A random, seeded by --initial_seed)"})
     merge_adapter: bool = field(default=False, metadata={
-        "plain": True, "help": "es_params lora: also write the base model with the final adapter "
+        "help": "es_params lora: also write the base model with the final adapter "
                                "merged into it, to <output_dir>/merged_model/"})
     num_rollouts: int = field(default=1, metadata={
         "plain": True, "metavar": "K",
@@ -399,6 +398,9 @@ class AcceleratedConfig(TrainConfig):
             problems.append("--noise_mode lowrank on vLLM engines makes each member a LoRA adapter, "
                             "which covers the decoder's projections only: add --lowrank_targets "
                             "lora (or use --engine transformers for noise on every weight)")
+        if self.engine == "vllm" and self.es_params == LORA:
+            problems.append("--es_params lora is not built yet for vLLM engines (each member a "
+                            "vLLM LoRA request): use --engine transformers")
         if self.published_drift:
             problems.append("--published_drift applies to the plain trainers' thread copies")
         if self.run_name is not None and (self.run_name in ("", ".", "..")

@@ -18,7 +18,8 @@ from .models import (BUNDLED_MODEL, PRECISIONS, load_model, model_not_found, mod
                      save_model)
 
 
-def _meta_model(model_path: str, cache_dir=None, dtype=None):
+def meta_model(model_path: str, cache_dir=None, dtype=None):
+    """The HF model built from its config on the meta device (no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_path, cache_dir=cache_dir)
@@ -33,7 +34,7 @@ def hf_layout(model_path: str, cache_dir=None) -> dict:
     tied: {state-dict name: the parameter it shares}, e.g. lm_head.weight -> embed_tokens.weight;
     config: the sizes es_llm.vllm_names needs to split vLLM's fused tensors into HF ones.
     """
-    model = _meta_model(model_path, cache_dir)
+    model = meta_model(model_path, cache_dir)
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     config = {key: getattr(text, key, None) for key in ("num_attention_heads", "num_key_value_heads",
                                                          "head_dim", "hidden_size",
@@ -60,7 +61,7 @@ def hf_model(state: dict, base_model: str, precision: str, cache_dir=None):
     HF state dict (the tensors are used as they are, not copied); save it with save_pretrained."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    model = _meta_model(base_model, cache_dir, PRECISIONS[precision])
+    model = meta_model(base_model, cache_dir, PRECISIONS[precision])
     model.load_state_dict(state, strict=True, assign=True)
     try:
         model.generation_config = GenerationConfig.from_pretrained(base_model, cache_dir=cache_dir)

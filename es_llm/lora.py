@@ -5,7 +5,10 @@ matrices over a frozen base model.
                      initialisation, B = 0 and A random, seeded by --initial_seed), or read from an
                      adapter directory (--lora_init, or a checkpoint being resumed)
     adapter_tensors  the adapter's (name, tensor) pairs in named_parameters() order: the list a
-                     WeightSet perturbs, restores and updates
+                     WeightSet perturbs, restores and updates (saved_tensors: the same, named as
+                     adapter_model.safetensors names them; the accelerated engines' names)
+    SavedAdapter     an adapter's settings and tensors away from its model (the accelerated
+                     driver's copy of engine 0's), saved as PEFT saves an adapter
     shared_copy      a thread copy that owns its adapter and shares every base tensor
     adapter_problems what is wrong with an adapter directory for this run (--lora_init)
 
@@ -100,6 +103,36 @@ def adapter_tensors(model) -> list:
             if ADAPTER_PARTS & set(name.split("."))]
 
 
+def saved_name(name: str) -> str:
+    """A parameter's name as PEFT saves it: without the adapter's name (lora_A.default.weight ->
+    lora_A.weight)."""
+    return ".".join(part for part in name.split(".") if part != ADAPTER_NAME)
+
+
+def saved_tensors(model) -> list:
+    """adapter_tensors under their saved names, the keys of adapter_model.safetensors."""
+    return [(saved_name(name), p) for name, p in adapter_tensors(model)]
+
+
+class SavedAdapter:
+    """An adapter's settings (`cfg`'s) and tensors (by saved name), without its model: what the
+    accelerated driver receives from engine 0. es_llm.models.save_model saves it as a PEFT model
+    (save_pretrained: adapter_config.json and adapter_model.safetensors)."""
+
+    def __init__(self, cfg, state: dict):
+        config = lora_config(cfg)
+        config.base_model_name_or_path = cfg.model_name
+        config.inference_mode = True  # as PeftModel.save_pretrained writes it
+        self.peft_config, self.state = {ADAPTER_NAME: config}, state
+
+    def save_pretrained(self, directory, **_) -> None:
+        from safetensors.torch import save_file
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self.peft_config[ADAPTER_NAME].save_pretrained(str(directory))
+        save_file(self.state, str(Path(directory) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
 def shared_copy(model):
     """A copy of `model` whose adapter tensors are its own and whose other tensors (the frozen
     base's parameters and buffers) are `model`'s: a thread copy costs one adapter, not a model."""
@@ -165,6 +198,15 @@ def save_merged(model, tokenizer, directory) -> None:
     from .models import save_model
 
     save_model(model.merge_and_unload(), tokenizer, directory)
+
+
+def merge_saved(base: str, cfg, directory) -> None:
+    """<directory>/merged_model/: the base model (read again, in cfg.precision) with the adapter
+    saved in `directory` merged into it (the accelerated driver, which holds no model)."""
+    from .models import load_model
+
+    model, tokenizer = load_model(base, cfg.precision, cfg.hf_cache_dir)
+    save_merged(attach_adapter(model, cfg, directory), tokenizer, Path(directory) / MERGED_DIR)
 
 
 def load_adapter(base, directory):

@@ -183,8 +183,9 @@ def cast_parameters(model, dtype) -> None:
 
 def save_model(model, tokenizer, directory) -> None:
     """save_pretrained of the model and the tokenizer. A model with a PEFT adapter
-    (--es_params lora) saves the adapter only (adapter_config.json, adapter_model.safetensors),
-    without the model card PEFT adds (a README.md could replace one in the output directory)."""
+    (--es_params lora; or an es_llm.lora.SavedAdapter, the adapter without its model) saves the
+    adapter only (adapter_config.json, adapter_model.safetensors), without the model card PEFT
+    adds (a README.md could replace one in the output directory)."""
     if hasattr(model, "peft_config"):
         model.save_pretrained(directory, save_embedding_layers=False)
         (Path(directory) / "README.md").unlink(missing_ok=True)
