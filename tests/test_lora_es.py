@@ -135,6 +135,7 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_adapter_bit_for_bit(
     assert not same_tensors(adapter(full / "checkpoint-1"), adapter(full))
 
 
+@pytest.mark.slow
 def test_lora_init_continues_from_an_adapter_and_evaluation_scripts_read_adapters(
         tiny_model_dir, tmp_path):
     """A run started from another run's adapter (--lora_init) begins where that one ended; both

@@ -100,9 +100,10 @@ def same_saved_state(a: Path, b: Path) -> bool:
 
 @pytest.mark.parametrize("mode", [
     ("--optimizer", "adam", "--lr_schedule", "cosine", "--prompt_batch", "1"),
-    ("--optimizer", "momentum", "--noise_mode", "lowrank", "--rank", "2", "--lr_schedule",
-     "linear"),
-    ("--optimizer", "adamw", "--es_params", "lora", "--prompt_batch", "1"),
+    pytest.param(("--optimizer", "momentum", "--noise_mode", "lowrank", "--rank", "2",
+                  "--lr_schedule", "linear"), marks=pytest.mark.slow),
+    pytest.param(("--optimizer", "adamw", "--es_params", "lora", "--prompt_batch", "1"),
+                 marks=pytest.mark.slow),
 ], ids=["adam-cosine-batch", "momentum-lowrank", "adamw-lora"])
 def test_a_resumed_run_equals_the_uninterrupted_one(tiny_model_dir, tmp_path, mode):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"

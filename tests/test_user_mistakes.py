@@ -11,7 +11,6 @@ import shlex
 from types import SimpleNamespace
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import PYTHON, run_main, run_script
@@ -201,7 +200,6 @@ def test_a_full_disk_during_a_checkpoint_names_the_path_keeps_the_last_and_resum
 def test_a_full_disk_in_the_final_save_or_the_metrics_says_no_checkpoint_yet(
         tiny_model_dir, tmp_path, monkeypatch):
     from es_llm import trainer
-    from es_llm import models
 
     out = tmp_path / "final"
 
