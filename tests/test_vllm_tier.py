@@ -13,7 +13,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed here; .ci/vllm_tier.sh
                                    "in its own environment")
 
 from accelerated.engines import VLLMEngine  # noqa: E402
-from conftest import PYTHON, ROOT, run_main, run_script  # noqa: E402
+from conftest import PYTHON, ROOT, run_script  # noqa: E402
 from es_llm.hf_weights import hf_layout, resolve_base_model  # noqa: E402
 from es_llm.noise import tensor_noise  # noqa: E402
 from es_llm.strategy import es_update, normalize_rewards  # noqa: E402
@@ -124,11 +124,11 @@ def test_vllm_update_equals_plain_es_update(engine, smollm2_dir):
 
 @pytest.mark.slow
 def test_two_vllm_engines_train_then_eval_countdown_vllm(tmp_path):
-    proc = run_main([PYTHON, str(ROOT / "es_fine-tuning_countdown_accl.py"), "--model_name",
-                     "bundled", "--engine", "vllm", "--num_engines", "2", "--population_size", "2",
-                     "--num_iterations", "1", "--max_new_tokens", "16", "--data_sample", "2",
-                     "--precision", "fp32", "--experiment_dir", str(tmp_path), "--run_name",
-                     "run"])
+    proc = run_script([PYTHON, str(ROOT / "es_fine-tuning_countdown_accl.py"), "--model_name",
+                       "bundled", "--engine", "vllm", "--num_engines", "2", "--population_size",
+                       "2", "--num_iterations", "1", "--max_new_tokens", "16", "--data_sample", "2",
+                       "--precision", "fp32", "--experiment_dir", str(tmp_path), "--run_name",
+                       "run"], timeout=900)
     run = tmp_path / "run"
     assert "2 vllm engines on CPU ready" in proc.stdout
     assert "Iteration 1/1, Time:" in proc.stdout and "all 2 engines identical" in proc.stdout
@@ -230,12 +230,12 @@ def test_the_accelerated_vllm_lowrank_run_equals_the_transformers_engines(tmp_pa
     low-rank rewards (same layers, same factors)."""
     metrics = {}
     for engine in ("vllm", "transformers"):
-        run_main([PYTHON, str(ROOT / "es_fine-tuning_countdown_accl.py"), "--model_name",
-                  "bundled", "--engine", engine, "--num_engines", "1", "--population_size", "4",
-                  "--num_iterations", "2", "--max_new_tokens", "16", "--data_sample", "2",
-                  "--sigma", "0.02", "--alpha", "0.01", "--noise_mode", "lowrank",
-                  "--lowrank_targets", "lora", "--precision", "fp32", "--experiment_dir",
-                  str(tmp_path), "--run_name", engine])
+        run_script([PYTHON, str(ROOT / "es_fine-tuning_countdown_accl.py"), "--model_name",
+                    "bundled", "--engine", engine, "--num_engines", "1", "--population_size",
+                    "4", "--num_iterations", "2", "--max_new_tokens", "16", "--data_sample", "2",
+                    "--sigma", "0.02", "--alpha", "0.01", "--noise_mode", "lowrank",
+                    "--lowrank_targets", "lora", "--precision", "fp32", "--experiment_dir",
+                    str(tmp_path), "--run_name", engine], timeout=900)
         metrics[engine] = [json.loads(line)["rewards"] for line in
                            (tmp_path / engine / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics["vllm"]) == 2 and metrics["vllm"] == metrics["transformers"]
