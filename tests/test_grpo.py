@@ -12,6 +12,23 @@ def grpo_module():
     return load_module(ROOT / "baselines" / "grpo.py", "grpo")
 
 
+def compare_in_process(command, monkeypatch):
+    """bench/es_vs_grpo.py's main() here, each training and evaluation it would start as a
+    process run in this one (conftest.run_main: the same command lines, without a fresh interpreter
+    importing torch, transformers and TRL for each of them); a failing one fails as the script's
+    own `run` does."""
+    compare = load_module(ROOT / "bench" / "es_vs_grpo.py", "es_vs_grpo")
+
+    def run(sub_command, log):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        done = run_main([PYTHON, *map(str, sub_command[1:])], check=False)
+        log.write_text(done.stdout + done.stderr)
+        assert done.returncode == 0, f"{sub_command} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
+
+    monkeypatch.setattr(compare, "run", run)
+    compare.main(command[2:])
+
+
 @pytest.mark.parametrize("task", ["conciseness", "countdown", str(ROOT / "examples" / "word_count_task.py")])
 def test_the_same_reward_function_scores_the_same_in_es_and_grpo(task, tmp_path):
     grpo = grpo_module()
@@ -52,12 +69,13 @@ def test_grpo_runs_and_counts_generations_like_es(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_comparison_script_trains_evaluates_and_tabulates(tiny_model_dir, tmp_path):
+def test_the_comparison_script_trains_evaluates_and_tabulates(tiny_model_dir, tmp_path, monkeypatch):
     """bench/es_vs_grpo.py end to end at its smoke size: the base model, both methods, two seeds,
-    the same budget; run again, it reads what it wrote instead of training again."""
+    the same budget; run again (its command line), it reads what it wrote instead of training
+    again."""
     command = [PYTHON, "bench/es_vs_grpo.py", "--model_name", str(tiny_model_dir), "--preset",
                "smoke", "--out", str(tmp_path)]
-    run_script(command, timeout=900)
+    compare_in_process(command, monkeypatch)
     results = json.loads((tmp_path / "results.json").read_text())
     assert [(r["method"], r["seed"]) for r in results] == [
         ("base", None), ("es", 33), ("es", 34), ("grpo", 33), ("grpo", 34)]
@@ -72,11 +90,11 @@ def test_the_comparison_script_trains_evaluates_and_tabulates(tiny_model_dir, tm
 
 
 @pytest.mark.slow
-def test_the_countdown_comparison_reports_held_out_accuracy(tiny_model_dir, tmp_path):
+def test_the_countdown_comparison_reports_held_out_accuracy(tiny_model_dir, tmp_path, monkeypatch):
     """The Countdown preset: ES low-rank and GRPO trained on the same items at the same budget,
     each evaluated on test items (accuracy, format and answer reward), the base model first."""
-    run_script([PYTHON, "bench/es_vs_grpo.py", "--model_name", str(tiny_model_dir), "--preset",
-                "countdown_smoke", "--out", str(tmp_path)], timeout=900)
+    compare_in_process([PYTHON, "bench/es_vs_grpo.py", "--model_name", str(tiny_model_dir),
+                        "--preset", "countdown_smoke", "--out", str(tmp_path)], monkeypatch)
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["setting"] for r in results] == ["base model", "sigma 0.05, low-rank",
                                                "beta 0.04, lr 1e-05"]
