@@ -32,12 +32,13 @@ PUBLISHED_SAVES = "model_saves"
 
 
 def default_run_name(cfg) -> str:
+    from es_llm.cli import tuning_suffix
     from es_llm.models import model_short_name
 
     lora = f"_lora_rank{cfg.lora_rank}" if cfg.es_params == LORA else ""
     return (f"{cfg.task}_{model_short_name(cfg.model_name)}_{cfg.engine}_pop{cfg.population_size}"
             f"_sigma{cfg.sigma}_alpha{cfg.alpha}_{cfg.noise_mode}{lora}_{cfg.precision}"
-            f"_{datetime.now():%Y%m%d-%H%M%S}")
+            f"{tuning_suffix(cfg)}_{datetime.now():%Y%m%d-%H%M%S}")
 
 
 def run_dir_of(cfg) -> Path:
