@@ -177,7 +177,7 @@ class PoolEvaluator:
 
     def optimizer_state(self):
         """Engine 0's optimizer state_dict (every engine holds the same), or None for sgd."""
-        return self.pool.call_main("optimizer_state")
+        return None if self.cfg.optimizer == "sgd" else self.pool.call_main("optimizer_state")
 
     def heldout_reward(self) -> dict:
         """--eval_every: engine 0's held-out reward (the canonical weights, unperturbed)."""
