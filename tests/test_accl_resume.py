@@ -3,11 +3,15 @@
 The slow tests train the tests' tiny model (fp32) on 2 transformers engines under Ray, through
 tests/accl_varied_reward.py: the real script on a reward the tiny model can earn, so that every
 iteration moves the weights (on Countdown's reward it scores 0, and the update would be zero).
+The 4-iteration run uses the plain trainers' tuning options (Adam, a cosine schedule, a prompt
+batch, 2 sampled rollouts, the held-out reward every iteration); it is resumed on one engine.
 """
 import json
+import os
 import shlex
 import signal
 from dataclasses import asdict
+from unittest import mock
 
 import pytest
 import torch
@@ -114,7 +118,12 @@ def test_a_tuned_run_resumed_on_one_engine_equals_the_two_engine_run(four, tiny_
     one = command(tiny_model_dir, experiment, 4, *MASTERS, *TUNED, "--resume",
                   four / "checkpoint-3", run_name="four-one-engine")
     one[one.index("--num_engines") + 1] = "1"
-    run_main(one)
+    # The one engine computes with as many cores (torch threads) as each of the two did: a
+    # reduction split over more threads could round otherwise (and 2 threads on a busy 2-core
+    # machine run several times slower).
+    cores = sorted(os.sched_getaffinity(0))
+    with mock.patch("os.sched_getaffinity", lambda pid: set(cores[:max(1, len(cores) // 2)])):
+        run_main(one)
     assert_same_run(experiment / "four-one-engine", four)
     assert same_saved_state(experiment / "four-one-engine", four)  # masters and Adam's state
     assert not same_saved_state(four / "checkpoint-3", four / "checkpoint-4")
