@@ -91,7 +91,8 @@ class Population:
             t2 = time.perf_counter()
             self.copies[slot].restore(seed, scale)
         t3 = time.perf_counter()
-        return self.task.mean_reward(rollouts, seed), rollouts[0], {"noise": t1 - t0 + t3 - t2, "generate": t2 - t1}
+        return (self.task.mean_reward(rollouts, seed), rollouts[0],
+                {"noise": t1 - t0 + t3 - t2, "generate": t2 - t1})
 
     def evaluate_members(self, members, seeds, on_result=None, signs=None, iteration: int = 0):
         """Evaluate the members (population indices) this rank owns, `gpu_threads` at a time, or in

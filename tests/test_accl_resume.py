@@ -31,8 +31,9 @@ SETTINGS = ["--engine", "transformers", "--num_engines", "2", "--population_size
             "--max_new_tokens", "32", "--data_sample", "16", "--precision", "fp32",
             "--noise_mode", "iid", "--sigma", "0.05", "--alpha", "0.02"]
 MASTERS = ["--master_weights", "fp32"]
-# The plain trainers' tuning options: Adam on a cosine schedule, 2 of the 16 prompts per iteration,
-# 2 sampled rollouts per prompt (temperature 1), the held-out reward on 2 test items every iteration.
+# The plain trainers' tuning options: Adam on a cosine schedule, 2 of the 16 prompts per
+# iteration, 2 sampled rollouts per prompt (temperature 1), the held-out reward on 2 test items
+# every iteration.
 TUNED = ["--optimizer", "adam", "--lr_schedule", "cosine", "--prompt_batch", "2",
          "--num_rollouts", "2", "--eval_every", "1", "--eval_samples", "2"]
 
