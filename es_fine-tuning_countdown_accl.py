@@ -53,6 +53,11 @@ With --es_params lora (transformers engines) the run evolves a LoRA adapter inst
 directory and checkpoints hold it as PEFT saves it (adapter_config.json, adapter_model.safetensors),
 in place of final_model.pth, final_model/ and model_saves/; --merge_adapter adds merged_model/
 (README, "ES in LoRA space").
+The plain trainers' tuning options run on transformers engines too: --optimizer (every engine takes
+the same step; its state in checkpoints as optimizer.pt), --lr_schedule/--warmup_iterations (on
+vLLM engines as well), --prompt_batch, --num_rollouts/--temperature/--top_p, --eval_every
+(README, "Optimizers, schedules, prompt mini-batches and held-out reward"); vLLM engines refuse
+the others.
 The bundled model and .gguf files are converted once to an HF directory in
 <experiment_dir>/converted/.
 

@@ -1,15 +1,19 @@
 """Inference engines for the accelerated trainer, behind one small interface.
 
-An engine holds one full copy of the model, generates greedily, and keeps its weights in
+An engine holds one full copy of the model, generates (greedily; on the transformers engine also
+sampled, every row seeded as the plain trainers seed it), and keeps its weights in
 `engine.weights`: an es_llm.weightset.WeightSet (perturb by seed, restore, the ES update, broadcast
 to the other engines, save and load, in place). Weights are addressed by their Hugging Face names,
 in the HF `named_parameters()` order, whatever layout the engine keeps them in (vLLM fuses q/k/v
 and gate/up into one tensor each). So tensor k gets the same noise in every engine, and the saved
 `.pth` is an HF state dict: it loads into an HF model with no renaming.
 
-    TransformersEngine  the HF model itself; greedy generation with `generate` (CPU or GPU);
-                        `weights` is its WeightSet (with --es_params lora: the model wrapped
-                        with a PEFT LoRA adapter, and `weights` the adapter's tensors only)
+    TransformersEngine  the HF model itself; generation with es_llm.generation.Generator, as the
+                        plain trainers generate (CPU or GPU): greedy, or --num_rollouts sampled
+                        rollouts, on every prompt or an iteration's --prompt_batch; `weights` is
+                        its WeightSet, with the --optimizer's state (with --es_params lora: the
+                        model wrapped with a PEFT LoRA adapter, and `weights` the adapter's
+                        tensors only)
     VLLMEngine          a vLLM `LLM`; its WeightSet lives inside the vLLM worker
                         (accelerated/vllm_worker.py) and `weights` reaches it through
                         `collective_rpc` (WorkerWeights)
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 
 from es_llm.config import ENGINES
+from es_llm.loop import heldout_entries
 from es_llm.lora import attach_adapter, saved_tensors
 from es_llm.lowrank import LOWRANK, BatchedLowRank, evaluate_batched
 from es_llm.models import DTYPE_NAMES, load_model
@@ -44,39 +49,55 @@ class Engine:
     """What the accelerated trainer asks of an inference engine.
 
     Subclasses provide `generate(prompts)` (greedy continuations) and `weights` (the WeightSet
-    operations on the weights they compute with); the rest is shared.
+    operations on the weights they compute with); the rest is shared. `task` is the training task,
+    `heldout` the held-out one (--eval_every) or None.
     """
 
     max_new_tokens: int
     task = None
+    heldout = None
     weights: WeightSet
 
-    def set_task(self, task) -> None:
-        self.task = task
+    def set_task(self, task, heldout=None) -> None:
+        self.task, self.heldout = task, heldout
 
     def generate(self, prompts) -> list:
         raise NotImplementedError
 
-    def evaluate(self, seed: int, sigma: float, sign: float = 1.0) -> dict:
-        """Perturb by sign * sigma * eps, generate the task's prompts, restore, score: the
-        member's mean reward."""
+    def scoring(self, prompts):
+        """(generator or None, task) for the training prompts `prompts` (indices; None: all)."""
+        return None, (self.task if prompts is None else self.task.subset(prompts))
+
+    def rollouts(self, generator, task, seed: int, iteration: int) -> list:
+        """The member's completions of `task`'s prompts, one list per rollout (greedy: one)."""
+        return [self.generate(task.prompts)]
+
+    def evaluate(self, seed: int, sigma: float, sign: float = 1.0, prompts=None,
+                 iteration: int = 0) -> dict:
+        """Perturb by sign * sigma * eps, generate the training prompts `prompts` (indices; None:
+        all), restore, score: the member's mean reward (over its rollouts too: --num_rollouts,
+        seeded by `iteration` and the member's seed)."""
+        generator, task = self.scoring(prompts)
         t0 = time.perf_counter()
         self.weights.perturb(seed, sign * sigma)
         t1 = time.perf_counter()
         try:
-            completions = self.generate(self.task.prompts)
+            rollouts = self.rollouts(generator, task, seed, iteration)
         finally:
             t2 = time.perf_counter()
             self.weights.restore(seed, sign * sigma)
         t3 = time.perf_counter()
-        rewards = self.task.score(completions, seed=seed)
-        return {"reward": float(np.mean(rewards)), "noise_s": (t1 - t0) + (t3 - t2),
-                "generate_s": t2 - t1, "completion": completions[0]}
+        return {"reward": task.mean_reward(rollouts, seed), "noise_s": (t1 - t0) + (t3 - t2),
+                "generate_s": t2 - t1, "completion": rollouts[0][0]}
 
-    def evaluate_batch(self, seeds, sigma: float, signs) -> list:
+    def evaluate_batch(self, seeds, sigma: float, signs, prompts=None) -> list:
         """Lowrank mode: the members generated together; one result dict each, in order."""
         raise NotImplementedError(f"{type(self).__name__} cannot evaluate a population in one "
                                   f"batch: --noise_mode lowrank needs --engine transformers")
+
+    def heldout_reward(self) -> dict:
+        """--eval_every: the engine's (unperturbed) weights on the held-out prompts, greedy."""
+        return heldout_entries(lambda: self.generate(self.heldout.prompts), self.heldout)
 
 
 class TransformersEngine(Engine):
@@ -85,11 +106,15 @@ class TransformersEngine(Engine):
     def __init__(self, model_path: str, precision: str, max_new_tokens: int, noise_mode: str,
                  master_weights: str = "none", cache_dir=None, device=None, rank: int = 1,
                  lowrank_targets: str = "all", lowrank_batch: int = 256,
-                 prune_finished: bool = True, lora=None, **_):
+                 prune_finished: bool = True, lora=None, optimizer: str = "sgd",
+                 momentum: float = 0.9, weight_decay: float = 0.01, sampling=None, **_):
         """`lora`: the run's settings with --es_params lora (the adapter's, es_llm.lora), else
         None. In lora mode the update is accumulated as the plain trainers do (no published
         accelerated LoRA update to follow), so both trainers give the same adapter bit for bit;
-        the adapter's tensors carry the names adapter_model.safetensors gives them."""
+        the adapter's tensors carry the names adapter_model.safetensors gives them.
+        `optimizer` (with `momentum`, `weight_decay`): the step on the ES gradient
+        (es_llm.tuning, inside the WeightSet); `sampling`: (rollouts, temperature, top_p) for
+        sampled rollouts (TrainConfig.sampling()), None for greedy."""
         from es_llm.generation import Generator
 
         self._generator_cls = Generator
@@ -102,26 +127,42 @@ class TransformersEngine(Engine):
                    else (lambda: list(self.model.named_parameters())))
         self.weights = WeightSet(tensors, noise_mode, master_weights, rank=rank,
                                  targets=lowrank_targets,
-                                 update_order="sequential" if lora is None else "accumulate")
+                                 update_order="sequential" if lora is None else "accumulate",
+                                 optimizer=optimizer, momentum=momentum,
+                                 weight_decay=weight_decay)
+        self.sampling = sampling
         self.lowrank = (BatchedLowRank(self.model, rank, lowrank_targets) if noise_mode == LOWRANK
                         else None)
         self.lowrank_batch, self.prune_finished = lowrank_batch, prune_finished
-        self._generator = None
+        self._scoring = None  # (prompt indices, Generator, task) of the latest training prompts
 
-    def set_task(self, task) -> None:
-        super().set_task(task)
-        self._generator = self._generator_cls(self.tokenizer, task.prompts, self.max_new_tokens)
+    def set_task(self, task, heldout=None) -> None:
+        super().set_task(task, heldout)
+        self._scoring = None
 
     def generate(self, prompts) -> list:
-        if self.task is not None and prompts is self.task.prompts:
-            return self._generator(self.model)
         return self._generator_cls(self.tokenizer, prompts, self.max_new_tokens)(self.model)
 
-    def evaluate_batch(self, seeds, sigma: float, signs) -> list:
+    def scoring(self, prompts):
+        """The training prompts' Generator (sampling with --num_rollouts/--temperature, its rows
+        seeded by the prompts' indices) and task, made again only when the prompts change."""
+        key = None if prompts is None else tuple(int(i) for i in prompts)
+        if self._scoring is None or self._scoring[0] != key:
+            _, task = super().scoring(key)
+            self._scoring = (key, self._generator_cls(self.tokenizer, task.prompts,
+                                                      self.max_new_tokens, sampling=self.sampling,
+                                                      prompt_ids=key), task)
+        return self._scoring[1:]
+
+    def rollouts(self, generator, task, seed: int, iteration: int) -> list:
+        return generator.rollouts(self.model, iteration, seed)
+
+    def evaluate_batch(self, seeds, sigma: float, signs, prompts=None) -> list:
         if self.lowrank is None:
-            return super().evaluate_batch(seeds, sigma, signs)
-        results, timings = evaluate_batched(self.lowrank, self._generator, self.task, seeds, signs,
-                                            sigma, self.lowrank_batch, self.prune_finished)
+            return super().evaluate_batch(seeds, sigma, signs, prompts)
+        generator, task = self.scoring(prompts)
+        results, timings = evaluate_batched(self.lowrank, generator, task, seeds, signs, sigma,
+                                            self.lowrank_batch, self.prune_finished)
         share = {f"{phase}_s": seconds / len(seeds) for phase, seconds in timings.items()}
         return [{"reward": reward, "completion": completions[0], **share}
                 for _, reward, completions in results]
@@ -200,13 +241,13 @@ class VLLMEngine(Engine):
                                     lora_request=lora_requests)
         return [out.outputs[0].text for out in outputs]
 
-    def evaluate_batch(self, seeds, sigma: float, signs) -> list:
+    def evaluate_batch(self, seeds, sigma: float, signs, prompts=None) -> list:
         """Lowrank mode: every member a LoRA adapter (its factors drawn from its seed, as the
         transformers engine's low-rank mode draws them), all members' prompts in one `generate`
         call per `lowrank_batch` sequences, one LoRA request per prompt (vLLM's multi-LoRA
         batching). The adapters' files are removed once generated from."""
         if self.lora is None:
-            return super().evaluate_batch(seeds, sigma, signs)
+            return super().evaluate_batch(seeds, sigma, signs, prompts)
         from vllm.lora.request import LoRARequest
 
         prompts = list(self.task.prompts)

@@ -45,17 +45,21 @@ class EngineActor:
     """Builds one engine in its own process and runs, for the driver, the population members and
     the operations of the engine's WeightSet."""
 
-    def __init__(self, kind: str, engine_kwargs: dict, task):
+    def __init__(self, kind: str, engine_kwargs: dict, task, heldout=None):
         from accelerated.engines import make_engine
 
         self.engine = make_engine(kind, **engine_kwargs)
-        self.engine.set_task(task)
+        self.engine.set_task(task, heldout)
 
-    def evaluate(self, seed: int, sigma: float, sign: float) -> dict:
-        return self.engine.evaluate(seed, sigma, sign)
+    def evaluate(self, seed: int, sigma: float, sign: float, prompts=None,
+                 iteration: int = 0) -> dict:
+        return self.engine.evaluate(seed, sigma, sign, prompts, iteration)
 
-    def evaluate_batch(self, seeds, sigma: float, signs) -> list:
-        return self.engine.evaluate_batch(seeds, sigma, signs)
+    def evaluate_batch(self, seeds, sigma: float, signs, prompts=None) -> list:
+        return self.engine.evaluate_batch(seeds, sigma, signs, prompts)
+
+    def heldout_reward(self) -> dict:
+        return self.engine.heldout_reward()
 
     def weight_op(self, name: str, *args):
         """engine.weights.<name>(*args), for `name` one of WEIGHT_OPS (perturb, update,
@@ -85,7 +89,8 @@ class EnginePool:
 
     def __init__(self, kind: str, num_engines: int, engine_kwargs: dict, task, use_gpu: bool,
                  cpus_per_engine: int = 1, bind_cpus: bool = False,
-                 collective_timeout_s: float = COLLECTIVE_TIMEOUT_S):
+                 collective_timeout_s: float = COLLECTIVE_TIMEOUT_S, heldout=None):
+        """`heldout`: the held-out task (--eval_every), or None."""
         self.actors, self.pg = [], None
         try:
             bundle = {"CPU": cpus_per_engine, **({"GPU": 1} if use_gpu else {})}
@@ -112,7 +117,8 @@ class EnginePool:
                     num_cpus=cpus_per_engine, num_gpus=1 if use_gpu else 0,
                     runtime_env={"env_vars": env},
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
-                        self.pg, placement_group_bundle_index=i)).remote(kind, engine_kwargs, task))
+                        self.pg, placement_group_bundle_index=i)).remote(kind, engine_kwargs, task,
+                                                                         heldout))
             self.call_all("names")  # waits until every engine has loaded (or raises its error)
             host, port = ray.get(self.actors[0].rendezvous.remote())
             backend = "nccl" if use_gpu else "gloo"
@@ -132,9 +138,10 @@ class EnginePool:
         return ray.get(self.actors[0].weight_op.remote(op, *args))
 
     def evaluate(self, seeds, sigma: float, signs=None, on_result=None, schedule: str = "dynamic",
-                 batched: bool = False) -> list:
+                 batched: bool = False, prompts=None, iteration: int = 0) -> list:
         """Each member's result dict (reward, timings, first completion), in seed order; member i
-        is perturbed by signs[i] * sigma (antithetic pairs; default +1).
+        is perturbed by signs[i] * sigma (antithetic pairs; default +1) and scored on the training
+        prompts `prompts` (indices; None: all), its sampled rollouts seeded with `iteration`.
 
         dynamic: a seed goes to whichever engine is free first (the published scheduling).
         static: member i goes to engine i % num_engines, each engine taking its members in order;
@@ -148,7 +155,7 @@ class EnginePool:
         if batched:
             parts = [list(range(e, len(seeds), engines)) for e in range(engines)]
             refs = [self.actors[e].evaluate_batch.remote([int(seeds[i]) for i in part], sigma,
-                                                         [signs[i] for i in part])
+                                                         [signs[i] for i in part], prompts)
                     for e, part in enumerate(parts) if part]
             results = [None] * len(seeds)
             for part, batch in zip([p for p in parts if p], ray.get(refs)):
@@ -164,7 +171,8 @@ class EnginePool:
 
         def submit(e):
             i = queues[e].popleft()
-            running[self.actors[e].evaluate.remote(int(seeds[i]), sigma, signs[i])] = (i, e)
+            running[self.actors[e].evaluate.remote(int(seeds[i]), sigma, signs[i], prompts,
+                                                   iteration)] = (i, e)
 
         for e in range(engines):
             if queues[e]:
@@ -179,9 +187,19 @@ class EnginePool:
                 on_result(i, results[i])
         return results
 
-    def update(self, seeds, z, alpha: float, n=None) -> None:
-        """The update on engine 0 only; broadcast() then gives it to the others."""
-        self.call_main("update", [int(s) for s in seeds], [float(x) for x in z], alpha, n)
+    def update(self, seeds, z, alpha: float, n=None, everywhere: bool = False) -> None:
+        """The update on engine 0 only (broadcast() then gives it to the others), or with
+        `everywhere` the same update on every engine (an optimizer's step: each engine keeps the
+        same optimizer state)."""
+        args = ("update", [int(s) for s in seeds], [float(x) for x in z], alpha, n)
+        if everywhere:
+            self.call_all(*args)
+        else:
+            self.call_main(*args)
+
+    def heldout_reward(self) -> dict:
+        """Engine 0's held-out entries (--eval_every), on its unperturbed weights."""
+        return ray.get(self.actors[0].heldout_reward.remote())
 
     def broadcast(self) -> None:
         self.call_all("broadcast", 0)

@@ -6,12 +6,18 @@ each engine generates its share of the population in batches), the update is app
 as N seeded additions of (alpha / N) * z_i * eps_i and broadcast to the others, and the saves are
 the published ones (model_saves/) beside an HF directory and checkpoints. With --es_params lora the
 engines evolve a LoRA adapter (engine 0's is saved, as a PEFT adapter, where the plain trainers
-save theirs).
+save theirs). The plain trainers' tuning options run here on transformers engines: --optimizer
+(every engine takes the same step inside its WeightSet, keeps the same state, and engine 0's goes
+into checkpoints as optimizer.pt), --lr_schedule (the loop's learning rate), --prompt_batch and
+--num_rollouts/--temperature/--top_p (the engines generate as the plain trainers do, rows seeded by
+iteration, member seed, prompt and rollout, so the engine count changes nothing), --eval_every
+(engine 0 scores the held-out prompts).
 """
 import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -19,18 +25,20 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from es_llm.config import LORA
+from es_llm.tuning import OPTIMIZER_FILE
 
 CONVERTED = "converted"
 PUBLISHED_SAVES = "model_saves"
 
 
 def default_run_name(cfg) -> str:
+    from es_llm.cli import tuning_suffix
     from es_llm.models import model_short_name
 
     lora = f"_lora_rank{cfg.lora_rank}" if cfg.es_params == LORA else ""
     return (f"{cfg.task}_{model_short_name(cfg.model_name)}_{cfg.engine}_pop{cfg.population_size}"
             f"_sigma{cfg.sigma}_alpha{cfg.alpha}_{cfg.noise_mode}{lora}_{cfg.precision}"
-            f"_{datetime.now():%Y%m%d-%H%M%S}")
+            f"{tuning_suffix(cfg)}_{datetime.now():%Y%m%d-%H%M%S}")
 
 
 def run_dir_of(cfg) -> Path:
@@ -91,6 +99,21 @@ def lost_engine_message(error, run_dir: Path) -> str:
             f"room for)")
 
 
+@contextmanager
+def reward_errors():
+    """A task's reward error, raised inside an engine, as the RewardError it is."""
+    import ray
+
+    from es_llm.tasks import RewardError
+
+    try:
+        yield
+    except ray.exceptions.RayTaskError as error:  # the task's reward, run by an engine
+        if isinstance(error.cause, RewardError):
+            raise RewardError(str(error.cause)) from None
+        raise
+
+
 class PoolEvaluator:
     """The population on the engine pool; the update on engine 0, then broadcast."""
 
@@ -104,24 +127,17 @@ class PoolEvaluator:
     def agree(self, strategy, stop: bool):
         return None if stop else strategy.ask()
 
-    def evaluate(self, seeds, signs, on_result, prompts=None, iteration=None):
-        """Every member on every training prompt, greedy (--prompt_batch and --num_rollouts are
-        the plain trainers')."""
+    def evaluate(self, seeds, signs, on_result, prompts=None, iteration=0):
+        """Every member on the iteration's training prompts (`prompts`: --prompt_batch's indices,
+        None: all), greedy or sampled (--num_rollouts, seeded by `iteration`)."""
         from es_llm.lowrank import LOWRANK
 
-        import ray
-
-        from es_llm.tasks import RewardError
-
         t0 = time.time()
-        try:
+        with reward_errors():
             results = self.pool.evaluate(seeds, self.cfg.sigma, signs,
                                          lambda i, r: on_result(i, r["reward"], r["completion"]),
-                                         self.cfg.schedule, batched=self.cfg.noise_mode == LOWRANK)
-        except ray.exceptions.RayTaskError as error:  # the task's reward, run by an engine
-            if isinstance(error.cause, RewardError):
-                raise RewardError(str(error.cause)) from None
-            raise
+                                         self.cfg.schedule, batched=self.cfg.noise_mode == LOWRANK,
+                                         prompts=prompts, iteration=iteration)
         # As the plain trainers all-reduce them: rewards in float32.
         rewards = [float(np.float32(r["reward"])) for r in results]
         return rewards, {"evaluate": time.time() - t0,
@@ -129,8 +145,11 @@ class PoolEvaluator:
                          "generate": float(np.mean([r["generate_s"] for r in results]))}
 
     def update(self, seeds, weights, n: int, lr: float) -> dict:
+        """The sgd step on engine 0, or an optimizer's step on every engine (each keeps the same
+        optimizer state); then engine 0's weights are broadcast, as published."""
         t0 = time.perf_counter()
-        self.pool.update(seeds, [float(w) for w in weights], lr, n)
+        self.pool.update(seeds, [float(w) for w in weights], lr, n,
+                         everywhere=self.cfg.optimizer != "sgd")
         t1 = time.perf_counter()
         self.pool.broadcast()
         return {"update": t1 - t0, "broadcast": time.perf_counter() - t1}
@@ -157,7 +176,13 @@ class PoolEvaluator:
         return model, tokenizer, self.pool.call_main("master_state")
 
     def optimizer_state(self):
-        return None  # the engines step with sgd (--optimizer is the plain trainers')
+        """Engine 0's optimizer state_dict (every engine holds the same), or None for sgd."""
+        return None if self.cfg.optimizer == "sgd" else self.pool.call_main("optimizer_state")
+
+    def heldout_reward(self) -> dict:
+        """--eval_every: engine 0's held-out reward (the canonical weights, unperturbed)."""
+        with reward_errors():
+            return self.pool.heldout_reward()
 
     def save_final(self, out: Path, state_file: dict, records) -> None:
         """final_model.pth, final_model/, the published .pth (with --es_params lora the adapter
@@ -180,7 +205,8 @@ class PoolEvaluator:
             model, tokenizer, masters = self.saveable()
             merged = (lambda directory: merge_saved(self.base, self.cfg, directory)
                       ) if self.cfg.merge_adapter else None
-            ckpt.save_final(out, model, tokenizer, state_file, records, masters, merged)
+            ckpt.save_final(out, model, tokenizer, state_file, records, masters, merged,
+                            self.optimizer_state())
             print(f"Training finished: the adapter in {out} (all {self.cfg.num_engines} engines "
                   f"identical)", flush=True)
             return
@@ -197,6 +223,10 @@ class PoolEvaluator:
             if masters is not None:
                 with ckpt.atomic(out / ckpt.MASTER_FILE) as tmp:
                     save_file(masters, str(tmp))
+            optimizer = self.optimizer_state()
+            if optimizer is not None:
+                with ckpt.atomic(out / OPTIMIZER_FILE) as tmp:
+                    torch.save(optimizer, tmp)
         ckpt.write_metrics(out / ckpt.METRICS_FILE, records)
         ckpt.write_json_atomic(out / ckpt.STATE_FILE, state_file)
         print(f"Training finished: final weights in {out / 'final_model.pth'} and "
@@ -221,9 +251,10 @@ def train_accelerated(cfg, task) -> int:
     from es_llm.lora import check_targets, target_list
     from es_llm.loop import report_iteration
     from es_llm.rundir import Run
-    from es_llm.trainer import resume_mismatches
+    from es_llm.trainer import resume_mismatches, tuning_data
 
     started = time.time()
+    heldout = tuning_data(cfg, task)  # before anything is written
     logging_dir = cfg.logging_dir or cfg.output_dir
     accelerator = tracking.tracking_accelerator(cfg.report_to, logging_dir, cpu=True)
 
@@ -248,8 +279,8 @@ def train_accelerated(cfg, task) -> int:
     run_dir = run.out
     write_json_atomic(run_dir / "config.json", {**vars(cfg), "base_model": base})
     print(f"run directory: {run_dir}", flush=True)
-    return train_on_engines(cfg, task, run, base, layout, longest_prompt + cfg.max_new_tokens,
-                            accelerator, logging_dir, started)
+    return train_on_engines(cfg, (task, heldout), run, base, layout,
+                            longest_prompt + cfg.max_new_tokens, accelerator, logging_dir, started)
 
 
 def engine_settings(cfg, base: str, layout: dict, max_model_len: int) -> dict:
@@ -260,13 +291,28 @@ def engine_settings(cfg, base: str, layout: dict, max_model_len: int) -> dict:
             "seed": cfg.initial_seed, "noise_names": cfg.vllm_noise, "rank": cfg.rank,
             "lowrank_targets": cfg.lowrank_targets, "lowrank_batch": cfg.lowrank_batch,
             "population_size": cfg.population_size, "prune_finished": cfg.prune_finished,
-            "lora": cfg if cfg.es_params == LORA else None}
+            "lora": cfg if cfg.es_params == LORA else None, "optimizer": cfg.optimizer,
+            "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
+            "sampling": cfg.sampling()}
 
 
-def train_on_engines(cfg, task, run, base: str, layout: dict, max_model_len: int, accelerator,
+def start_from(pool, run) -> None:
+    """Every engine starts from engine 0's weights: a resumed run's (and its fp32 masters) loaded
+    there first; every engine takes the checkpoint's optimizer state."""
+    if run.resume:
+        from es_llm.checkpoint import load_weights
+
+        pool.call_main("load_state_dict", load_weights(run.weights), run.masters)
+        if run.optimizer_state is not None:
+            pool.call_all("load_optimizer_state", run.optimizer_state)
+    pool.broadcast()
+
+
+def train_on_engines(cfg, tasks, run, base: str, layout: dict, max_model_len: int, accelerator,
                      logging_dir, started: float) -> int:
-    """Ray, the engine pool and the ES loop on it, for a run whose directory is ready; the engines
-    and Ray are shut down however it ends. Returns the exit status."""
+    """Ray, the engine pool and the ES loop on it, for a run whose directory is ready; `tasks`:
+    the training task and the held-out one (or None). The engines and Ray are shut down however
+    it ends. Returns the exit status."""
     import ray
 
     from accelerated.pool import EnginePool, start_ray
@@ -285,14 +331,10 @@ def train_on_engines(cfg, task, run, base: str, layout: dict, max_model_len: int
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         engine_kwargs = engine_settings(cfg, base, layout, max_model_len)
         t0 = time.time()
-        pool = EnginePool(cfg.engine, cfg.num_engines, engine_kwargs, task, use_gpu,
+        pool = EnginePool(cfg.engine, cfg.num_engines, engine_kwargs, tasks[0], use_gpu,
                           cpus_per_engine, bind_cpus=local and not use_gpu,
-                          collective_timeout_s=cfg.collective_timeout)
-        if run.resume:  # engine 0 takes the checkpoint's weights (and fp32 masters) ...
-            from es_llm.checkpoint import load_weights
-
-            pool.call_main("load_state_dict", load_weights(run.weights), run.masters)
-        pool.broadcast()  # ... and every engine starts from engine 0's weights
+                          collective_timeout_s=cfg.collective_timeout, heldout=tasks[1])
+        start_from(pool, run)
         print(f"{cfg.num_engines} {cfg.engine} engines on {'GPU' if use_gpu else 'CPU'} ready "
               f"in {time.time() - t0:.1f}s", flush=True)
         if cfg.es_params != LORA:  # the published saves are of full weights
@@ -302,7 +344,7 @@ def train_on_engines(cfg, task, run, base: str, layout: dict, max_model_len: int
                             cfg.fitness_shaping, run.rng_state)
         evaluator = PoolEvaluator(cfg, pool, base, layout, accelerator)
         try:
-            if run_es(cfg, evaluator, run, strategy, len(task.prompts)) is None:
+            if run_es(cfg, evaluator, run, strategy, len(tasks[0].prompts)) is None:
                 return STOPPED  # (the clean-up below still runs)
         except ray.exceptions.RayError as error:  # an engine, or the node it ran on, was lost
             print(lost_engine_message(error, run_dir), file=sys.stderr, flush=True)

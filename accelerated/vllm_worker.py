@@ -8,7 +8,10 @@ re-exports the class from here) gives the worker these methods, called through `
                                                   (WEIGHT_OPS: perturb, restore, update,
                                                   init_collective, broadcast, state_dict,
                                                   master_state, load_state_dict, fingerprint,
-                                                  names); accelerated.engines.WorkerWeights
+                                                  names, optimizer_state,
+                                                  load_optimizer_state: None and refused here,
+                                                  where no optimizer runs);
+                                                  accelerated.engines.WorkerWeights
                                                   makes these calls
     es_write_adapters(seeds, sigma, signs, paths) lowrank mode: each member's perturbation as a
                                                   PEFT LoRA adapter directory (write_adapter)

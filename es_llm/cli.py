@@ -99,6 +99,13 @@ def default_output_dir(args, num_questions: int, task_name: str = "conciseness")
         name += "_antithetic"
     if args.fitness_shaping != "zscore":
         name += f"_{args.fitness_shaping}"
+    return name + tuning_suffix(args) + ending
+
+
+def tuning_suffix(args) -> str:
+    """The run name's part for the tuning options that are not at their defaults: _<optimizer>,
+    _<schedule>, _batch<N>, _k<K>_t<T>_p<P> (sampled rollouts)."""
+    name = ""
     if args.optimizer != "sgd":
         name += f"_{args.optimizer}"
     if args.lr_schedule != "constant":
@@ -107,7 +114,7 @@ def default_output_dir(args, num_questions: int, task_name: str = "conciseness")
         name += f"_batch{args.prompt_batch}"
     if args.num_rollouts != 1 or args.temperature is not None:
         name += f"_k{args.num_rollouts}_t{args.temperature}_p{args.top_p}"
-    return name + ending
+    return name
 
 
 def config_from_args(args, task_name: str, num_questions: int, config_cls=TrainConfig,

@@ -36,6 +36,10 @@ ES_PARAMS = ("full", "lora")
 LORA = "lora"
 # The settings of --es_params lora only (refused with --es_params full when not at their default).
 LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_targets", "lora_init", "merge_adapter")
+# The tuning settings the accelerated trainer runs on transformers engines only (vLLM engines
+# refuse them; --lr_schedule and --warmup_iterations, applied by the driver, run on both).
+ENGINE_TUNING_SETTINGS = ("optimizer", "momentum", "weight_decay", "prompt_batch", "eval_every",
+                          "eval_samples", "num_rollouts", "temperature", "top_p")
 # The run's settings that a resumed run must share with its checkpoint.
 RESUME_MUST_MATCH = ("model_name", "task", "population_size", "noise_mode", "master_weights",
                      "precision", "data_sample", "rank", "lowrank_targets", "antithetic",
@@ -102,32 +106,32 @@ class TrainConfig:
         "choices": MASTER_WEIGHTS,
         "help": "fp32: keep fp32 master weights; exact restore, update accumulated in fp32"})
     optimizer: str = field(default="sgd", metadata={
-        "plain": True, "choices": OPTIMIZERS,
+        "choices": OPTIMIZERS,
         "help": "the step on the ES gradient estimate: sgd: alpha times it, added to the weights "
                 "(published); momentum, adam, adamw: that torch.optim optimizer at learning rate "
                 "alpha, on fp32 master weights (implied: --master_weights fp32)"})
     momentum: float = field(default=0.9, metadata={
-        "plain": True, "help": "--optimizer momentum: torch.optim.SGD's momentum"})
+        "help": "--optimizer momentum: torch.optim.SGD's momentum"})
     weight_decay: float = field(default=0.01, metadata={
-        "plain": True, "help": "--optimizer adamw: torch.optim.AdamW's weight_decay"})
+        "help": "--optimizer adamw: torch.optim.AdamW's weight_decay"})
     lr_schedule: str = field(default="constant", metadata={
-        "plain": True, "choices": LR_SCHEDULES,
+        "choices": LR_SCHEDULES,
         "help": "alpha over the run, after the warm-up: constant (published), linear or cosine "
                 "decay towards 0"})
     warmup_iterations: int = field(default=0, metadata={
-        "plain": True, "help": "alpha rises linearly over the first N iterations"})
+        "help": "alpha rises linearly over the first N iterations"})
     prompt_batch: int = field(default=0, metadata={
-        "plain": True, "metavar": "N",
+        "metavar": "N",
         "help": "score every member of an iteration on the same N training prompts, drawn by a "
                 "seeded sampler (without replacement within an epoch, then reshuffled) and "
                 "recorded in metrics.jsonl (0: every prompt, published)"})
     eval_every: int = field(default=0, metadata={
-        "plain": True, "metavar": "N",
+        "metavar": "N",
         "help": "every N iterations, score the canonical model (greedy, as in training) on the "
                 "task's held-out prompts; the mean reward goes to metrics.jsonl "
                 "(heldout_reward_mean) and the trackers, its time apart (0: never)"})
     eval_samples: int = field(default=0, metadata={
-        "plain": True, "metavar": "N",
+        "metavar": "N",
         "help": "--eval_every: the first N held-out prompts only (0: all of them)"})
     published_drift: bool = field(default=False, metadata={
         "plain": True,
@@ -156,17 +160,16 @@ class TrainConfig:
         "help": "es_params lora: also write the base model with the final adapter "
                                "merged into it, to <output_dir>/merged_model/"})
     num_rollouts: int = field(default=1, metadata={
-        "plain": True, "metavar": "K",
+        "metavar": "K",
         "help": "completions sampled per prompt; a member's reward is their mean. Sampling seeds "
                 "come from (iteration, member seed, prompt, rollout) only (default 1: greedy "
                 "unless --temperature is given)"})
     temperature: float | None = field(default=None, metadata={
-        "plain": True,
         "help": "sample at this temperature (even with --num_rollouts 1); 0 is greedy "
                 "(default: greedy, or 1.0 with --num_rollouts above 1)"})
     top_p: float = field(default=1.0, metadata={
-        "plain": True, "help": "sampling: keep the most likely tokens whose probabilities sum to "
-                               "top_p (nucleus sampling)"})
+        "help": "sampling: keep the most likely tokens whose probabilities sum to top_p "
+                "(nucleus sampling)"})
     precision: str = field(default="bf16", metadata={
         "constant": "PRECISION", "choices": sorted(PRECISIONS), "help": "the weights' dtype"})
     gpu_threads: int = field(default=4, metadata={
@@ -267,14 +270,17 @@ class TrainConfig:
         if problems:
             raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
 
+    def given(self, names) -> list:
+        """The flags (--name) of the settings `names` that differ from their defaults."""
+        defaults = type(self).__dataclass_fields__
+        return [f"--{name}" for name in names if getattr(self, name) != defaults[name].default]
+
     def lora_problems(self) -> list:
         """What is wrong with the --es_params lora settings (and --lora_init's adapter)."""
         if self.es_params not in ES_PARAMS:
             return [f"es_params must be one of {ES_PARAMS} (got {self.es_params!r})"]
         if self.es_params != LORA:
-            defaults = type(self).__dataclass_fields__
-            given = [f"--{name}" for name in LORA_SETTINGS
-                     if getattr(self, name) != defaults[name].default]
+            given = self.given(LORA_SETTINGS)
             return [f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to "
                     f"--es_params lora; add --es_params lora or drop them"] if given else []
         if self.noise_mode == LOWRANK:
@@ -401,6 +407,12 @@ class AcceleratedConfig(TrainConfig):
         if self.engine == "vllm" and self.es_params == LORA:
             problems.append("--es_params lora is not built yet for vLLM engines (each member a "
                             "vLLM LoRA request): use --engine transformers")
+        tuning = self.given(ENGINE_TUNING_SETTINGS) if self.engine == "vllm" else []
+        if tuning:
+            problems.append(f"{', '.join(tuning)}: not built for vLLM engines yet (the "
+                            f"optimizer, prompt batches, sampled rollouts and held-out evaluation "
+                            f"run on the transformers engines): use --engine transformers, or "
+                            f"drop them")
         if self.published_drift:
             problems.append("--published_drift applies to the plain trainers' thread copies")
         if self.run_name is not None and (self.run_name in ("", ".", "..")

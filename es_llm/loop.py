@@ -128,6 +128,14 @@ def _iterate(cfg, evaluator, run, strategy, num_prompts, stop) -> bool:
     return True
 
 
+def heldout_entries(complete, task) -> dict:
+    """--eval_every's entries of a record: the mean reward on the held-out `task` of `complete()`
+    (the canonical model's completions of its prompts) and the time both took."""
+    t0 = time.perf_counter()
+    reward = float(np.mean(task.score(complete(), seed="heldout")))
+    return {"heldout_reward_mean": reward, "time_heldout_s": time.perf_counter() - t0}
+
+
 def tuning_of(cfg, iteration: int, num_prompts: int):
     """The iteration's training prompts (None: all of them), learning rate (alpha times the
     schedule), and what metrics.jsonl records of them: "prompts" with --prompt_batch, "lr" with a

@@ -115,6 +115,12 @@ class Task:
                     {k: [values[i] for i in indices] for k, values in self.columns.items()},
                     self.source)
 
+    def mean_reward(self, rollouts, seed=None) -> float:
+        """A member's reward: the mean, over its rollouts (lists of completions, one per prompt),
+        of the mean reward over the prompts."""
+        return float(np.mean([np.mean(self.score(completions, seed=seed))
+                              for completions in rollouts]))
+
     def score(self, completions, seed=None) -> list:
         """One reward per completion, checked against REWARD_CONTRACT; a reward function that
         raises, returns something else, or gives a NaN or infinite reward is a RewardError naming

@@ -12,14 +12,13 @@ from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate.utils import InitProcessGroupKwargs, broadcast, reduce
 
 from . import checkpoint as ckpt
 from . import tracking
 from .generation import Generator
-from .loop import report_iteration, run_es
+from .loop import heldout_entries, report_iteration, run_es
 from .config import LORA, RESUME_MUST_MATCH, TrainConfig
 from .lora import MERGED_DIR, adapter_tensors, attach_adapter, save_merged, shared_copy
 from .lowrank import LOWRANK, BatchedLowRank, evaluate_batched
@@ -92,9 +91,8 @@ class Population:
             t2 = time.perf_counter()
             self.copies[slot].restore(seed, scale)
         t3 = time.perf_counter()
-        reward = float(np.mean([np.mean(self.task.score(completions, seed=seed))
-                                for completions in rollouts]))
-        return reward, rollouts[0], {"noise": t1 - t0 + t3 - t2, "generate": t2 - t1}
+        return (self.task.mean_reward(rollouts, seed), rollouts[0],
+                {"noise": t1 - t0 + t3 - t2, "generate": t2 - t1})
 
     def evaluate_members(self, members, seeds, on_result=None, signs=None, iteration: int = 0):
         """Evaluate the members (population indices) this rank owns, `gpu_threads` at a time, or in
@@ -225,12 +223,9 @@ class LocalEvaluator:
         its time, on the main rank (the others hold the same weights and record nothing)."""
         if not self.is_main:
             return {}
-        t0 = time.perf_counter()
         generate, task = self.heldout
-        completions = generate(self.population.base,
-                               with_prompt=self.cfg.reward_on_prompt_and_response)
-        reward = float(np.mean(task.score(completions, seed="heldout")))
-        return {"heldout_reward_mean": reward, "time_heldout_s": time.perf_counter() - t0}
+        return heldout_entries(lambda: generate(
+            self.population.base, with_prompt=self.cfg.reward_on_prompt_and_response), task)
 
     def update(self, seeds, weights, n: int, lr: float | None = None) -> dict:
         t0 = time.perf_counter()
@@ -269,6 +264,14 @@ def heldout_task(cfg: TrainConfig, task):
     return heldout.subset(range(cfg.eval_samples)) if cfg.eval_samples else heldout
 
 
+def tuning_data(cfg: TrainConfig, task):
+    """--prompt_batch checked against the training prompts, and --eval_every's held-out task (or
+    None): before anything is written."""
+    if cfg.prompt_batch > len(task.prompts):
+        raise ValueError(prompt_batch_problem(cfg.prompt_batch, len(task.prompts)))
+    return heldout_task(cfg, task) if cfg.eval_every else None
+
+
 def load_for_training(cfg: TrainConfig, weights, device):
     """(model, tokenizer) to train: the base model, or the checkpoint's weights being resumed; with
     --es_params lora the base model with its adapter (the checkpoint's, --lora_init's, or new)."""
@@ -288,9 +291,7 @@ def train(cfg: TrainConfig, task) -> Path | None:
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))])
     world, is_main = accelerator.num_processes, accelerator.is_main_process
     cfg.validate(world)
-    if cfg.prompt_batch > len(task.prompts):
-        raise ValueError(prompt_batch_problem(cfg.prompt_batch, len(task.prompts)))
-    heldout = heldout_task(cfg, task) if cfg.eval_every else None
+    heldout = tuning_data(cfg, task)
     if cfg.population_size < world * cfg.gpu_threads and cfg.noise_mode != LOWRANK and is_main:
         print(f"note: population {cfg.population_size} < {world} processes x {cfg.gpu_threads} "
               f"threads; some threads will stay idle", file=sys.stderr)

@@ -21,7 +21,8 @@ COLLECTIVE_TIMEOUT_S = 1800
 UPDATE_ORDERS = ("accumulate", "sequential")
 # The WeightSet operations an engine may be asked to run (the vLLM worker refuses any other name).
 WEIGHT_OPS = ("perturb", "restore", "update", "init_collective", "broadcast", "state_dict",
-              "master_state", "load_state_dict", "fingerprint", "names")
+              "master_state", "load_state_dict", "fingerprint", "names", "optimizer_state",
+              "load_optimizer_state")
 
 
 class CollectiveGroup:

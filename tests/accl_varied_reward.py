@@ -7,6 +7,7 @@ members and every iteration really changes the weights. Everything else (argumen
 checkpoints, signals) is the real script's.
 """
 import sys
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,16 @@ def distinct_characters(prompts, completions, **_):
 
 
 def make_task(*args, **kwargs):
+    """Countdown's prompts scored by distinct_characters; its held-out task (--eval_every) too."""
     task = _make_task(*args, **kwargs)
+    task.reward_fn = distinct_characters
+    if task.heldout is not None:
+        task.heldout = partial(varied, task.heldout)
+    return task
+
+
+def varied(make):
+    task = make()
     task.reward_fn = distinct_characters
     return task
 

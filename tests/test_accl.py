@@ -67,6 +67,29 @@ def test_restore_undoes_perturb(tiny_model_dir):
     assert max_diff(list(published.model.parameters()), before) < 1e-6
 
 
+def test_an_engine_scores_a_sampled_member_on_a_prompt_batch_as_the_plain_trainer(tiny_model_dir):
+    """--prompt_batch and --num_rollouts 2: the transformers engine's reward of a member (and its
+    first completion) is the plain trainer's, bit for bit: the same Generator rows and row seeds."""
+    from accl_varied_reward import make_task
+    from es_llm.config import TrainConfig
+    from es_llm.generation import Generator
+    from es_llm.trainer import Population
+
+    task, prompts = make_task(4), [3, 1]
+    cfg = TrainConfig(task="countdown", precision="fp32", noise_mode="iid", num_rollouts=2,
+                      gpu_threads=1, max_new_tokens=6, sigma=0.05)
+    model, tokenizer = load_model(str(tiny_model_dir), "fp32")
+    batch = task.subset(prompts)
+    plain = Population(model, cfg, Generator(tokenizer, batch.prompts, 6, sampling=cfg.sampling(),
+                                             prompt_ids=prompts), batch)
+    reward, completions, _ = plain.evaluate(0, 7, -1.0, iteration=2)
+    e = TransformersEngine(str(tiny_model_dir), "fp32", 6, "iid", sampling=cfg.sampling())
+    e.set_task(task)
+    result = e.evaluate(7, 0.05, -1.0, prompts, 2)
+    assert (result["reward"], result["completion"]) == (reward, completions[0])
+    assert e.evaluate(7, 0.05, -1.0, prompts, 3)["completion"] != result["completion"]
+
+
 def test_weight_set_sees_views_of_fused_tensors():
     """A view into a fused tensor (as vLLM's q/k/v) gets its own tensor's noise and saves alone."""
     fused = torch.zeros(6, 3)

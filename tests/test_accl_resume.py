@@ -3,11 +3,15 @@
 The slow tests train the tests' tiny model (fp32) on 2 transformers engines under Ray, through
 tests/accl_varied_reward.py: the real script on a reward the tiny model can earn, so that every
 iteration moves the weights (on Countdown's reward it scores 0, and the update would be zero).
+The 4-iteration run uses the plain trainers' tuning options (Adam, a cosine schedule, a prompt
+batch, 2 sampled rollouts, the held-out reward every iteration); it is resumed on one engine.
 """
 import json
+import os
 import shlex
 import signal
 from dataclasses import asdict
+from unittest import mock
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from conftest import PYTHON, ROOT, load_module, run_main
 from es_llm import checkpoint as ckpt
 from es_llm import rundir
 from es_llm.weightset import WeightSet
+from test_tuning import same_saved_state
 
 VARIED = str(ROOT / "tests" / "accl_varied_reward.py")
 SCRIPT = ROOT / "es_fine-tuning_countdown_accl.py"
@@ -26,6 +31,11 @@ SETTINGS = ["--engine", "transformers", "--num_engines", "2", "--population_size
             "--max_new_tokens", "32", "--data_sample", "16", "--precision", "fp32",
             "--noise_mode", "iid", "--sigma", "0.05", "--alpha", "0.02"]
 MASTERS = ["--master_weights", "fp32"]
+# The plain trainers' tuning options: Adam on a cosine schedule, 2 of the 16 prompts per
+# iteration, 2 sampled rollouts per prompt (temperature 1), the held-out reward on 2 test items
+# every iteration.
+TUNED = ["--optimizer", "adam", "--lr_schedule", "cosine", "--prompt_batch", "2",
+         "--num_rollouts", "2", "--eval_every", "1", "--eval_samples", "2"]
 
 
 def load_script():
@@ -68,9 +78,10 @@ def experiment(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def four(tiny_model_dir, experiment):
-    """An uninterrupted 4-iteration run, a checkpoint after every iteration, the newest 2 kept."""
-    run_main(command(tiny_model_dir, experiment, 4, *MASTERS, "--save_every", "1",
-                       "--keep_checkpoints", "2", run_name="four"))
+    """An uninterrupted 4-iteration run with the tuning options (TUNED), a checkpoint after every
+    iteration, the newest 2 kept."""
+    run_main(command(tiny_model_dir, experiment, 4, *MASTERS, *TUNED, "--save_every", "1",
+                     "--keep_checkpoints", "2", run_name="four"))
     return experiment / "four"
 
 
@@ -91,6 +102,41 @@ def test_checkpoints_hold_what_resume_needs(four):
     weights, masters = ckpt.load_weights(checkpoint), ckpt.load_masters(checkpoint)
     assert set(masters) <= set(weights) and all(m.dtype == torch.float32 for m in masters.values())
     assert not list(four.glob(".checkpoint-*")), "no temporary checkpoint is left behind"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_tuned_run_resumed_on_one_engine_equals_the_two_engine_run(four, tiny_model_dir,
+                                                                     experiment):
+    """Adam + cosine + --prompt_batch + --num_rollouts 2 + --eval_every: resumed from checkpoint-3
+    on 1 engine (2 before), the run equals the uninterrupted one bit for bit (records, weights,
+    masters, Adam's state); each held-out reward is the greedy evaluation of that checkpoint."""
+    from accl_varied_reward import make_task
+    from es_llm.generation import Generator
+    from es_llm.models import load_model
+    from es_llm.tuning import lr_factor, prompt_batch
+
+    one = command(tiny_model_dir, experiment, 4, *MASTERS, *TUNED, "--resume",
+                  four / "checkpoint-3", run_name="four-one-engine")
+    one[one.index("--num_engines") + 1] = "1"
+    # The one engine computes with as many cores (torch threads) as each of the two did: a
+    # reduction split over more threads could round otherwise (and 2 threads on a busy 2-core
+    # machine run several times slower).
+    cores = sorted(os.sched_getaffinity(0))
+    with mock.patch("os.sched_getaffinity", lambda pid: set(cores[:max(1, len(cores) // 2)])):
+        run_main(one)
+    assert_same_run(experiment / "four-one-engine", four)
+    assert same_saved_state(experiment / "four-one-engine", four)  # masters and Adam's state
+    assert not same_saved_state(four / "checkpoint-3", four / "checkpoint-4")
+    rows = metrics(four)
+    assert [r["lr"] for r in rows] == [0.02 * lr_factor(i, 4, "cosine") for i in (1, 2, 3, 4)]
+    assert [r["prompts"] for r in rows] == [prompt_batch(33, i, 2, 16) for i in (1, 2, 3, 4)]
+    assert [r["generations"] for r in rows] == [16, 32, 48, 64]  # 4 members x 2 prompts x 2
+    heldout = make_task(16).heldout().subset(range(2))
+    for row in rows[2:]:
+        model, tokenizer = load_model(str(four / f"checkpoint-{row['iteration']}"), "fp32")
+        completions = Generator(tokenizer, heldout.prompts, 32)(model)
+        assert row["heldout_reward_mean"] == sum(heldout.score(completions)) / 2
 
 
 @pytest.mark.ray
@@ -230,6 +276,25 @@ def test_resume_command_replaces_resume_and_overwrite(tmp_path):
     assert args[0] == "python" and args[1].endswith("es_fine-tuning_countdown_accl.py")
     assert args[2:] == ["--run_name", "a b", "--num_iterations", "5", "--resume",
                         str(tmp_path / "a b")]
+
+
+def test_tuning_settings_that_cannot_run_are_refused_before_anything_is_written(script, tmp_path,
+                                                                              capsys):
+    """vLLM engines refuse the tuning options they do not run (the schedule, the driver's, runs on
+    both), in one error; a prompt batch or held-out sample larger than the data is refused before
+    the run directory, the converted model or Ray exist."""
+    with pytest.raises(SystemExit):
+        load_script().settings(["--engine", "vllm", "--optimizer", "adam", "--prompt_batch", "2",
+                                "--num_rollouts", "2", "--lr_schedule", "cosine"])
+    error = capsys.readouterr().err.split("error:")[-1]  # after the usage lines
+    assert "--optimizer, --prompt_batch, --num_rollouts: not built for vLLM engines" in error
+    assert "lr_schedule" not in error
+    message = refused(script, BASE + ["--experiment_dir", tmp_path, "--prompt_batch", "17"])
+    assert "--prompt_batch 17 asks for more prompts" in message and "give at most 16" in message
+    message = refused(script, BASE + ["--experiment_dir", tmp_path, "--eval_every", "1",
+                                      "--eval_samples", "2001"])
+    assert "--eval_samples 2001 is more than the task's 2000 held-out prompts" in message
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -261,6 +261,8 @@ def test_a_users_task_names_the_accelerated_run():
     cfg = AcceleratedConfig(task="word_count", model_name="bundled", output_dir=".",
                             engine="transformers")
     assert default_run_name(cfg).startswith("word_count_SmolLM2-135M-Instruct_transformers_pop30")
+    cfg.precision, cfg.optimizer, cfg.prompt_batch = "fp32", "adam", 8  # named as plain runs
+    assert "_fp32_adam_batch8_" in default_run_name(cfg)
 
 
 # --------------------------------------------------------------------------- end to end
