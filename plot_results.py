@@ -2,7 +2,8 @@
 
 - reward_curves.png: reward over ES iterations from one or more metrics.jsonl (a trainer writes one
   into its output directory): the population's mean reward as a line, its min-max range as a band,
-  one labelled line per run;
+  one labelled line per run; a run trained with --eval_every also gets its held-out reward as a
+  dashed line of the same colour;
 - reward_vs_kl.png: mean reward against mean per-token KL from the base model, from the summary.json
   files of eval_conciseness.py (the paper's reward/KL Pareto figure); the base model is a star.
 
@@ -23,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+HELDOUT = "heldout_reward_mean"  # what --eval_every records
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,10 +97,16 @@ def plot_reward_curves(runs, labels, out: Path, title=None, x_axis="iteration") 
                         label=label)
         ax.fill_between(x, [r["reward_min"] for r in records], [r["reward_max"] for r in records],
                         color=line.get_color(), alpha=0.15, linewidth=0)
+        heldout = [(xi, r[HELDOUT]) for xi, r in zip(x, records) if HELDOUT in r]
+        if heldout:  # --eval_every: the canonical model on held-out prompts
+            ax.plot(*zip(*heldout), linestyle="--", marker="s", markersize=4,
+                    color=line.get_color(), label=f"{label} (held-out)")
+    held = any(HELDOUT in r for records in runs for r in records)
     ax.set_xlabel("wall-clock time (s)" if x_axis == "time" else "ES iteration")
-    ax.set_ylabel("training reward (population)")
+    ax.set_ylabel("reward" if held else "training reward (population)")
     ax.set_title((f"{title}\n" if title else "") + f"training reward per {x_axis} "
-                 "(line: population mean, band: min-max)", fontsize=10)
+                 "(line: population mean, band: min-max"
+                 + ("; dashed: held-out reward, --eval_every)" if held else ")"), fontsize=10)
     return _save(fig, ax, out)
 
 

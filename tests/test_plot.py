@@ -66,3 +66,25 @@ def test_plot_names_a_file_that_is_not_a_metrics_file(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"foo": 1}\n')
     with pytest.raises(ValueError, match="trainer's metrics.jsonl"):
         plot_results.read_metrics(tmp_path)
+
+
+def test_a_run_with_eval_every_gets_its_held_out_curve(tmp_path, monkeypatch):
+    """--eval_every's heldout_reward_mean (every 2nd iteration here) is drawn as a dashed line
+    beside the training curve, at the iterations that have it; a run without it gets none."""
+    run = write_metrics(tmp_path / "run", 2.0)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in records[1::2]:
+        r["heldout_reward_mean"] = r["reward_mean"] + 1.0
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    plain = write_metrics(tmp_path / "plain", 1.0)
+    drawn = {}
+    save = plot_results._save
+    monkeypatch.setattr(plot_results, "_save", lambda fig, ax, out: (
+        drawn.update({line.get_label(): (list(line.get_xdata()), line.get_linestyle())
+                      for line in ax.get_lines()}), save(fig, ax, out))[1])
+    path = plot_results.make_plots(plot_results.build_parser().parse_args(
+        ["--metrics", str(run), str(plain), "--labels", "A", "B",
+         "--output_dir", str(tmp_path / "out")]))[0]
+    assert_png(path)
+    assert drawn["A (held-out)"] == ([2, 4, 6], "--")
+    assert "B (held-out)" not in drawn and drawn["A"][0] == drawn["B"][0] == [1, 2, 3, 4, 5, 6]
