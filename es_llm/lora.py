@@ -10,6 +10,8 @@ matrices over a frozen base model.
     SavedAdapter     an adapter's settings and tensors away from its model (the accelerated
                      driver's copy of engine 0's), saved as PEFT saves an adapter
     shared_copy      a thread copy that owns its adapter and shares every base tensor
+    BatchedLora      every member's adapter applied per row of one batched forward on the one
+                     model (--lora_batch): no copies
     adapter_problems what is wrong with an adapter directory for this run (--lora_init)
 
 The adapter is kept in fp32 (PEFT's default, whatever the base model's precision). A run directory
@@ -19,9 +21,15 @@ holds it as PEFT saves it (adapter_config.json, adapter_model.safetensors), whic
 import copy
 import itertools
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .noise import perturbed_tensors
+from .rows import RowLayout
 
 ADAPTER_NAME = "default"  # PEFT's name for a model's only adapter
 ADAPTER_CONFIG = "adapter_config.json"
@@ -140,6 +148,66 @@ def shared_copy(model):
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())
               if id(t) not in own}
     return copy.deepcopy(model, memo=shared)
+
+
+class BatchedLora:
+    """The members' adapters evaluated together on one model, in one batched forward (--lora_batch).
+
+    The rows of a call are the members' prompts, member-major (es_llm/rows.py). While `perturbed`
+    is active, every nn.Linear whose weight is an adapter tensor (PEFT's lora_A and lora_B of each
+    adapted layer) computes each member's block of rows with that member's tensor, which is the
+    tensor a thread copy evaluating the member holds: t + sign * sigma * eps, the same noise drawn
+    from the same seed (es_llm.noise), added to `tensors()` (the canonical adapter, or its fp32
+    masters). PEFT's own forward does the rest (base output + lora_B(lora_A(x)) * scaling, cast
+    back to the base's dtype), so a member's rows compute what its thread copy computes on them.
+    Memory: the one model plus one adapter per member of the call."""
+
+    def __init__(self, model, tensors, noise_mode: str):
+        self.model, self.tensors, self.noise_mode = model, tensors, noise_mode
+        index = {id(p): k for k, (_, p) in enumerate(adapter_tensors(model))}
+        self.linears = []
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and id(module.weight) in index:
+                self.linears.append((module, index.pop(id(module.weight))))
+        if index:
+            names = [name for name, p in adapter_tensors(model) if id(p) in index]
+            raise NotImplementedError(
+                f"--lora_batch evaluates LoRA adapters on linear layers only; this adapter also "
+                f"holds {names[:3]}: target linear layers only (--lora_targets), or drop "
+                f"--lora_batch to evaluate members on thread copies")
+
+    @torch.no_grad()
+    def member_tensors(self, seeds, sigma: float, signs=None) -> list:
+        """Per member, its adapter tensors (adapter_tensors order) as its thread copy holds them."""
+        signs = [1.0] * len(seeds) if signs is None else signs
+        return [list(perturbed_tensors(self.tensors(), seed, float(sign) * sigma, self.noise_mode))
+                for seed, sign in zip(seeds, signs)]
+
+    @contextmanager
+    def perturbed(self, seeds, sigma: float, signs=None):
+        """While active, a forward over rows = len(seeds) x B (member-major) computes row block i
+        with member i's adapter. Yields the RowLayout that generation tells which rows remain."""
+        members = self.member_tensors(seeds, sigma, signs)
+        rows = RowLayout(len(seeds))
+        handles = [module.register_forward_hook(member_linear_hook(rows, [m[k] for m in members]))
+                   for module, k in self.linears]
+        try:
+            yield rows
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def member_linear_hook(rows: RowLayout, weights: list):
+    """A forward hook for a bias-free nn.Linear: each member's block of rows recomputed with that
+    member's weight (weights[i]), as F.linear on those rows alone."""
+
+    def hook(module, args, output):
+        x = args[0]
+        for member, start, end in rows.blocks(output):
+            output[start:end] = F.linear(x[start:end], weights[member])
+        return output
+    return hook
 
 
 def is_adapter_dir(path) -> bool:
