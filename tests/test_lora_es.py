@@ -368,3 +368,15 @@ def test_a_lora_batch_run_equals_the_thread_copy_run_bit_for_bit(tiny_model_dir,
     assert metrics(batched) == metrics(copies)
     assert len({r for record in metrics(copies) for r in record["rewards"]}) > 2
     assert same_tensors(adapter(batched), adapter(copies))
+
+
+def test_lora_batch_in_a_bad_combination_is_one_clear_error_before_anything_is_written(
+        tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    for extra, expected in (
+            (["--es_params", "full"], "--lora_batch only applies to --es_params lora"),
+            (["--published_drift"], "lowrank mode and --lora_batch never perturb the weights"),
+            (["--temperature", "0.7"], "not built for --noise_mode lowrank or --lora_batch")):
+        message = refused(lora_run(tiny_model_dir, out, 1, "--lora_batch", *extra), capsys)
+        assert expected in message and message.count("\n  ") == 1, message
+    assert not out.exists()
