@@ -87,12 +87,12 @@ class TrainConfig:
                 "projections' weights (q/k/v/o, gate/up/down), the layers vLLM's LoRA adapters "
                 "cover (needed with --engine vllm)"})
     lowrank_batch: int = field(default=256, metadata={
-        "help": "lowrank and --lora_batch: most sequences (members x prompts) per batched generate call, the "
-                "memory budget; a call holds max(1, this // prompts) members"})
+        "help": "lowrank and --lora_batch: most sequences (members x prompts) per batched "
+                "generate call, the memory budget; a call holds max(1, this // prompts) members"})
     prune_finished: bool = field(default=True, metadata={
         "flag": "--no_prune_finished",
-        "help": "lowrank and --lora_batch: keep rows that have ended in the batch until every row has, as "
-                "generate does (default: a finished row leaves the batch at once)"})
+        "help": "lowrank and --lora_batch: keep rows that have ended in the batch until every "
+                "row has, as generate does (default: a finished row leaves the batch at once)"})
     antithetic: bool = field(default=False, metadata={
         "help": "members come in +/- pairs sharing a seed (population_size must be even)"})
     fitness_shaping: str = field(default="zscore", metadata={

@@ -121,8 +121,9 @@ def evaluate_batched(lowrank, generate, task, seeds, signs, sigma: float, max_se
                      prune: bool = True, with_prompt: bool = False):
     """Members (seeds[j], signs[j]) generated together on `lowrank.model`, at most `max_sequences`
     sequences (members x prompts) per generate call. `lowrank` is a batched population: a
-    BatchedLowRank, or es_llm.lora.BatchedLora (the members' adapters, --lora_batch). Returns [(j, mean reward, completions)] in
-    order, and the seconds spent per phase ({"noise", "generate"})."""
+    BatchedLowRank, or es_llm.lora.BatchedLora (the members' adapters, --lora_batch). Returns
+    [(j, mean reward, completions)] in order, and the seconds spent per phase ({"noise",
+    "generate"})."""
     per_call = max(1, max_sequences // len(task.prompts))
     timings = {"noise": 0.0, "generate": 0.0}
     results = []

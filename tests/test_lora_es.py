@@ -270,6 +270,20 @@ def test_thread_copies_share_the_frozen_base_and_own_their_adapters(tiny_model_d
 
 
 
+def with_adapter(model, model_name, lora_B_only=False, std=0.3):
+    """`model` with a LoRA adapter whose tensors are made non-trivial (PEFT starts with B = 0):
+    normal(0, std) from per-tensor seeds (B only with `lora_B_only`)."""
+    from es_llm.config import TrainConfig
+    from es_llm.lora import adapter_tensors, attach_adapter
+
+    model = attach_adapter(model, TrainConfig(task="t", model_name=model_name, es_params="lora"))
+    with torch.no_grad():
+        for k, (name, tensor) in enumerate(adapter_tensors(model)):
+            if "lora_B" in name or not lora_B_only:
+                tensor.normal_(0, std, generator=torch.Generator().manual_seed(k))
+    return model
+
+
 def population(model, tokenizer, noise_mode, lora_batch):
     """A trainer's Population over `model` (an adapter attached) on the conciseness task, with fp32
     master weights (the thread copies restore exactly)."""
@@ -291,14 +305,7 @@ def test_a_members_batched_rows_give_its_thread_copys_texts_rewards_and_logits(
     """fp32: each member's rows of one batched call (--lora_batch) generate the greedy texts, and
     so the rewards, that its thread copy generates, and compute its logits bit for bit (the adapter
     made non-trivial first: PEFT starts with B = 0)."""
-    from es_llm.config import TrainConfig
-    from es_llm.lora import adapter_tensors, attach_adapter
-
-    cfg = TrainConfig(task="t", model_name=str(tiny_model_dir), es_params="lora")
-    model = attach_adapter(base_model(tiny_model_dir), cfg)
-    with torch.no_grad():
-        for k, (_, tensor) in enumerate(adapter_tensors(model)):
-            tensor.normal_(0, 0.3, generator=torch.Generator().manual_seed(k))
+    model = with_adapter(base_model(tiny_model_dir), str(tiny_model_dir))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.padding_side = "left"
     seeds, signs = [5, 2**30 - 1, 77, 123456], [1.0, -1.0, 1.0, -1.0]
@@ -323,16 +330,11 @@ def test_a_members_batched_rows_give_its_thread_copys_texts_rewards_and_logits(
 def test_lora_batch_drops_finished_rows_and_keeps_each_members_texts(tiny_model_dir):
     """With an end token that some rows produce part-way, the pruned batched generation (rows
     leave the batch as they finish) gives each member the texts of its thread copy."""
-    from es_llm.config import TrainConfig
     from es_llm.generation import Generator
-    from es_llm.lora import BatchedLora, adapter_tensors, attach_adapter, shared_copy
+    from es_llm.lora import BatchedLora, adapter_tensors, shared_copy
     from es_llm.weightset import WeightSet
 
-    model = attach_adapter(base_model(tiny_model_dir), TrainConfig(
-        task="t", model_name=str(tiny_model_dir), es_params="lora"))
-    with torch.no_grad():
-        for k, (_, tensor) in enumerate(adapter_tensors(model)):
-            tensor.normal_(0, 0.3, generator=torch.Generator().manual_seed(k))
+    model = with_adapter(base_model(tiny_model_dir), str(tiny_model_dir))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.padding_side = "left"
     generate, seeds, signs = Generator(tokenizer, PROMPTS, 10), [3, 4, 5], [1.0, -1.0, 1.0]
@@ -380,3 +382,24 @@ def test_lora_batch_in_a_bad_combination_is_one_clear_error_before_anything_is_w
         message = refused(lora_run(tiny_model_dir, out, 1, "--lora_batch", *extra), capsys)
         assert expected in message and message.count("\n  ") == 1, message
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_bundled_bf16_a_members_batched_rows_compute_its_thread_copys_logits_bit_for_bit():
+    """The README's bf16 claim, on this CPU: the real model in bf16 (adapter fp32, B made
+    non-zero), 4 members in one batched forward; each member's rows give the logits of its thread
+    copy (exact restore) bit for bit."""
+    from es_llm.models import load_model
+
+    model, tokenizer = load_model("bundled", "bf16")
+    model = with_adapter(model, "bundled", lora_B_only=True, std=0.02)
+    seeds, signs = [100, 101, 102, 103], [1.0, -1.0, 1.0, -1.0]
+    batched, copies = (population(model, tokenizer, "correlated", b) for b in (True, False))
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad(), batched.batched.perturbed(seeds, 0.02, signs):
+        rows = model(**{k: v.repeat(4, 1) for k, v in batch.items()}).logits.split(len(PROMPTS))
+    for i, (seed, sign) in enumerate(zip(seeds, signs)):
+        copies.copies[1].perturb(seed, sign * 0.02)
+        assert torch.equal(logits(copies.models[1], tokenizer), rows[i].float()), i
+        copies.copies[1].restore(seed, sign * 0.02)
+        assert not torch.equal(rows[i], rows[(i + 1) % 4])
