@@ -163,18 +163,11 @@ class BatchedLora:
     Memory: the one model plus one adapter per member of the call."""
 
     def __init__(self, model, tensors, noise_mode: str):
+        check_batchable(model)
         self.model, self.tensors, self.noise_mode = model, tensors, noise_mode
         index = {id(p): k for k, (_, p) in enumerate(adapter_tensors(model))}
-        self.linears = []
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and id(module.weight) in index:
-                self.linears.append((module, index.pop(id(module.weight))))
-        if index:
-            names = [name for name, p in adapter_tensors(model) if id(p) in index]
-            raise NotImplementedError(
-                f"--lora_batch evaluates LoRA adapters on linear layers only; this adapter also "
-                f"holds {names[:3]}: target linear layers only (--lora_targets), or drop "
-                f"--lora_batch to evaluate members on thread copies")
+        self.linears = [(module, index[id(module.weight)]) for module in model.modules()
+                        if isinstance(module, nn.Linear) and id(module.weight) in index]
 
     @torch.no_grad()
     def member_tensors(self, seeds, sigma: float, signs=None) -> list:
@@ -196,6 +189,17 @@ class BatchedLora:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def check_batchable(model) -> None:
+    """--lora_batch applies adapter tensors that are the weight of an nn.Linear (lora_A, lora_B);
+    PEFT's LoRA on an embedding (lora_embedding_A/B) or a LoRA bias is refused."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    others = [name for name, p in adapter_tensors(model) if id(p) not in linear]
+    if others:
+        raise ValueError(f"--lora_batch applies adapters on linear layers only; this adapter also "
+                         f"holds {', '.join(others[:3])}: give --lora_targets linear layers only, "
+                         f"or drop --lora_batch to evaluate the members on thread copies")
 
 
 def member_linear_hook(rows: RowLayout, weights: list):

@@ -22,8 +22,8 @@ from . import tracking
 from .generation import Generator
 from .loop import report_iteration, run_es
 from .config import LORA, RESUME_MUST_MATCH, TrainConfig
-from .lora import (MERGED_DIR, BatchedLora, adapter_tensors, attach_adapter, save_merged,
-                   shared_copy)
+from .lora import (MERGED_DIR, BatchedLora, adapter_tensors, attach_adapter, check_batchable,
+                   save_merged, shared_copy)
 from .lowrank import LOWRANK, BatchedLowRank, evaluate_batched
 from .models import load_model
 from .rundir import Run
@@ -291,7 +291,10 @@ def load_for_training(cfg: TrainConfig, weights, device):
     if cfg.es_params != LORA:
         return load_model(weights or cfg.model_name, cfg.precision, cfg.hf_cache_dir, device)
     model, tokenizer = load_model(cfg.model_name, cfg.precision, cfg.hf_cache_dir, device)
-    return attach_adapter(model, cfg, weights or cfg.lora_init), tokenizer
+    model = attach_adapter(model, cfg, weights or cfg.lora_init)
+    if cfg.lora_batch:
+        check_batchable(model)
+    return model, tokenizer
 
 
 def train(cfg: TrainConfig, task) -> Path | None:

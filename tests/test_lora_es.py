@@ -382,6 +382,11 @@ def test_lora_batch_in_a_bad_combination_is_one_clear_error_before_anything_is_w
         message = refused(lora_run(tiny_model_dir, out, 1, "--lora_batch", *extra), capsys)
         assert expected in message and message.count("\n  ") == 1, message
     assert not out.exists()
+    embedding = refused(lora_run(tiny_model_dir, out, 1, "--lora_batch", "--lora_targets",
+                                 "embed_tokens,q_proj"), capsys)
+    assert "--lora_batch applies adapters on linear layers only" in embedding, embedding
+    assert "embed_tokens.lora_embedding_A" in embedding
+    assert not out.exists() or not any(out.iterdir())  # checked once the model is loaded
 
 
 @pytest.mark.slow
