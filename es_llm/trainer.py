@@ -54,7 +54,7 @@ class Population:
     With `--es_params lora` the weights are the adapter's tensors (es_llm/lora.py), and a thread
     copy owns its adapter but shares the one frozen base model; with `--lora_batch` there are no
     copies: the members' adapters are applied per row of batched generate calls on the canonical
-    model (lora.BatchedLora), each member's adapter cast from the canonical one exactly, as with
+    model (lora.BatchedLora), each member's adapter built from the canonical one exactly, as with
     fp32 master weights.
     """
 
@@ -103,8 +103,7 @@ class Population:
     def evaluate_members(self, members, seeds, on_result=None, signs=None, iteration: int = 0):
         """Evaluate the members (population indices) this rank owns, `gpu_threads` at a time, or in
         lowrank mode and with --lora_batch up to `lowrank_batch` sequences per batched generate
-        call. `iteration` seeds
-        the sampled rollouts (with the member's seed).
+        call. `iteration` seeds the sampled rollouts (with the member's seed).
 
         `signs[i]` (default +1) multiplies member i's perturbation (antithetic pairs).
         Returns {index: reward} and the summed phase timings (thread-seconds)."""
