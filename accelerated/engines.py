@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from es_llm.config import ENGINES
-from es_llm.lora import attach_adapter, saved_tensors
+from es_llm.lora import BatchedLora, attach_adapter, saved_tensors
 from es_llm.lowrank import LOWRANK, BatchedLowRank, evaluate_batched
 from es_llm.models import DTYPE_NAMES, load_model
 from es_llm.weightset import WEIGHT_OPS, WeightSet
@@ -103,8 +103,9 @@ class TransformersEngine(Engine):
         self.weights = WeightSet(tensors, noise_mode, master_weights, rank=rank,
                                  targets=lowrank_targets,
                                  update_order="sequential" if lora is None else "accumulate")
-        self.lowrank = (BatchedLowRank(self.model, rank, lowrank_targets) if noise_mode == LOWRANK
-                        else None)
+        self.batched = (BatchedLowRank(self.model, rank, lowrank_targets) if noise_mode == LOWRANK
+                        else BatchedLora(self.model, self.weights.true_tensors, noise_mode)
+                        if lora is not None and lora.lora_batch else None)
         self.lowrank_batch, self.prune_finished = lowrank_batch, prune_finished
         self._generator = None
 
@@ -118,9 +119,9 @@ class TransformersEngine(Engine):
         return self._generator_cls(self.tokenizer, prompts, self.max_new_tokens)(self.model)
 
     def evaluate_batch(self, seeds, sigma: float, signs) -> list:
-        if self.lowrank is None:
+        if self.batched is None:
             return super().evaluate_batch(seeds, sigma, signs)
-        results, timings = evaluate_batched(self.lowrank, self._generator, self.task, seeds, signs,
+        results, timings = evaluate_batched(self.batched, self._generator, self.task, seeds, signs,
                                             sigma, self.lowrank_batch, self.prune_finished)
         share = {f"{phase}_s": seconds / len(seeds) for phase, seconds in timings.items()}
         return [{"reward": reward, "completion": completions[0], **share}

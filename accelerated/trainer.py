@@ -107,8 +107,6 @@ class PoolEvaluator:
     def evaluate(self, seeds, signs, on_result, prompts=None, iteration=None):
         """Every member on every training prompt, greedy (--prompt_batch and --num_rollouts are
         the plain trainers')."""
-        from es_llm.lowrank import LOWRANK
-
         import ray
 
         from es_llm.tasks import RewardError
@@ -117,7 +115,7 @@ class PoolEvaluator:
         try:
             results = self.pool.evaluate(seeds, self.cfg.sigma, signs,
                                          lambda i, r: on_result(i, r["reward"], r["completion"]),
-                                         self.cfg.schedule, batched=self.cfg.noise_mode == LOWRANK)
+                                         self.cfg.schedule, batched=self.cfg.batched_population)
         except ray.exceptions.RayTaskError as error:  # the task's reward, run by an engine
             if isinstance(error.cause, RewardError):
                 raise RewardError(str(error.cause)) from None

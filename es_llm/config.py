@@ -157,12 +157,12 @@ class TrainConfig:
         "help": "es_params lora: also write the base model with the final adapter "
                                "merged into it, to <output_dir>/merged_model/"})
     lora_batch: bool = field(default=False, metadata={
-        "plain": True,
         "help": "es_params lora: evaluate the members together, each member's adapter applied to "
                 "its own rows of one batched generate call on the one model (up to "
                 "--lowrank_batch sequences per call), instead of one member at a time per thread "
-                "copy (--gpu_threads). Each member computes what a thread copy holding exactly "
-                "its perturbed adapter computes"})
+                "copy (--gpu_threads) or per engine (the accelerated version's transformers "
+                "engines). Each member computes what a copy holding exactly its perturbed adapter "
+                "computes"})
     num_rollouts: int = field(default=1, metadata={
         "plain": True, "metavar": "K",
         "help": "completions sampled per prompt; a member's reward is their mean. Sampling seeds "

@@ -65,6 +65,34 @@ def test_two_engines_equal_the_plain_trainer_save_a_peft_adapter_and_resume_exac
                         load_file(str(accl / ckpt.MASTER_FILE)))
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_lora_batch_on_two_engines_equals_the_plain_trainers_thread_copies(tiny_model_dir,
+                                                                           tmp_path):
+    """--lora_batch on 2 transformers engines (each generating its members in one batched call),
+    fp32 with fp32 masters: the metrics and the adapter equal the plain trainer's thread copies
+    bit for bit."""
+    from accelerated.engines import TransformersEngine
+    from es_llm.config import AcceleratedConfig
+    from es_llm.lora import BatchedLora
+
+    cfg = AcceleratedConfig(task="t", model_name=str(tiny_model_dir), es_params="lora",
+                            lora_batch=True, engine="transformers")
+    engine = TransformersEngine(str(tiny_model_dir), "fp32", 6, "correlated", lora=cfg)
+    assert isinstance(engine.batched, BatchedLora)  # what an engine given --lora_batch evaluates on
+    task = tmp_path / "distinct_task.py"
+    task.write_text(TASK)
+    common = ["--model_name", str(tiny_model_dir), "--task", str(task), *SETTINGS]
+    run_main([*ACCL, *common, "--lora_batch", "--experiment_dir", str(tmp_path), "--run_name",
+              "accl"])
+    plain = tmp_path / "plain"
+    run_main([PYTHON, "es_fine-tuning.py", *common, "--gpu_threads", "2", "--output_dir", plain])
+    accl = tmp_path / "accl"
+    assert without_time(accl) == without_time(plain)
+    assert len({r for record in without_time(accl) for r in record["rewards"]}) > 1
+    assert same_tensors(adapter(accl), adapter(plain))
+
+
 def refusal(argv, capsys) -> str:
     """The accelerated front's checks alone (no Ray, nothing written): its exit-2 message."""
     script = load_module(ROOT / "es_fine-tuning_countdown_accl.py", "front_accl_lora")
