@@ -25,6 +25,24 @@ ACCL = [PYTHON, str(ROOT / "es_fine-tuning_countdown_accl.py"), "--engine", "tra
         "--num_engines", "2"]
 
 
+def both_trainers(tiny_model_dir, tmp_path, accl_extra, plain_extra):
+    """The accelerated run (2 engines, tmp_path/accl) and the plain trainer's (tmp_path/plain) of
+    SETTINGS on TASK; their metrics and adapters must be equal. Returns (the common arguments,
+    the accelerated run's directory)."""
+    task = tmp_path / "distinct_task.py"
+    task.write_text(TASK)
+    common = ["--model_name", str(tiny_model_dir), "--task", str(task), *SETTINGS]
+    run_main([*ACCL, *common, *accl_extra, "--experiment_dir", str(tmp_path), "--run_name",
+              "accl"])
+    plain = tmp_path / "plain"
+    run_main([PYTHON, "es_fine-tuning.py", *common, *plain_extra, "--output_dir", plain])
+    accl = tmp_path / "accl"
+    assert without_time(accl) == without_time(plain)
+    assert len({r for record in without_time(accl) for r in record["rewards"]}) > 1
+    assert same_tensors(adapter(accl), adapter(plain))
+    return common, accl
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_engines_equal_the_plain_trainer_save_a_peft_adapter_and_resume_exactly(
@@ -36,16 +54,8 @@ def test_two_engines_equal_the_plain_trainer_save_a_peft_adapter_and_resume_exac
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    task = tmp_path / "distinct_task.py"
-    task.write_text(TASK)
-    common = ["--model_name", str(tiny_model_dir), "--task", str(task), *SETTINGS]
-    run_main([*ACCL, *common, "--experiment_dir", str(tmp_path), "--run_name", "accl"])
+    common, accl = both_trainers(tiny_model_dir, tmp_path, [], ["--gpu_threads", "1"])
     plain = tmp_path / "plain"
-    run_main([PYTHON, "es_fine-tuning.py", *common, "--gpu_threads", "1", "--output_dir", plain])
-    accl = tmp_path / "accl"
-    assert without_time(accl) == without_time(plain)
-    assert len({r for record in without_time(accl) for r in record["rewards"]}) > 1
-    assert same_tensors(adapter(accl), adapter(plain))
     assert not same_tensors(adapter(accl / "checkpoint-1"), adapter(accl))
     merged = [load_file(str(run / "merged_model" / "model.safetensors")) for run in (accl, plain)]
     assert same_tensors(*merged)
@@ -80,17 +90,7 @@ def test_lora_batch_on_two_engines_equals_the_plain_trainers_thread_copies(tiny_
                             lora_batch=True, engine="transformers")
     engine = TransformersEngine(str(tiny_model_dir), "fp32", 6, "correlated", lora=cfg)
     assert isinstance(engine.batched, BatchedLora)  # what an engine given --lora_batch evaluates on
-    task = tmp_path / "distinct_task.py"
-    task.write_text(TASK)
-    common = ["--model_name", str(tiny_model_dir), "--task", str(task), *SETTINGS]
-    run_main([*ACCL, *common, "--lora_batch", "--experiment_dir", str(tmp_path), "--run_name",
-              "accl"])
-    plain = tmp_path / "plain"
-    run_main([PYTHON, "es_fine-tuning.py", *common, "--gpu_threads", "2", "--output_dir", plain])
-    accl = tmp_path / "accl"
-    assert without_time(accl) == without_time(plain)
-    assert len({r for record in without_time(accl) for r in record["rewards"]}) > 1
-    assert same_tensors(adapter(accl), adapter(plain))
+    both_trainers(tiny_model_dir, tmp_path, ["--lora_batch"], ["--gpu_threads", "2"])
 
 
 def refusal(argv, capsys) -> str:
