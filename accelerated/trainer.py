@@ -216,7 +216,7 @@ def train_accelerated(cfg, task) -> int:
     from es_llm import tracking
     from es_llm.checkpoint import write_json_atomic
     from es_llm.hf_weights import hf_layout, meta_model, resolve_base_model
-    from es_llm.lora import check_targets, target_list
+    from es_llm.lora import check_batchable_targets, check_targets, target_list
     from es_llm.loop import report_iteration
     from es_llm.rundir import Run
     from es_llm.trainer import resume_mismatches
@@ -238,8 +238,10 @@ def train_accelerated(cfg, task) -> int:
                               cfg.hf_cache_dir)
     layout = hf_layout(base, cfg.hf_cache_dir)
     if cfg.es_params == LORA:  # a target the model lacks, named before any engine starts
-        check_targets(meta_model(base, cfg.hf_cache_dir), target_list(cfg.lora_targets),
-                      cfg.model_name)
+        structure = meta_model(base, cfg.hf_cache_dir)
+        check_targets(structure, target_list(cfg.lora_targets), cfg.model_name)
+        if cfg.lora_batch:
+            check_batchable_targets(structure, target_list(cfg.lora_targets), cfg.model_name)
     tokenizer = AutoTokenizer.from_pretrained(base, cache_dir=cfg.hf_cache_dir)
     run.begin()
     longest_prompt = max(len(ids) for ids in tokenizer(task.prompts)["input_ids"])

@@ -75,12 +75,28 @@ def check_targets(model, targets, model_name: str) -> None:
     """Every --lora_targets name must name modules of the model (PEFT skips a name that matches
     nothing as long as another one matches)."""
     names = [name for name, _ in model.named_modules()]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    missing = [t for t in targets if not any(targeted(n, [t]) for n in names)]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                          if isinstance(m, torch.nn.Linear)})
         raise ValueError(f"--lora_targets names {', '.join(missing)}, which {model_name} does not "
                          f"have; its linear layers are {', '.join(linear)}")
+
+
+def targeted(name: str, targets) -> bool:
+    """Whether a module of this name is one of PEFT's target_modules (a list: suffix match)."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def check_batchable_targets(model, targets, model_name: str) -> None:
+    """--lora_batch: every module the targets name must be an nn.Linear (checked on the model's
+    structure, before an adapter is attached: the accelerated driver's meta-device model)."""
+    others = sorted({f"{name} ({type(module).__name__})" for name, module in model.named_modules()
+                     if targeted(name, targets) and not isinstance(module, nn.Linear)})
+    if others:
+        raise ValueError(f"--lora_batch applies adapters on linear layers only; --lora_targets "
+                         f"names {', '.join(others[:3])} in {model_name}: give linear layers "
+                         f"only, or drop --lora_batch to evaluate the members one at a time")
 
 
 def load_adapter_weights(model, directory: Path) -> None:

@@ -116,12 +116,18 @@ def test_vllm_engines_and_lowrank_noise_are_refused(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_target_the_model_lacks_is_named_before_any_engine_starts(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("targets, extra, expected", [
+    ("q_proj,v_porj", [], "error: --lora_targets names v_porj, which {} does not have"),
+    ("embed_tokens,q_proj", ["--lora_batch"],
+     "error: --lora_batch applies adapters on linear layers only; --lora_targets names "
+     "model.embed_tokens (Embedding) in {}")], ids=["a typo", "an embedding with --lora_batch"])
+def test_a_target_the_model_lacks_is_named_before_any_engine_starts(tiny_model_dir, tmp_path,
+                                                                    targets, extra, expected):
+    """And, with --lora_batch, a target that is not a linear layer."""
     script = load_module(ROOT / "es_fine-tuning_countdown_accl.py", "front_accl_lora_targets")
     with pytest.raises(SystemExit) as leaving:
         script.main(["--engine", "transformers", "--es_params", "lora", "--precision", "fp32",
-                     "--model_name", str(tiny_model_dir), "--lora_targets", "q_proj,v_porj",
+                     "--model_name", str(tiny_model_dir), "--lora_targets", targets, *extra,
                      "--data_sample", "4", "--experiment_dir", str(tmp_path), "--run_name", "r"])
-    assert str(leaving.value.code).startswith(
-        f"error: --lora_targets names v_porj, which {tiny_model_dir} does not have")
+    assert str(leaving.value.code).startswith(expected.format(tiny_model_dir))
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
