@@ -30,7 +30,7 @@ import torch
 
 from es_llm.config import ENGINES
 from es_llm.loop import heldout_entries
-from es_llm.lora import attach_adapter, saved_tensors
+from es_llm.lora import BatchedLora, attach_adapter, saved_tensors
 from es_llm.lowrank import LOWRANK, BatchedLowRank, evaluate_batched
 from es_llm.models import DTYPE_NAMES, load_model
 from es_llm.weightset import WEIGHT_OPS, WeightSet
@@ -131,8 +131,9 @@ class TransformersEngine(Engine):
                                  optimizer=optimizer, momentum=momentum,
                                  weight_decay=weight_decay)
         self.sampling = sampling
-        self.lowrank = (BatchedLowRank(self.model, rank, lowrank_targets) if noise_mode == LOWRANK
-                        else None)
+        self.batched = (BatchedLowRank(self.model, rank, lowrank_targets) if noise_mode == LOWRANK
+                        else BatchedLora(self.model, self.weights.true_tensors, noise_mode)
+                        if lora is not None and lora.lora_batch else None)
         self.lowrank_batch, self.prune_finished = lowrank_batch, prune_finished
         self._scoring = None  # (prompt indices, Generator, task) of the latest training prompts
 
@@ -158,10 +159,10 @@ class TransformersEngine(Engine):
         return generator.rollouts(self.model, iteration, seed)
 
     def evaluate_batch(self, seeds, sigma: float, signs, prompts=None) -> list:
-        if self.lowrank is None:
+        if self.batched is None:
             return super().evaluate_batch(seeds, sigma, signs, prompts)
         generator, task = self.scoring(prompts)
-        results, timings = evaluate_batched(self.lowrank, generator, task, seeds, signs, sigma,
+        results, timings = evaluate_batched(self.batched, generator, task, seeds, signs, sigma,
                                             self.lowrank_batch, self.prune_finished)
         share = {f"{phase}_s": seconds / len(seeds) for phase, seconds in timings.items()}
         return [{"reward": reward, "completion": completions[0], **share}

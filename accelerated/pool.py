@@ -147,7 +147,8 @@ class EnginePool:
         static: member i goes to engine i % num_engines, each engine taking its members in order;
         an engine that restores by subtracting the noise (no fp32 masters) drifts by rounding with
         every member it evaluates, so only this makes such runs reproducible bit for bit.
-        batched (lowrank mode): engine e generates its members i = e mod num_engines together."""
+        batched (lowrank mode, --lora_batch): engine e generates its members i = e mod
+        num_engines together."""
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
         signs = [1.0] * len(seeds) if signs is None else [float(x) for x in signs]

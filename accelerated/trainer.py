@@ -130,13 +130,12 @@ class PoolEvaluator:
     def evaluate(self, seeds, signs, on_result, prompts=None, iteration=0):
         """Every member on the iteration's training prompts (`prompts`: --prompt_batch's indices,
         None: all), greedy or sampled (--num_rollouts, seeded by `iteration`)."""
-        from es_llm.lowrank import LOWRANK
 
         t0 = time.time()
         with reward_errors():
             results = self.pool.evaluate(seeds, self.cfg.sigma, signs,
                                          lambda i, r: on_result(i, r["reward"], r["completion"]),
-                                         self.cfg.schedule, batched=self.cfg.noise_mode == LOWRANK,
+                                         self.cfg.schedule, batched=self.cfg.batched_population,
                                          prompts=prompts, iteration=iteration)
         # As the plain trainers all-reduce them: rewards in float32.
         rewards = [float(np.float32(r["reward"])) for r in results]
@@ -248,7 +247,7 @@ def train_accelerated(cfg, task) -> int:
     from es_llm import tracking
     from es_llm.checkpoint import write_json_atomic
     from es_llm.hf_weights import hf_layout, meta_model, resolve_base_model
-    from es_llm.lora import check_targets, target_list
+    from es_llm.lora import check_batchable_targets, check_targets, target_list
     from es_llm.loop import report_iteration
     from es_llm.rundir import Run
     from es_llm.trainer import resume_mismatches, tuning_data
@@ -271,8 +270,10 @@ def train_accelerated(cfg, task) -> int:
                               cfg.hf_cache_dir)
     layout = hf_layout(base, cfg.hf_cache_dir)
     if cfg.es_params == LORA:  # a target the model lacks, named before any engine starts
-        check_targets(meta_model(base, cfg.hf_cache_dir), target_list(cfg.lora_targets),
-                      cfg.model_name)
+        structure = meta_model(base, cfg.hf_cache_dir)
+        check_targets(structure, target_list(cfg.lora_targets), cfg.model_name)
+        if cfg.lora_batch:
+            check_batchable_targets(structure, target_list(cfg.lora_targets), cfg.model_name)
     tokenizer = AutoTokenizer.from_pretrained(base, cache_dir=cfg.hf_cache_dir)
     run.begin()
     longest_prompt = max(len(ids) for ids in tokenizer(task.prompts)["input_ids"])

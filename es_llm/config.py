@@ -35,7 +35,8 @@ SCHEDULES = ("dynamic", "static")
 ES_PARAMS = ("full", "lora")
 LORA = "lora"
 # The settings of --es_params lora only (refused with --es_params full when not at their default).
-LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_targets", "lora_init", "merge_adapter")
+LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_targets", "lora_init", "merge_adapter",
+                 "lora_batch")
 # The tuning settings the accelerated trainer runs on transformers engines only (vLLM engines
 # refuse them; --lr_schedule and --warmup_iterations, applied by the driver, run on both).
 ENGINE_TUNING_SETTINGS = ("optimizer", "momentum", "weight_decay", "prompt_batch", "eval_every",
@@ -90,12 +91,12 @@ class TrainConfig:
                 "projections' weights (q/k/v/o, gate/up/down), the layers vLLM's LoRA adapters "
                 "cover (needed with --engine vllm)"})
     lowrank_batch: int = field(default=256, metadata={
-        "help": "lowrank: most sequences (members x prompts) per batched generate call, the "
-                "memory budget; a call holds max(1, this // prompts) members"})
+        "help": "lowrank and --lora_batch: most sequences (members x prompts) per batched "
+                "generate call, the memory budget; a call holds max(1, this // prompts) members"})
     prune_finished: bool = field(default=True, metadata={
         "flag": "--no_prune_finished",
-        "help": "lowrank: keep rows that have ended in the batch until every row has, as "
-                "generate does (default: a finished row leaves the batch at once)"})
+        "help": "lowrank and --lora_batch: keep rows that have ended in the batch until every "
+                "row has, as generate does (default: a finished row leaves the batch at once)"})
     antithetic: bool = field(default=False, metadata={
         "help": "members come in +/- pairs sharing a seed (population_size must be even)"})
     fitness_shaping: str = field(default="zscore", metadata={
@@ -159,6 +160,13 @@ class TrainConfig:
     merge_adapter: bool = field(default=False, metadata={
         "help": "es_params lora: also write the base model with the final adapter "
                                "merged into it, to <output_dir>/merged_model/"})
+    lora_batch: bool = field(default=False, metadata={
+        "help": "es_params lora: evaluate the members together, each member's adapter applied to "
+                "its own rows of one batched generate call on the one model (up to "
+                "--lowrank_batch sequences per call), instead of one member at a time per thread "
+                "copy (--gpu_threads) or per engine (the accelerated version's transformers "
+                "engines). Each member computes what a copy holding exactly its perturbed adapter "
+                "computes"})
     num_rollouts: int = field(default=1, metadata={
         "metavar": "K",
         "help": "completions sampled per prompt; a member's reward is their mean. Sampling seeds "
@@ -174,7 +182,8 @@ class TrainConfig:
         "constant": "PRECISION", "choices": sorted(PRECISIONS), "help": "the weights' dtype"})
     gpu_threads: int = field(default=4, metadata={
         "plain": True, "help": "population members evaluated at once per process, each on its own "
-                               "copy (lowrank mode batches its members on one model instead)"})
+                               "copy (lowrank mode and --lora_batch batch their members on one "
+                               "model instead, and do not use it)"})
     reward_on_prompt_and_response: bool = field(default=False, metadata={
         "constant": "REWARD_ON_PROMPT_AND_RESPONSE", "flag": False,
         "help": "score the decoded prompt plus the response, as the published scripts do"})
@@ -211,6 +220,11 @@ class TrainConfig:
         "metavar": "PATH",
         "help": "with --task: the prompts (and columns) from a JSON list or JSONL file of rows "
                 "with a \"prompt\" key, instead of the task file's own"})
+
+    @property
+    def batched_population(self) -> bool:
+        """The members are generated together in batched calls on one model (no thread copies)."""
+        return self.noise_mode == LOWRANK or (self.es_params == LORA and self.lora_batch)
 
     def validate(self, num_processes: int = 1) -> None:
         problems = []
@@ -253,9 +267,10 @@ class TrainConfig:
         if self.fitness_shaping not in FITNESS_SHAPINGS:
             problems.append(f"fitness_shaping must be one of {FITNESS_SHAPINGS} "
                             f"(got {self.fitness_shaping!r})")
-        if self.published_drift and self.noise_mode == LOWRANK:
+        if self.published_drift and self.batched_population:
             problems.append("--published_drift applies to the thread copies of the correlated and "
-                            "iid modes; lowrank mode never perturbs the weights in place")
+                            "iid modes; lowrank mode and --lora_batch never perturb the weights "
+                            "in place")
         if self.master_weights not in MASTER_WEIGHTS:
             problems.append(f"master_weights must be 'none' or 'fp32' (got {self.master_weights!r})")
         for name in ("save_every", "keep_checkpoints"):
@@ -344,9 +359,10 @@ class TrainConfig:
                 return ["--top_p only applies to sampling; add --temperature T (or --num_rollouts "
                         "K > 1) or drop --top_p"]
             return []
-        if self.noise_mode == LOWRANK:
-            return ["--num_rollouts and --temperature are not built for --noise_mode lowrank yet; "
-                    "use correlated or iid noise, or greedy generation"]
+        if self.batched_population:
+            return ["--num_rollouts and --temperature are not built for --noise_mode lowrank or "
+                    "--lora_batch yet; use correlated or iid noise on thread copies, or greedy "
+                    "generation"]
         if self.do_sample:
             return ["the script's do_sample = True samples with generate's own unseeded sampling; "
                     "set it to False to use --temperature/--num_rollouts"]

@@ -10,6 +10,8 @@ matrices over a frozen base model.
     SavedAdapter     an adapter's settings and tensors away from its model (the accelerated
                      driver's copy of engine 0's), saved as PEFT saves an adapter
     shared_copy      a thread copy that owns its adapter and shares every base tensor
+    BatchedLora      every member's adapter applied per row of one batched forward on the one
+                     model (--lora_batch): no copies
     adapter_problems what is wrong with an adapter directory for this run (--lora_init)
 
 The adapter is kept in fp32 (PEFT's default, whatever the base model's precision). A run directory
@@ -19,9 +21,15 @@ holds it as PEFT saves it (adapter_config.json, adapter_model.safetensors), whic
 import copy
 import itertools
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .noise import perturbed_tensors
+from .rows import RowLayout
 
 ADAPTER_NAME = "default"  # PEFT's name for a model's only adapter
 ADAPTER_CONFIG = "adapter_config.json"
@@ -67,12 +75,28 @@ def check_targets(model, targets, model_name: str) -> None:
     """Every --lora_targets name must name modules of the model (PEFT skips a name that matches
     nothing as long as another one matches)."""
     names = [name for name, _ in model.named_modules()]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    missing = [t for t in targets if not any(targeted(n, [t]) for n in names)]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                          if isinstance(m, torch.nn.Linear)})
         raise ValueError(f"--lora_targets names {', '.join(missing)}, which {model_name} does not "
                          f"have; its linear layers are {', '.join(linear)}")
+
+
+def targeted(name: str, targets) -> bool:
+    """Whether a module of this name is one of PEFT's target_modules (a list: suffix match)."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def check_batchable_targets(model, targets, model_name: str) -> None:
+    """--lora_batch: every module the targets name must be an nn.Linear (checked on the model's
+    structure, before an adapter is attached: the accelerated driver's meta-device model)."""
+    others = sorted({f"{name} ({type(module).__name__})" for name, module in model.named_modules()
+                     if targeted(name, targets) and not isinstance(module, nn.Linear)})
+    if others:
+        raise ValueError(f"--lora_batch applies adapters on linear layers only; --lora_targets "
+                         f"names {', '.join(others[:3])} in {model_name}: give linear layers "
+                         f"only, or drop --lora_batch to evaluate the members one at a time")
 
 
 def load_adapter_weights(model, directory: Path) -> None:
@@ -140,6 +164,70 @@ def shared_copy(model):
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())
               if id(t) not in own}
     return copy.deepcopy(model, memo=shared)
+
+
+class BatchedLora:
+    """The members' adapters evaluated together on one model, in one batched forward (--lora_batch).
+
+    The rows of a call are the members' prompts, member-major (es_llm/rows.py). While `perturbed`
+    is active, every nn.Linear whose weight is an adapter tensor (PEFT's lora_A and lora_B of each
+    adapted layer) computes each member's block of rows with that member's tensor, which is the
+    tensor a thread copy evaluating the member holds: t + sign * sigma * eps, the same noise drawn
+    from the same seed (es_llm.noise), added to `tensors()` (the canonical adapter, or its fp32
+    masters). PEFT's own forward does the rest (base output + lora_B(lora_A(x)) * scaling, cast
+    back to the base's dtype), so a member's rows compute what its thread copy computes on them.
+    Memory: the one model plus one adapter per member of the call."""
+
+    def __init__(self, model, tensors, noise_mode: str):
+        check_batchable(model)
+        self.model, self.tensors, self.noise_mode = model, tensors, noise_mode
+        index = {id(p): k for k, (_, p) in enumerate(adapter_tensors(model))}
+        self.linears = [(module, index[id(module.weight)]) for module in model.modules()
+                        if isinstance(module, nn.Linear) and id(module.weight) in index]
+
+    @torch.no_grad()
+    def member_tensors(self, seeds, sigma: float, signs=None) -> list:
+        """Per member, its adapter tensors (adapter_tensors order) as its thread copy holds them."""
+        signs = [1.0] * len(seeds) if signs is None else signs
+        return [list(perturbed_tensors(self.tensors(), seed, float(sign) * sigma, self.noise_mode))
+                for seed, sign in zip(seeds, signs)]
+
+    @contextmanager
+    def perturbed(self, seeds, sigma: float, signs=None):
+        """While active, a forward over rows = len(seeds) x B (member-major) computes row block i
+        with member i's adapter. Yields the RowLayout that generation tells which rows remain."""
+        members = self.member_tensors(seeds, sigma, signs)
+        rows = RowLayout(len(seeds))
+        handles = [module.register_forward_hook(member_linear_hook(rows, [m[k] for m in members]))
+                   for module, k in self.linears]
+        try:
+            yield rows
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def check_batchable(model) -> None:
+    """--lora_batch applies adapter tensors that are the weight of an nn.Linear (lora_A, lora_B);
+    PEFT's LoRA on an embedding (lora_embedding_A/B) or a LoRA bias is refused."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    others = [name for name, p in adapter_tensors(model) if id(p) not in linear]
+    if others:
+        raise ValueError(f"--lora_batch applies adapters on linear layers only; this adapter also "
+                         f"holds {', '.join(others[:3])}: give --lora_targets linear layers only, "
+                         f"or drop --lora_batch to evaluate the members on thread copies")
+
+
+def member_linear_hook(rows: RowLayout, weights: list):
+    """A forward hook for a bias-free nn.Linear: each member's block of rows recomputed with that
+    member's weight (weights[i]), as F.linear on those rows alone."""
+
+    def hook(module, args, output):
+        x = args[0]
+        for member, start, end in rows.blocks(output):
+            output[start:end] = F.linear(x[start:end], weights[member])
+        return output
+    return hook
 
 
 def is_adapter_dir(path) -> bool:

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .rows import RowLayout
+
 LOWRANK = "lowrank"
 LOWRANK_TARGETS = ("all", "lora")
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -118,8 +120,10 @@ def keeps_masters(master_weights: str, noise_mode: str, params) -> bool:
 def evaluate_batched(lowrank, generate, task, seeds, signs, sigma: float, max_sequences: int,
                      prune: bool = True, with_prompt: bool = False):
     """Members (seeds[j], signs[j]) generated together on `lowrank.model`, at most `max_sequences`
-    sequences (members x prompts) per generate call. Returns [(j, mean reward, completions)] in
-    order, and the seconds spent per phase ({"noise", "generate"})."""
+    sequences (members x prompts) per generate call. `lowrank` is a batched population: a
+    BatchedLowRank, or es_llm.lora.BatchedLora (the members' adapters, --lora_batch). Returns
+    [(j, mean reward, completions)] in order, and the seconds spent per phase ({"noise",
+    "generate"})."""
     per_call = max(1, max_sequences // len(task.prompts))
     timings = {"noise": 0.0, "generate": 0.0}
     results = []
@@ -230,50 +234,14 @@ class BatchedLowRank:
                 module._parameters["weight"] = self.params[k_weight]
 
 
-class RowMap:
-    """Which member each row of the batch belongs to, and the members' terms laid out per row.
-
-    A fresh batch is member-major (rows = members x B): the first forward sets that layout. When
-    generation drops rows that have finished, `select_rows(keep)` keeps those rows (indices into the
-    current rows); `select_rows(None)` starts over for the next batch. The per-row tensors are
-    gathered once per layout, not once per forward."""
+class RowMap(RowLayout):
+    """The members' low-rank terms laid out per row (es_llm/rows.py: which member each row is);
+    the per-row tensors are gathered once per layout, not once per forward."""
 
     def __init__(self, batched: BatchedLowRank, terms: dict, members: int):
+        super().__init__(members)
         self.params = batched.params
         self.terms = terms
-        self.members = members
-        self.member_of_row = None  # [rows] member index, or None until the first forward
-        self.pruned = False  # rows were dropped: the map no longer follows the member-major layout
-        self.cache = {}
-
-    def select_rows(self, keep) -> None:
-        self.cache = {}
-        if keep is None or self.member_of_row is None:
-            self.member_of_row, self.pruned = None, False
-        else:
-            self.member_of_row = self.member_of_row[keep.to(self.member_of_row.device)]
-            self.pruned = True
-
-    def _rows(self, t: torch.Tensor) -> torch.Tensor:
-        rows = t.shape[0]
-        if self.member_of_row is not None and rows != len(self.member_of_row):
-            if self.pruned:
-                raise ValueError(f"a batched low-rank forward got {rows} rows where the row map has "
-                                 f"{len(self.member_of_row)}; call select_rows(None) before a new batch")
-            self.member_of_row, self.cache = None, {}  # a new member-major batch of another size
-        if self.member_of_row is None:
-            if rows % self.members:
-                raise ValueError(f"a batched low-rank forward needs rows = members x prompts; got "
-                                 f"{rows} rows for {self.members} members")
-            self.member_of_row = torch.arange(self.members, device=t.device).repeat_interleave(
-                rows // self.members)
-        return self.member_of_row
-
-    def _per_row(self, key, t: torch.Tensor, make):
-        rows = self._rows(t)
-        if key not in self.cache:
-            self.cache[key] = make(rows)
-        return self.cache[key]
 
     def linear_hook(self, k_weight, k_bias):
         a, b = self.terms[k_weight]  # [M, out, R], [M, in, R]
@@ -290,7 +258,7 @@ class RowMap:
             return columns, a_rows, b_rows, None if bias is None else bias[rows].unsqueeze(1)
 
         def hook(module, args, output):
-            columns, a_t, b_rows, bias_rows = self._per_row(("linear", k_weight), output, make)
+            columns, a_t, b_rows, bias_rows = self.per_row(("linear", k_weight), output, make)
             x = args[0].reshape(output.shape[0], -1, args[0].shape[-1])  # [rows, seq, in]
             out = output.reshape(output.shape[0], -1, output.shape[-1])
             if columns is not None:
@@ -311,7 +279,7 @@ class RowMap:
             return rows.unsqueeze(1), [b[rows][:, :, r].unsqueeze(1).contiguous() for r in range(b.shape[-1])]
 
         def hook(module, args, output):
-            member, b_cols = self._per_row(("embedding", k_weight), output, make)
+            member, b_cols = self.per_row(("embedding", k_weight), output, make)
             ids = args[0].reshape(output.shape[0], -1)
             rows_a = a[member, ids]  # [rows, seq, R]
             out = output.reshape(output.shape[0], -1, output.shape[-1])
@@ -326,7 +294,7 @@ class RowMap:
 
         def pre(module, args):
             hidden = args[0]
-            per_row = self._per_row(("norm", k_weight, hidden.ndim), hidden, lambda rows: weights[rows].view(
+            per_row = self.per_row(("norm", k_weight, hidden.ndim), hidden, lambda rows: weights[rows].view(
                 hidden.shape[0], *[1] * (hidden.ndim - 2), -1))
             module._parameters["weight"] = per_row
 

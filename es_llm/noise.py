@@ -63,6 +63,16 @@ def add_noise(params, seed: int, scale: float, noise_mode: str, keep: bool = Fal
 
 
 @torch.no_grad()
+def perturbed_tensors(tensors, seed: int, scale: float, noise_mode: str):
+    """Yield a new tensor scale * eps + t for every tensor t, noise drawn in t's dtype, one at a
+    time: what MasterWeights casts into the weights, and what perturbing weights equal to
+    `tensors` gives in their dtype."""
+    for tensor, delta in per_tensor(
+            tensors, noise_mode, lambda k, t: tensor_noise(t, seed, k, noise_mode).mul_(scale)):
+        yield delta + tensor
+
+
+@torch.no_grad()
 def subtract_noise(params, added) -> None:
     for param, delta in zip(params, added):
         param.sub_(delta)
@@ -80,10 +90,9 @@ class MasterWeights:
 
     @torch.no_grad()
     def perturb(self, params, seed: int, sigma: float, noise_mode: str) -> None:
-        scaled = per_tensor(self.tensors, noise_mode,
-                            lambda k, m: tensor_noise(m, seed, k, noise_mode).mul_(sigma))
-        for param, (master, delta) in zip(params, scaled):
-            param.copy_(delta + master)
+        for param, perturbed in zip(params, perturbed_tensors(self.tensors, seed, sigma,
+                                                              noise_mode)):
+            param.copy_(perturbed)
 
     @torch.no_grad()
     def copy_to(self, params) -> None:

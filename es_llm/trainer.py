@@ -1,8 +1,9 @@
 """The plain trainers' evaluator: processes (accelerate) and threads.
 
 Seed i is evaluated by rank i % num_processes, up to `gpu_threads` at a time on separate model
-copies (or, in lowrank mode, all of the rank's members in batched generate calls on the one model);
-every rank all-reduces the rewards and applies the same update. The loop itself is es_llm/loop.py.
+copies (or, in lowrank mode and with --lora_batch, all of the rank's members in batched generate
+calls on the one model); every rank all-reduces the rewards and applies the same update. The
+loop itself is es_llm/loop.py.
 """
 import copy
 import sys
@@ -20,7 +21,8 @@ from . import tracking
 from .generation import Generator
 from .loop import heldout_entries, report_iteration, run_es
 from .config import LORA, RESUME_MUST_MATCH, TrainConfig
-from .lora import MERGED_DIR, adapter_tensors, attach_adapter, save_merged, shared_copy
+from .lora import (MERGED_DIR, BatchedLora, adapter_tensors, attach_adapter, check_batchable,
+                   save_merged, shared_copy)
 from .lowrank import LOWRANK, BatchedLowRank, evaluate_batched
 from .models import load_model
 from .rundir import Run
@@ -49,7 +51,10 @@ class Population:
     itself, as in the published scripts. Every weight operation is a WeightSet's.
 
     With `--es_params lora` the weights are the adapter's tensors (es_llm/lora.py), and a thread
-    copy owns its adapter but shares the one frozen base model.
+    copy owns its adapter but shares the one frozen base model; with `--lora_batch` there are no
+    copies: the members' adapters are applied per row of batched generate calls on the canonical
+    model (lora.BatchedLora), each member's adapter built from the canonical one exactly, as with
+    fp32 master weights.
     """
 
     def __init__(self, model, cfg: TrainConfig, generate, task, masters=None,
@@ -65,9 +70,8 @@ class Population:
             self.weights.load_masters(masters)
         if optimizer_state is not None:
             self.weights.load_optimizer_state(optimizer_state)
-        lowrank = cfg.noise_mode == LOWRANK
-        self.lowrank = BatchedLowRank(model, cfg.rank, cfg.lowrank_targets) if lowrank else None
-        self.models = [clone(model) for _ in range(0 if lowrank else cfg.gpu_threads)]
+        self.batched = batched_population(model, cfg, self.weights)
+        self.models = [clone(model) for _ in range(0 if self.batched else cfg.gpu_threads)]
         if cfg.published_drift and self.models:
             # As published: thread 0 evaluates on the canonical weights, so its restore rounding
             # stays in the weights that are updated and saved.
@@ -96,14 +100,14 @@ class Population:
 
     def evaluate_members(self, members, seeds, on_result=None, signs=None, iteration: int = 0):
         """Evaluate the members (population indices) this rank owns, `gpu_threads` at a time, or in
-        lowrank mode up to `lowrank_batch` sequences per batched generate call. `iteration` seeds
-        the sampled rollouts (with the member's seed).
+        lowrank mode and with --lora_batch up to `lowrank_batch` sequences per batched generate
+        call. `iteration` seeds the sampled rollouts (with the member's seed).
 
         `signs[i]` (default +1) multiplies member i's perturbation (antithetic pairs).
         Returns {index: reward} and the summed phase timings (thread-seconds)."""
         signs = signs or member_signs(len(seeds), False)
-        if self.lowrank:
-            return self._evaluate_lowrank(members, seeds, signs, on_result)
+        if self.batched:
+            return self._evaluate_batched(members, seeds, signs, on_result)
         rewards, timings = {}, {"noise": 0.0, "generate": 0.0}
         threads = len(self.models)
         for chunk in range(0, len(members), threads):
@@ -122,9 +126,9 @@ class Population:
                     on_result(i, reward, completions)
         return rewards, timings
 
-    def _evaluate_lowrank(self, members, seeds, signs, on_result):
+    def _evaluate_batched(self, members, seeds, signs, on_result):
         results, timings = evaluate_batched(
-            self.lowrank, self.generate, self.task, [seeds[i] for i in members],
+            self.batched, self.generate, self.task, [seeds[i] for i in members],
             [signs[i] for i in members], self.cfg.sigma, self.cfg.lowrank_batch,
             self.cfg.prune_finished, self.cfg.reward_on_prompt_and_response)
         rewards = {}
@@ -152,6 +156,16 @@ class Population:
             self.pool.shutdown()
 
 
+def batched_population(model, cfg: TrainConfig, weights: WeightSet):
+    """How the members are generated together on the one model, or None (thread copies): lowrank
+    terms per row (--noise_mode lowrank), or each member's adapter per row (--lora_batch)."""
+    if cfg.noise_mode == LOWRANK:
+        return BatchedLowRank(model, cfg.rank, cfg.lowrank_targets)
+    if cfg.batched_population:
+        return BatchedLora(model, weights.true_tensors, cfg.noise_mode)
+    return None
+
+
 def resume_mismatches(saved: dict, cfg) -> list:
     """The RESUME_MUST_MATCH settings on which a checkpoint's config and this run differ; a setting
     missing from an older checkpoint counts as its default. A decaying --lr_schedule spans the
@@ -164,8 +178,9 @@ def resume_mismatches(saved: dict, cfg) -> list:
 
 
 class LocalEvaluator:
-    """The population on this process: thread copies (correlated, iid) or batched rows (lowrank);
-    the main rank's seeds broadcast, the rewards all-reduced, the same update on every rank."""
+    """The population on this process: thread copies (correlated, iid) or batched rows (lowrank,
+    --lora_batch); the main rank's seeds broadcast, the rewards all-reduced, the same update on
+    every rank."""
 
     def __init__(self, cfg: TrainConfig, accelerator, model, tokenizer, task, masters=None,
                  optimizer_state=None, heldout=None):
@@ -278,7 +293,10 @@ def load_for_training(cfg: TrainConfig, weights, device):
     if cfg.es_params != LORA:
         return load_model(weights or cfg.model_name, cfg.precision, cfg.hf_cache_dir, device)
     model, tokenizer = load_model(cfg.model_name, cfg.precision, cfg.hf_cache_dir, device)
-    return attach_adapter(model, cfg, weights or cfg.lora_init), tokenizer
+    model = attach_adapter(model, cfg, weights or cfg.lora_init)
+    if cfg.lora_batch:
+        check_batchable(model)
+    return model, tokenizer
 
 
 def train(cfg: TrainConfig, task) -> Path | None:
@@ -292,7 +310,7 @@ def train(cfg: TrainConfig, task) -> Path | None:
     world, is_main = accelerator.num_processes, accelerator.is_main_process
     cfg.validate(world)
     heldout = tuning_data(cfg, task)
-    if cfg.population_size < world * cfg.gpu_threads and cfg.noise_mode != LOWRANK and is_main:
+    if cfg.population_size < world * cfg.gpu_threads and not cfg.batched_population and is_main:
         print(f"note: population {cfg.population_size} < {world} processes x {cfg.gpu_threads} "
               f"threads; some threads will stay idle", file=sys.stderr)
 

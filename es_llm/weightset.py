@@ -103,6 +103,10 @@ class WeightSet:
     def params(self) -> list:
         return [tensor for _, tensor in self.named_tensors()]
 
+    def true_tensors(self) -> list:
+        """The weights' true state: the fp32 master weights, or the weights themselves."""
+        return self.masters.tensors if self.masters else self.params()
+
     def perturb(self, seed: int, sigma: float) -> None:
         """theta += sigma * eps (a negative sigma gives the minus member of an antithetic pair)."""
         if self.masters:
@@ -131,7 +135,7 @@ class WeightSet:
         alpha * (1/N) * sum_i z_i * A_i B_i^T / sqrt(R), in fp32. With an optimizer (momentum,
         adam, adamw), the same sum at alpha = 1 is the ES gradient estimate its step follows, at
         learning rate alpha, on the fp32 master weights."""
-        target = self.masters.tensors if self.masters else self.params()
+        target = self.true_tensors()
         n = n or len(seeds)
         if self.optimizer is None:
             self._add_update(target, seeds, z, alpha, n)

@@ -25,6 +25,24 @@ ACCL = [PYTHON, str(ROOT / "es_fine-tuning_countdown_accl.py"), "--engine", "tra
         "--num_engines", "2"]
 
 
+def both_trainers(tiny_model_dir, tmp_path, accl_extra, plain_extra):
+    """The accelerated run (2 engines, tmp_path/accl) and the plain trainer's (tmp_path/plain) of
+    SETTINGS on TASK; their metrics and adapters must be equal. Returns (the common arguments,
+    the accelerated run's directory)."""
+    task = tmp_path / "distinct_task.py"
+    task.write_text(TASK)
+    common = ["--model_name", str(tiny_model_dir), "--task", str(task), *SETTINGS]
+    run_main([*ACCL, *common, *accl_extra, "--experiment_dir", str(tmp_path), "--run_name",
+              "accl"])
+    plain = tmp_path / "plain"
+    run_main([PYTHON, "es_fine-tuning.py", *common, *plain_extra, "--output_dir", plain])
+    accl = tmp_path / "accl"
+    assert without_time(accl) == without_time(plain)
+    assert len({r for record in without_time(accl) for r in record["rewards"]}) > 1
+    assert same_tensors(adapter(accl), adapter(plain))
+    return common, accl
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_engines_equal_the_plain_trainer_save_a_peft_adapter_and_resume_exactly(
@@ -36,16 +54,8 @@ def test_two_engines_equal_the_plain_trainer_save_a_peft_adapter_and_resume_exac
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    task = tmp_path / "distinct_task.py"
-    task.write_text(TASK)
-    common = ["--model_name", str(tiny_model_dir), "--task", str(task), *SETTINGS]
-    run_main([*ACCL, *common, "--experiment_dir", str(tmp_path), "--run_name", "accl"])
+    common, accl = both_trainers(tiny_model_dir, tmp_path, [], ["--gpu_threads", "1"])
     plain = tmp_path / "plain"
-    run_main([PYTHON, "es_fine-tuning.py", *common, "--gpu_threads", "1", "--output_dir", plain])
-    accl = tmp_path / "accl"
-    assert without_time(accl) == without_time(plain)
-    assert len({r for record in without_time(accl) for r in record["rewards"]}) > 1
-    assert same_tensors(adapter(accl), adapter(plain))
     assert not same_tensors(adapter(accl / "checkpoint-1"), adapter(accl))
     merged = [load_file(str(run / "merged_model" / "model.safetensors")) for run in (accl, plain)]
     assert same_tensors(*merged)
@@ -63,6 +73,24 @@ def test_two_engines_equal_the_plain_trainer_save_a_peft_adapter_and_resume_exac
     assert same_tensors(adapter(resumed), adapter(accl))
     assert same_tensors(load_file(str(resumed / ckpt.MASTER_FILE)),
                         load_file(str(accl / ckpt.MASTER_FILE)))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_lora_batch_on_two_engines_equals_the_plain_trainers_thread_copies(tiny_model_dir,
+                                                                           tmp_path):
+    """--lora_batch on 2 transformers engines (each generating its members in one batched call),
+    fp32 with fp32 masters: the metrics and the adapter equal the plain trainer's thread copies
+    bit for bit."""
+    from accelerated.engines import TransformersEngine
+    from es_llm.config import AcceleratedConfig
+    from es_llm.lora import BatchedLora
+
+    cfg = AcceleratedConfig(task="t", model_name=str(tiny_model_dir), es_params="lora",
+                            lora_batch=True, engine="transformers")
+    engine = TransformersEngine(str(tiny_model_dir), "fp32", 6, "correlated", lora=cfg)
+    assert isinstance(engine.batched, BatchedLora)  # what an engine given --lora_batch evaluates on
+    both_trainers(tiny_model_dir, tmp_path, ["--lora_batch"], ["--gpu_threads", "2"])
 
 
 def refusal(argv, capsys) -> str:
@@ -88,12 +116,18 @@ def test_vllm_engines_and_lowrank_noise_are_refused(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_target_the_model_lacks_is_named_before_any_engine_starts(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("targets, extra, expected", [
+    ("q_proj,v_porj", [], "error: --lora_targets names v_porj, which {} does not have"),
+    ("embed_tokens,q_proj", ["--lora_batch"],
+     "error: --lora_batch applies adapters on linear layers only; --lora_targets names "
+     "model.embed_tokens (Embedding) in {}")], ids=["a typo", "an embedding with --lora_batch"])
+def test_a_target_the_model_lacks_is_named_before_any_engine_starts(tiny_model_dir, tmp_path,
+                                                                    targets, extra, expected):
+    """And, with --lora_batch, a target that is not a linear layer."""
     script = load_module(ROOT / "es_fine-tuning_countdown_accl.py", "front_accl_lora_targets")
     with pytest.raises(SystemExit) as leaving:
         script.main(["--engine", "transformers", "--es_params", "lora", "--precision", "fp32",
-                     "--model_name", str(tiny_model_dir), "--lora_targets", "q_proj,v_porj",
+                     "--model_name", str(tiny_model_dir), "--lora_targets", targets, *extra,
                      "--data_sample", "4", "--experiment_dir", str(tmp_path), "--run_name", "r"])
-    assert str(leaving.value.code).startswith(
-        f"error: --lora_targets names v_porj, which {tiny_model_dir} does not have")
+    assert str(leaving.value.code).startswith(expected.format(tiny_model_dir))
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())

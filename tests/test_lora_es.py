@@ -268,3 +268,144 @@ def test_thread_copies_share_the_frozen_base_and_own_their_adapters(tiny_model_d
     WeightSet(lambda: adapter_tensors(copy_), "iid").perturb(7, 0.1)
     assert all(torch.equal(a, b) for a, (_, b) in zip(before, adapter_tensors(model)))
     assert not torch.equal(before[0], adapter_tensors(copy_)[0][1])
+
+
+
+def with_adapter(model, model_name, lora_B_only=False, std=0.3):
+    """`model` with a LoRA adapter whose tensors are made non-trivial (PEFT starts with B = 0):
+    normal(0, std) from per-tensor seeds (B only with `lora_B_only`)."""
+    from es_llm.config import TrainConfig
+    from es_llm.lora import adapter_tensors, attach_adapter
+
+    model = attach_adapter(model, TrainConfig(task="t", model_name=model_name, es_params="lora"))
+    with torch.no_grad():
+        for k, (name, tensor) in enumerate(adapter_tensors(model)):
+            if "lora_B" in name or not lora_B_only:
+                tensor.normal_(0, std, generator=torch.Generator().manual_seed(k))
+    return model
+
+
+def population(model, tokenizer, noise_mode, lora_batch):
+    """A trainer's Population over `model` (an adapter attached) on the conciseness task, with fp32
+    master weights (the thread copies restore exactly)."""
+    from es_llm.config import TrainConfig
+    from es_llm.generation import Generator
+    from es_llm.tasks import conciseness_task
+    from es_llm.trainer import Population
+
+    cfg = TrainConfig(task="conciseness", model_name="m", es_params="lora", sigma=0.3,
+                      noise_mode=noise_mode, master_weights="fp32", lora_batch=lora_batch,
+                      gpu_threads=2)
+    task = conciseness_task()
+    return Population(model, cfg, Generator(tokenizer, task.prompts, 12), task)
+
+
+@pytest.mark.parametrize("noise_mode", ["correlated", "iid"])
+def test_a_members_batched_rows_give_its_thread_copys_texts_rewards_and_logits(
+        tiny_model_dir, noise_mode):
+    """fp32: each member's rows of one batched call (--lora_batch) generate the greedy texts, and
+    so the rewards, that its thread copy generates, and compute its logits bit for bit (the adapter
+    made non-trivial first: PEFT starts with B = 0)."""
+    model = with_adapter(base_model(tiny_model_dir), str(tiny_model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.padding_side = "left"
+    seeds, signs = [5, 2**30 - 1, 77, 123456], [1.0, -1.0, 1.0, -1.0]
+    found, evaluated = {}, {}
+    for lora_batch in (False, True):
+        texts, evaluated[lora_batch] = {}, population(model, tokenizer, noise_mode, lora_batch)
+        rewards, _ = evaluated[lora_batch].evaluate_members(
+            list(range(4)), seeds, lambda i, r, completions: texts.update({i: completions}), signs)
+        found[lora_batch] = rewards, texts
+    assert found[True] == found[False]
+    assert len({tuple(t) for t in found[True][1].values()}) == 4  # the members differ
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad(), evaluated[True].batched.perturbed(seeds, 0.3, signs):
+        rows = model(**{k: v.repeat(4, 1) for k, v in batch.items()}).logits.split(len(PROMPTS))
+    copies = evaluated[False]
+    for i, (seed, sign) in enumerate(zip(seeds, signs)):
+        copies.copies[1].perturb(seed, sign * 0.3)
+        assert torch.equal(logits(copies.models[1], tokenizer), rows[i]), i
+        copies.copies[1].restore(seed, sign * 0.3)
+
+
+def test_lora_batch_drops_finished_rows_and_keeps_each_members_texts(tiny_model_dir):
+    """With an end token that some rows produce part-way, the pruned batched generation (rows
+    leave the batch as they finish) gives each member the texts of its thread copy."""
+    from es_llm.generation import Generator
+    from es_llm.lora import BatchedLora, adapter_tensors, shared_copy
+    from es_llm.weightset import WeightSet
+
+    model = with_adapter(base_model(tiny_model_dir), str(tiny_model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.padding_side = "left"
+    generate, seeds, signs = Generator(tokenizer, PROMPTS, 10), [3, 4, 5], [1.0, -1.0, 1.0]
+    batched = BatchedLora(model, lambda: [t for _, t in adapter_tensors(model)], "iid")
+    rows = {k: v.repeat(3, 1) for k, v in generate.batches[0].items()}
+    with torch.no_grad(), batched.perturbed(seeds, 0.3, signs):
+        new = model.generate(**rows, max_new_tokens=10, do_sample=False, eos_token_id=-1,
+                             pad_token_id=tokenizer.pad_token_id)[:, rows["input_ids"].shape[1]:]
+    model.generation_config.eos_token_id = int(new[1, 3])  # row 1 ends after 4 tokens
+    calls = []
+    with batched.perturbed(seeds, 0.3, signs) as layout:
+        def on_rows(keep):
+            calls.append(None if keep is None else len(keep))
+            layout.select_rows(keep)
+        pruned = generate.repeated(model, 3, on_rows=on_rows)
+    assert calls[0] is None and 0 < calls[1] < 6, calls
+    copy_ = shared_copy(model)
+    weights = WeightSet(lambda: adapter_tensors(copy_), "iid", master_weights="fp32")
+    for i, (seed, sign) in enumerate(zip(seeds, signs)):
+        weights.perturb(seed, sign * 0.3)
+        assert pruned[i] == generate(copy_), i
+        weights.restore(seed, sign * 0.3)
+
+
+def test_a_lora_batch_run_equals_the_thread_copy_run_bit_for_bit(tiny_model_dir, tmp_path):
+    """fp32, 2 iterations, antithetic: --lora_batch gives the thread copies' metrics (rewards)
+    and adapter bit for bit, the copies restoring exactly (--master_weights fp32; without it a
+    copy's restore-by-subtraction rounds, and its later members drift)."""
+    copies, batched = tmp_path / "copies", tmp_path / "batched"
+    extra = ("--sigma", "0.3", "--antithetic", "--noise_mode", "iid")
+    run_main(lora_run(tiny_model_dir, copies, 2, *extra, "--master_weights", "fp32"))
+    run_main(lora_run(tiny_model_dir, batched, 2, *extra, "--lora_batch", threads=1))
+    assert metrics(batched) == metrics(copies)
+    assert len({r for record in metrics(copies) for r in record["rewards"]}) > 2
+    assert same_tensors(adapter(batched), adapter(copies))
+
+
+def test_lora_batch_in_a_bad_combination_is_one_clear_error_before_anything_is_written(
+        tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    for extra, expected in (
+            (["--es_params", "full"], "--lora_batch only applies to --es_params lora"),
+            (["--published_drift"], "lowrank mode and --lora_batch never perturb the weights"),
+            (["--temperature", "0.7"], "not built for --noise_mode lowrank or --lora_batch")):
+        message = refused(lora_run(tiny_model_dir, out, 1, "--lora_batch", *extra), capsys)
+        assert expected in message and message.count("\n  ") == 1, message
+    assert not out.exists()
+    embedding = refused(lora_run(tiny_model_dir, out, 1, "--lora_batch", "--lora_targets",
+                                 "embed_tokens,q_proj"), capsys)
+    assert "--lora_batch applies adapters on linear layers only" in embedding, embedding
+    assert "embed_tokens.lora_embedding_A" in embedding
+    assert not out.exists() or not any(out.iterdir())  # checked once the model is loaded
+
+
+@pytest.mark.slow
+def test_bundled_bf16_a_members_batched_rows_compute_its_thread_copys_logits_bit_for_bit():
+    """The README's bf16 claim, on this CPU: the real model in bf16 (adapter fp32, B made
+    non-zero), 4 members in one batched forward; each member's rows give the logits of its thread
+    copy (exact restore) bit for bit."""
+    from es_llm.models import load_model
+
+    model, tokenizer = load_model("bundled", "bf16")
+    model = with_adapter(model, "bundled", lora_B_only=True, std=0.02)
+    seeds, signs = [100, 101, 102, 103], [1.0, -1.0, 1.0, -1.0]
+    batched, copies = (population(model, tokenizer, "correlated", b) for b in (True, False))
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad(), batched.batched.perturbed(seeds, 0.02, signs):
+        rows = model(**{k: v.repeat(4, 1) for k, v in batch.items()}).logits.split(len(PROMPTS))
+    for i, (seed, sign) in enumerate(zip(seeds, signs)):
+        copies.copies[1].perturb(seed, sign * 0.02)
+        assert torch.equal(logits(copies.models[1], tokenizer), rows[i].float()), i
+        copies.copies[1].restore(seed, sign * 0.02)
+        assert not torch.equal(rows[i], rows[(i + 1) % 4])
