@@ -21,17 +21,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Tests that start Ray (marked `ray`, or the accelerated case of a test parametrized by
-    trainer) form two pytest-xdist groups, each run one test after another by one worker: the
-    scale-out clusters and the bundled model's accelerated runs in one, the other accelerated runs
-    in the other. One group held them all until 2026-12-02: its worker then ran for minutes after
-    the other had finished (the suite used 64% of the 2 cores); two Rays on one machine, one per
-    worker, run side by side."""
+    trainer) form one pytest-xdist group: one worker runs them one after another (two local Ray
+    instances on one machine are not supported), the other worker runs the rest beside them."""
     for item in items:
         params = getattr(item, "callspec", None)
         accelerated = params is not None and params.params.get("trainer") == "accelerated"
         if item.get_closest_marker("ray") or accelerated:
-            heavy = item.module.__name__ in ("test_scale_out", "test_real_model")
-            item.add_marker(pytest.mark.xdist_group("ray" if heavy else "ray-2"))
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(scope="session")
