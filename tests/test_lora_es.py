@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import PYTHON, ROOT, build_tiny_model, load_module, run_main, run_script, start_script
+from conftest import PYTHON, ROOT, build_tiny_model, load_module, run_main, start_script
 from es_llm import checkpoint as ckpt
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
