@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from es_llm.evaluation import (AUTO_PRECISION, argument_problems, generate, load_for_eval,
-                               per_sample_kl, run_evaluation, summarize, write_json, write_jsonl)
+from es_llm.evaluation import (AUTO_PRECISION, KL_BATCH_SIZE, SAMPLE_BATCH_SIZE, SAMPLE_SEED,
+                               argument_problems, eval_parser, load_for_eval, per_sample_kl,
+                               run_evaluation, sample_responses, summarize, write_json, write_jsonl)
 from es_llm.models import PRECISIONS, load_model, model_short_name
 from es_llm.tasks import conciseness_reward
 
@@ -25,14 +26,8 @@ RESPONSES_FILE = "responses.jsonl"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", default=None,
-                   help="a trainer's output or checkpoint-N directory, any model --base_model_name "
-                        "accepts, or a weights file or PEFT adapter directory (--es_params lora) "
-                        "for --base_model_name (default: the base model)")
-    p.add_argument("--base_model_name", default="Qwen/Qwen2.5-3B-Instruct",
-                   help="the model fine-tuning started from: the reference of the KL divergence")
+    p = eval_parser(__doc__, "Qwen/Qwen2.5-3B-Instruct", required=False, base_help=(
+        "the model fine-tuning started from: the reference of the KL divergence"))
     p.add_argument("--hf_cache_dir", default=None)
     p.add_argument("--eval_data_path", default=str(DEFAULT_EVAL_DATA),
                    help='JSON list of {"prompt": ..., "target": ...} held-out items')
@@ -41,10 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling temperature (the KL estimate is unbiased only at 1)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (1: off)")
     p.add_argument("--max_new_tokens", type=int, default=100)
-    p.add_argument("--batch_size", type=int, default=4,
+    p.add_argument("--batch_size", type=int, default=SAMPLE_BATCH_SIZE,
                    help="prompts per generate call (each with --num_samples responses)")
-    p.add_argument("--kl_batch_size", type=int, default=32, help="responses per scoring forward pass")
-    p.add_argument("--seed", type=int, default=0, help="torch seed for sampling")
+    p.add_argument("--kl_batch_size", type=int, default=KL_BATCH_SIZE, help="responses per scoring forward pass")
+    p.add_argument("--seed", type=int, default=SAMPLE_SEED, help="torch seed for sampling")
     p.add_argument("--precision", default=AUTO_PRECISION, choices=[AUTO_PRECISION, *sorted(PRECISIONS)],
                    help="auto: the dtype the model directory was saved in (bf16 otherwise); the base "
                         "model is loaded in the same precision")
@@ -89,12 +84,10 @@ def evaluate(args) -> dict:
           f"{len(items)} prompts x {args.num_samples} samples, temperature {args.temperature}, "
           f"top_p {args.top_p}", flush=True)
 
-    torch.manual_seed(args.seed)
     start = time.time()
     prompts = [item["prompt"] for item in items]
-    samples = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size,
-                       num_samples=args.num_samples, do_sample=True, temperature=args.temperature,
-                       top_p=args.top_p, desc="sampling")
+    samples = sample_responses(model, tokenizer, prompts, args.num_samples, args.max_new_tokens,
+                               args.seed, args.batch_size, args.temperature, args.top_p)
     generation_s = time.time() - start
     targets = [items[s.prompt_index]["target"] for s in samples]
     rewards = conciseness_reward([s.prompt for s in samples], [s.response for s in samples], targets)

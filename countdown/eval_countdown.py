@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from countdown.countdown_task import (DEFAULT_DATA_PATH, TEST_SIZE, TRAIN_SIZE,  # noqa: E402
                                       load_countdown_data, reward_function)
 from es_llm.evaluation import (AUTO_PRECISION, WEIGHT_FILE_SUFFIXES, argument_problems,  # noqa: E402
-                               generate, guess_base_model, load_for_eval, run_evaluation,
+                               eval_parser, generate, guess_base_model, load_for_eval, run_evaluation,
                                write_json)
 from es_llm.lora import is_adapter_dir  # noqa: E402
 from es_llm.models import (BUNDLED_MODEL, DTYPE_NAMES, PRECISIONS,  # noqa: E402
@@ -100,17 +100,9 @@ def add_output_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", required=True,
-                   help="a trainer's output directory or checkpoint-N directory, any model (hub "
-                        "id, local directory, .gguf file, 'bundled'), a weights file "
-                        "(.pth/.pt/.bin/.safetensors, HF or vLLM names) or a PEFT adapter "
-                        "directory (--es_params lora) for --base_model_name")
-    p.add_argument("--base_model_name", default=None,
-                   help="the model a weights file or an adapter was trained from (default: "
-                        "guessed from the path; printed). A model directory carries its own "
-                        "architecture")
+    p = eval_parser(__doc__, None, required=True, base_help=(
+        "the model a weights file or an adapter was trained from (default: guessed from the "
+        "path; printed). A model directory carries its own architecture"))
     add_data_flags(p)
     p.add_argument("--batch_size", type=int, default=None,
                    help=f"prompts per generate call (default: min({DEFAULT_BATCH_SIZE}, samples))")

@@ -111,10 +111,8 @@ class TrainConfig:
         "help": "the step on the ES gradient estimate: sgd: alpha times it, added to the weights "
                 "(published); momentum, adam, adamw: that torch.optim optimizer at learning rate "
                 "alpha, on fp32 master weights (implied: --master_weights fp32)"})
-    momentum: float = field(default=0.9, metadata={
-        "help": "--optimizer momentum: torch.optim.SGD's momentum"})
-    weight_decay: float = field(default=0.01, metadata={
-        "help": "--optimizer adamw: torch.optim.AdamW's weight_decay"})
+    momentum: float = field(default=0.9, metadata={"help": "--optimizer momentum: SGD's momentum"})
+    weight_decay: float = field(default=0.01, metadata={"help": "--optimizer adamw: weight decay"})
     lr_schedule: str = field(default="constant", metadata={
         "choices": LR_SCHEDULES,
         "help": "alpha over the run, after the warm-up: constant (published), linear or cosine "
@@ -134,6 +132,12 @@ class TrainConfig:
     eval_samples: int = field(default=0, metadata={
         "metavar": "N",
         "help": "--eval_every: the first N held-out prompts only (0: all of them)"})
+    eval_kl_samples: int = field(default=0, metadata={
+        "metavar": "K", "plain": True,
+        "help": "--eval_every: also the KL of the canonical model from the base model "
+                "(heldout_kl_mean), estimated as eval_conciseness.py estimates it (k3, on K "
+                "responses sampled per held-out prompt at temperature 1, torch seed 0); the base "
+                "model is loaded once more for it, on the main process (0: no KL)"})
     published_drift: bool = field(default=False, metadata={
         "plain": True,
         "help": "thread 0 evaluates on the canonical weights themselves, as published, so its "
@@ -142,9 +146,10 @@ class TrainConfig:
                 "perturbed)"})
     es_params: str = field(default="full", metadata={
         "choices": ES_PARAMS,
-        "help": "the parameters ES evolves: full: every weight of the model (published); lora: "
-                "the A and B matrices of a LoRA adapter (PEFT) over the frozen base model, which "
-                "the run saves as a PEFT adapter"})
+        "help": "the parameters ES evolves: full: every weight of the model (published); "
+                "lora: the A and B matrices of a LoRA adapter (PEFT) over the frozen base "
+                "model, which the run saves as a PEFT adapter (adapter_config.json, "
+                "adapter_model.safetensors)"})
     lora_rank: int = field(default=8, metadata={
         "help": "es_params lora: the adapter's rank r"})
     lora_alpha: int = field(default=16, metadata={
@@ -320,14 +325,15 @@ class TrainConfig:
         if self.lr_schedule not in LR_SCHEDULES:
             problems.append(f"lr_schedule must be one of {LR_SCHEDULES} (got {self.lr_schedule!r})")
         for name in ("warmup_iterations", "prompt_batch", "weight_decay", "eval_every",
-                     "eval_samples"):
+                     "eval_samples", "eval_kl_samples"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
         if not 0 <= self.momentum < 1:
             problems.append(f"momentum must be in [0, 1) (got {self.momentum})")
-        if self.eval_samples and not self.eval_every:
-            problems.append("--eval_samples only applies with --eval_every N; add it or drop "
-                            "--eval_samples")
+        for name in ("eval_samples", "eval_kl_samples"):
+            if getattr(self, name) and not self.eval_every:
+                problems.append(f"--{name} only applies with --eval_every N; add it or drop "
+                                f"--{name}")
         defaults = type(self).__dataclass_fields__
         for name, owner in (("momentum", "momentum"), ("weight_decay", "adamw")):
             if getattr(self, name) != defaults[name].default and self.optimizer != owner:

@@ -24,6 +24,38 @@ from .models import PRECISIONS, load_model, precision_of
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 AUTO_PRECISION = "auto"
+MODEL_PATH_HELP = ("a trainer's output directory or checkpoint-N directory, any model "
+                   "--base_model_name accepts (hub id, local directory, .gguf file, 'bundled'), a "
+                   "weights file (.pth/.pt/.bin/.safetensors, HF or vLLM names) or a PEFT adapter "
+                   "directory (--es_params lora) for --base_model_name")
+
+
+SAMPLE_BATCH_SIZE = 4  # eval_conciseness.py's --batch_size: prompts per sampling generate call
+KL_BATCH_SIZE = 32  # its --kl_batch_size
+SAMPLE_SEED = 0  # its --seed
+
+
+def sample_responses(model, tokenizer, prompts, num_samples: int, max_new_tokens: int,
+                     seed: int = SAMPLE_SEED, batch_size: int = SAMPLE_BATCH_SIZE,
+                     temperature: float = 1.0, top_p: float = 1.0, progress: bool = True) -> list:
+    """eval_conciseness.py's samples: `num_samples` sampled responses per prompt, torch seeded with
+    `seed` first (so the same model, prompts and settings give the same samples)."""
+    torch.manual_seed(seed)
+    return generate(model, tokenizer, prompts, max_new_tokens, batch_size, num_samples=num_samples,
+                    do_sample=True, temperature=temperature, top_p=top_p, progress=progress,
+                    desc="sampling")
+
+
+def eval_parser(doc: str, base_default, base_help: str, required: bool):
+    """An evaluation script's parser with its model flags: --model_path (`required`, or else the
+    base model by default) and --base_model_name."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", required=required, default=None,
+                   help=MODEL_PATH_HELP + ("" if required else " (default: the base model)"))
+    p.add_argument("--base_model_name", default=base_default, help=base_help)
+    return p
 
 
 @dataclass

@@ -15,7 +15,8 @@ TAGS = {"reward/mean": "reward_mean", "reward/std": "reward_std", "reward/min": 
         "time/broadcast": "time_broadcast_s", "time/iteration": "time_s",
         "time/generate": "time_generate_s", "time/update": "time_update_s",
         "time/evaluate": "time_evaluate_s", "generations": "generations",
-        "heldout/reward_mean": "heldout_reward_mean", "time/heldout": "time_heldout_s"}
+        "heldout/reward_mean": "heldout_reward_mean",
+        "heldout/kl_mean": "heldout_kl_mean", "time/heldout": "time_heldout_s"}
 
 
 def trackers(report_to: str) -> list:

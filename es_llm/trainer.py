@@ -18,6 +18,7 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast, reduce
 
 from . import checkpoint as ckpt
 from . import tracking
+from .evaluation import KL_BATCH_SIZE, per_sample_kl, sample_responses, summarize
 from .generation import Generator
 from .loop import heldout_entries, report_iteration, run_es
 from .config import LORA, RESUME_MUST_MATCH, TrainConfig
@@ -183,12 +184,13 @@ class LocalEvaluator:
     every rank."""
 
     def __init__(self, cfg: TrainConfig, accelerator, model, tokenizer, task, masters=None,
-                 optimizer_state=None, heldout=None):
+                 optimizer_state=None, heldout=None, kl_base=None):
         self.cfg, self.accelerator, self.task, self.tokenizer = cfg, accelerator, task, tokenizer
         self.is_main = accelerator.is_main_process
         self.world = accelerator.num_processes
         self.every_prompt = (self.generator(task.prompts, cfg.sampling()), task)
         self.heldout = (self.generator(heldout.prompts), heldout) if heldout else None
+        self.kl_base = kl_base  # --eval_kl_samples: the base model, on the main rank
         self.population = Population(model, cfg, *self.every_prompt, masters, optimizer_state)
         self.mine = list(range(accelerator.process_index, cfg.population_size, self.world))
         self.label = f"[rank {accelerator.process_index}] " if self.world > 1 else ""
@@ -239,8 +241,14 @@ class LocalEvaluator:
         if not self.is_main:
             return {}
         generate, task = self.heldout
-        return heldout_entries(lambda: generate(
+        entries = heldout_entries(lambda: generate(
             self.population.base, with_prompt=self.cfg.reward_on_prompt_and_response), task)
+        if self.kl_base is not None:
+            t0 = time.perf_counter()
+            entries["heldout_kl_mean"] = heldout_kl(self.population.base, self.kl_base,
+                                                    self.tokenizer, task.prompts, self.cfg)
+            entries["time_heldout_s"] += time.perf_counter() - t0
+        return entries
 
     def update(self, seeds, weights, n: int, lr: float | None = None) -> dict:
         t0 = time.perf_counter()
@@ -264,6 +272,17 @@ class LocalEvaluator:
         self.population.close()
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+
+
+def heldout_kl(model, base, tokenizer, prompts, cfg: TrainConfig) -> float:
+    """--eval_kl_samples: the mean per-response KL of `model` from `base` on the held-out prompts,
+    as eval_conciseness.py computes its kl_mean (the same samples, batches and estimator); the
+    training's own torch random state is left as it was."""
+    with torch.random.fork_rng():
+        samples = sample_responses(model, tokenizer, prompts, cfg.eval_kl_samples,
+                                   cfg.max_new_tokens, progress=False)
+    kls = per_sample_kl(model, base, samples, KL_BATCH_SIZE, tokenizer.pad_token_id)
+    return summarize(kls)["mean"]
 
 
 def heldout_task(cfg: TrainConfig, task):
@@ -326,8 +345,11 @@ def train(cfg: TrainConfig, task) -> Path | None:
     run.begin()
     tracking.start(accelerator, asdict(cfg), logging_dir)
     accelerator.wait_for_everyone()
+    kl_base = None
+    if cfg.eval_kl_samples and is_main:  # the reference of the KL: the model training started from
+        kl_base = load_model(cfg.model_name, cfg.precision, cfg.hf_cache_dir, accelerator.device)[0]
     evaluator = LocalEvaluator(cfg, accelerator, model, tokenizer, task, run.masters,
-                               run.optimizer_state, heldout)
+                               run.optimizer_state, heldout, kl_base)
     strategy = Strategy(cfg.population_size, cfg.initial_seed, cfg.antithetic,
                         cfg.fitness_shaping, run.rng_state)
     out = run_es(cfg, evaluator, run, strategy, len(task.prompts))

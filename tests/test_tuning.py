@@ -252,28 +252,45 @@ def test_two_processes_give_the_one_process_run_with_adam_and_a_prompt_batch(tin
     assert same_saved_state(one, two)
 
 
-def test_eval_every_records_the_held_out_reward_of_the_saved_model(tiny_model_dir, tmp_path):
+def test_eval_every_records_the_held_out_reward_and_kl_of_the_saved_model(tiny_model_dir, tmp_path):
     """--eval_every 1: each iteration's heldout_reward_mean is the greedy mean reward, on the first
-    --eval_samples held-out prompts of eval_conciseness.py, of the model saved at that iteration."""
+    --eval_samples held-out prompts of eval_conciseness.py, of the model saved at that iteration;
+    with --eval_kl_samples K its heldout_kl_mean is the kl_mean eval_conciseness.py reports for
+    that checkpoint with --num_samples K; and the KL's sampling leaves the training as it was."""
     from es_llm.generation import Generator
     from es_llm.models import load_model
     from es_llm.tasks import conciseness_heldout
 
     out = tmp_path / "run"
     run_main(command(tiny_model_dir, out, "--precision", "fp32", "--save_every", "1",
-                     "--eval_every", "1", "--eval_samples", "3", iterations=1))
+                     "--eval_every", "1", "--eval_samples", "3", "--eval_kl_samples", "2"))
     heldout = conciseness_heldout().subset(range(3))
+    items = json.loads((ROOT / "data" / "conciseness_eval.json").read_text())[:3]
+    assert [item["prompt"] for item in items] == list(heldout.prompts)
+    (tmp_path / "eval.json").write_text(json.dumps(items))
     for record in records(out):
-        model, tokenizer = load_model(str(out / f"checkpoint-{record['iteration']}"), "fp32")
+        checkpoint = out / f"checkpoint-{record['iteration']}"
+        model, tokenizer = load_model(str(checkpoint), "fp32")
         completions = Generator(tokenizer, heldout.prompts, 4)(model)
         expected = sum(heldout.score(completions)) / 3
         assert record["heldout_reward_mean"] == expected
         assert record["time_heldout_s"] > 0 and record["time_s"] > 0
+        run_main([PYTHON, "eval_conciseness.py", "--model_path", str(checkpoint),
+                  "--base_model_name", str(tiny_model_dir), "--eval_data_path",
+                  str(tmp_path / "eval.json"), "--num_samples", "2", "--max_new_tokens", "4",
+                  "--output_dir", str(tmp_path / "eval")])
+        summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+        assert record["heldout_kl_mean"] == summary["kl_mean"] > 0
+    plain = tmp_path / "plain"
+    run_main(command(tiny_model_dir, plain, "--precision", "fp32"))
+    assert [r["rewards"] for r in records(plain)] == [r["rewards"] for r in records(out)]
 
 
 def test_eval_every_is_refused_where_it_cannot_run(tiny_model_dir, tmp_path, capsys):
     error = fails(command(tiny_model_dir, tmp_path / "run", "--eval_samples", "2"), capsys)
     assert "--eval_samples only applies with --eval_every N" in error
+    error = fails(command(tiny_model_dir, tmp_path / "run", "--eval_kl_samples", "2"), capsys)
+    assert "--eval_kl_samples only applies with --eval_every N" in error
     error = fails(command(tiny_model_dir, tmp_path / "run", "--eval_every", "1",
                           "--eval_samples", "13"), capsys)
     assert "--eval_samples 13 is more than the task's 12 held-out prompts" in error
