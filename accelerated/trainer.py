@@ -232,7 +232,9 @@ class PoolEvaluator:
               f"{out / 'final_model'}/ (all {self.cfg.num_engines} engines identical)", flush=True)
 
     def finish(self) -> None:
-        self.accelerator.end_training()
+        from es_llm import tracking
+
+        tracking.finish_trackers(self.accelerator)  # the driver has no process group of its own
 
 
 def train_accelerated(cfg, task) -> int:

@@ -188,10 +188,12 @@ class WorkerExtension:
     """Mixed into vLLM's worker class; `self.model_runner` is the worker's."""
 
     def es_setup(self, layout: dict, noise_mode: str, master_weights: str = "none",
-                 noise_names: str = "vllm", rank: int = 1, targets: str = "all") -> int:
+                 noise_names: str = "vllm", rank: int = 1, targets: str = "all",
+                 optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.01) -> int:
         """noise_names "vllm": noise over vLLM's own parameters (fused qkv_proj and gate_up_proj)
         in vLLM's order, as published; "hf": over HF-named views of them in HF order, the same
-        noise as the transformers engine draws. Weights are exchanged by HF name either way."""
+        noise as the transformers engine draws (and, with an `optimizer` other than sgd, the same
+        optimizer state). Weights are exchanged by HF name either way."""
         model = self.model_runner.get_model()
         layers = packed_cpu_layers(model) if _on_cpu() else []
         emptied = [n for n, m in model.named_modules() if m in layers and m.weight.numel() == 0]
@@ -203,10 +205,13 @@ class WorkerExtension:
         if noise_names == "hf":
             self.es_weights = WeightSet(lambda: hf_named_tensors(model, layout), noise_mode,
                                         master_weights, after_change=after, rank=rank,
-                                        targets=targets)
+                                        targets=targets, optimizer=optimizer, momentum=momentum,
+                                        weight_decay=weight_decay)
             return len(layout["names"])
         if noise_names != "vllm":
             raise ValueError(f"noise_names must be 'vllm' or 'hf', got {noise_names!r}")
+        if optimizer != "sgd":
+            raise ValueError(f"--optimizer {optimizer} on vLLM engines needs noise_names 'hf'")
         hf_names(model, layout)  # the same checks: every HF tensor must be found in vLLM's
         self.es_weights = WeightSet(lambda: vllm_named_tensors(model), noise_mode, master_weights,
                                     after_change=after, to_hf=lambda state: to_hf(state, layout),

@@ -37,10 +37,6 @@ LORA = "lora"
 # The settings of --es_params lora only (refused with --es_params full when not at their default).
 LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_targets", "lora_init", "merge_adapter",
                  "lora_batch")
-# The tuning settings the accelerated trainer runs on transformers engines only (vLLM engines
-# refuse them; --lr_schedule and --warmup_iterations, applied by the driver, run on both).
-ENGINE_TUNING_SETTINGS = ("optimizer", "momentum", "weight_decay", "prompt_batch", "eval_every",
-                          "eval_samples", "num_rollouts", "temperature", "top_p")
 # The run's settings that a resumed run must share with its checkpoint.
 RESUME_MUST_MATCH = ("model_name", "task", "population_size", "noise_mode", "master_weights",
                      "precision", "data_sample", "rank", "lowrank_targets", "antithetic",
@@ -429,12 +425,10 @@ class AcceleratedConfig(TrainConfig):
         if self.engine == "vllm" and self.es_params == LORA:
             problems.append("--es_params lora is not built yet for vLLM engines (each member a "
                             "vLLM LoRA request): use --engine transformers")
-        tuning = self.given(ENGINE_TUNING_SETTINGS) if self.engine == "vllm" else []
-        if tuning:
-            problems.append(f"{', '.join(tuning)}: not built for vLLM engines yet (the "
-                            f"optimizer, prompt batches, sampled rollouts and held-out evaluation "
-                            f"run on the transformers engines): use --engine transformers, or "
-                            f"drop them")
+        if self.engine == "vllm" and self.optimizer != "sgd" and self.vllm_noise != "hf":
+            problems.append(f"--optimizer {self.optimizer} on vLLM engines keeps its state per HF "
+                            f"tensor, in the transformers engines' order and shapes: add "
+                            f"--vllm_noise hf")
         if self.published_drift:
             problems.append("--published_drift applies to the plain trainers' thread copies")
         if self.run_name is not None and (self.run_name in ("", ".", "..")

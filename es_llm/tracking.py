@@ -39,6 +39,14 @@ def start(accelerator: Accelerator, config: dict, logging_dir) -> None:
                               init_kwargs={"wandb": {"dir": str(logging_dir)}})
 
 
+def finish_trackers(accelerator: Accelerator) -> None:
+    """Close the trackers, and nothing else: accelerate's end_training() also destroys the default
+    torch.distributed group, which a driver that never made one (the accelerated version) must
+    leave to its owner (a vLLM engine in the same process, a notebook's own group)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
 def log(accelerator: Accelerator, record: dict) -> None:
     if accelerator.log_with:
         accelerator.log({tag: record[key] for tag, key in TAGS.items() if key in record},

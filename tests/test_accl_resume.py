@@ -280,15 +280,17 @@ def test_resume_command_replaces_resume_and_overwrite(tmp_path):
 
 def test_tuning_settings_that_cannot_run_are_refused_before_anything_is_written(script, tmp_path,
                                                                               capsys):
-    """vLLM engines refuse the tuning options they do not run (the schedule, the driver's, runs on
-    both), in one error; a prompt batch or held-out sample larger than the data is refused before
-    the run directory, the converted model or Ray exist."""
+    """vLLM engines refuse an optimizer over vLLM's fused tensors (its state is kept per HF
+    tensor), and nothing else of the tuning options; a prompt batch or held-out sample larger than
+    the data is refused before the run directory, the converted model or Ray exist."""
     with pytest.raises(SystemExit):
         load_script().settings(["--engine", "vllm", "--optimizer", "adam", "--prompt_batch", "2",
                                 "--num_rollouts", "2", "--lr_schedule", "cosine"])
     error = capsys.readouterr().err.split("error:")[-1]  # after the usage lines
-    assert "--optimizer, --prompt_batch, --num_rollouts: not built for vLLM engines" in error
-    assert "lr_schedule" not in error
+    assert "--optimizer adam on vLLM engines keeps its state per HF tensor" in error
+    assert "add --vllm_noise hf" in error
+    for flag in ("prompt_batch", "num_rollouts", "lr_schedule"):
+        assert flag not in error
     message = refused(script, BASE + ["--experiment_dir", tmp_path, "--prompt_batch", "17"])
     assert "--prompt_batch 17 asks for more prompts" in message and "give at most 16" in message
     message = refused(script, BASE + ["--experiment_dir", tmp_path, "--eval_every", "1",

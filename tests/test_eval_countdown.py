@@ -310,10 +310,11 @@ class FakeLLM:
         FakeLLM.built.append(kwargs)
         self.calls = []
 
-    def generate(self, prompts, params, use_tqdm=False):
+    def generate(self, prompts, params, use_tqdm=False, lora_request=None):
         self.calls.append(len(prompts))
         FakeLLM.built[-1]["calls"] = self.calls
         FakeLLM.built[-1]["params"] = params
+        FakeLLM.built[-1]["lora_request"] = lora_request
         texts = [f" {len(p)}</think>\n<answer>1</answer>" for p in prompts]
         return [SimpleNamespace(outputs=[SimpleNamespace(text=t)]) for t in texts]
 
@@ -350,6 +351,44 @@ def test_vllm_script_glue_with_a_stand_in_for_vllm(tmp_path, tiny_model_dir, mon
     assert [r["index"] for r in records] == list(range(N_ITEMS - 5, N_ITEMS))
     assert records[0]["response"] == f" {len(records[0]['prompt'])}</think>\n<answer>1</answer>"
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+
+
+def test_vllm_script_serves_an_adapter_as_a_lora_request(tmp_path, tiny_model_dir, monkeypatch):
+    """An adapter directory (--es_params lora's output): vLLM is built on the base model with LoRA
+    on (max_lora_rank the smallest rank it serves that fits) and every generate call carries the
+    adapter's LoRARequest. An adapter made for another base model, or of a rank vLLM cannot
+    serve, is refused with its reason before anything runs."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = load_model(str(tiny_model_dir), "fp32")
+    adapter = tmp_path / "adapter"
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+                   ).save_pretrained(adapter)
+    flags = ["--trained_model_path", str(adapter), "--eval_samples", "3", "--max_new_tokens", "7",
+             "--output_dir", str(tmp_path / "out")]
+    for model_id, rank, expected in ((tmp_path, 4, f"trained on base model {str(tiny_model_dir)!r}"),
+                                     (tiny_model_dir, 1024, "rank at most 512")):
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": rank}))
+        with pytest.raises(SystemExit) as exit_:
+            vl.main(["--model_id", str(model_id), *flags])
+        assert expected in str(exit_.value.code)
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))
+    assert not (tmp_path / "out").exists()
+
+    request = SimpleNamespace(LoRARequest=lambda name, number, path: (name, number, path))
+    fake = SimpleNamespace(LLM=FakeLLM, SamplingParams=lambda **kw: kw,
+                           lora=SimpleNamespace(request=request))
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.lora", fake.lora)
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", request)
+    FakeLLM.built.clear()
+    summary = vl.evaluate(vl.build_parser().parse_args(["--model_id", str(tiny_model_dir), *flags]))
+    [built] = FakeLLM.built
+    assert Path(built["model"]).resolve() == Path(tiny_model_dir).resolve()
+    assert (built["enable_lora"], built["max_loras"], built["max_lora_rank"]) == (True, 1, 8)
+    assert built["lora_request"] == ("adapter", 1, str(adapter.resolve()))
+    assert (summary["model_path"], summary["base_model_name"]) == (str(adapter), str(tiny_model_dir))
 
 
 def test_bad_flags_exit_with_the_reason(tmp_path):

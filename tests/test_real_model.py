@@ -107,11 +107,18 @@ def interrupt_after(args, line_start=FIRST_MEMBER):
     return output
 
 
-@pytest.mark.parametrize("extra", [(), ("--master_weights", "fp32"), ("--noise_mode", "lowrank")],
-                         ids=["plain", "fp32-masters", "lowrank"])
+# Issue 23's tuning options at once: Adam on fp32 masters, a cosine schedule, 1 of the 2 prompts
+# per iteration, 2 rollouts sampled at temperature 1.
+TUNED = ("--optimizer", "adam", "--lr_schedule", "cosine", "--prompt_batch", "1",
+         "--num_rollouts", "2", "--temperature", "1")
+
+
+@pytest.mark.parametrize("extra", [(), ("--master_weights", "fp32"), ("--noise_mode", "lowrank"),
+                                   TUNED], ids=["plain", "fp32-masters", "lowrank", "tuned"])
 def test_ctrl_c_then_the_printed_resume_command_equals_the_uninterrupted_run(tmp_path, extra):
     """Two iterations, Ctrl-C during the first: the run saves iteration 1 and stops; the printed
-    command runs iteration 2."""
+    command runs iteration 2 (with TUNED: the same Adam state, schedule, prompt batches and
+    sampled rollouts)."""
     reference = tmp_path / "reference"
     run_main(conciseness(reference, 2, "--verbose", *extra))
     out = tmp_path / "run"
@@ -127,9 +134,14 @@ def test_ctrl_c_then_the_printed_resume_command_equals_the_uninterrupted_run(tmp
     assert without_time(ran) == without_time(ckpt.read_metrics(reference / ckpt.METRICS_FILE))
     assert len({r for record in ran for r in record["rewards"]}) > 1, "rewards should differ"
     assert same_tensors(weights(out), weights(reference))
-    if "--master_weights" in extra or "lowrank" in extra:
+    if "--master_weights" in extra or "lowrank" in extra or extra == TUNED:
         assert same_tensors(load_file(str(out / ckpt.MASTER_FILE)),
                             load_file(str(reference / ckpt.MASTER_FILE)))
+    if extra == TUNED:
+        from test_tuning import same_saved_state
+
+        assert same_saved_state(out, reference)  # Adam's state too
+        assert [len(r["prompts"]) for r in ran] == [1, 1] and "lr" in ran[0]
 
 
 ACCL = [PYTHON, str(ROOT / "tests" / "accl_varied_reward.py"), "--model_name", "bundled",

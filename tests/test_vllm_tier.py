@@ -13,7 +13,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed here; .ci/vllm_tier.sh
                                    "in its own environment")
 
 from accelerated.engines import VLLMEngine  # noqa: E402
-from conftest import PYTHON, ROOT, run_script  # noqa: E402
+from conftest import PYTHON, ROOT, run_main, run_script, stop_shared_ray  # noqa: E402
 from es_llm.hf_weights import hf_layout, resolve_base_model  # noqa: E402
 from es_llm.noise import tensor_noise  # noqa: E402
 from es_llm.strategy import es_update, normalize_rewards  # noqa: E402
@@ -27,6 +27,26 @@ LINEAR = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "g
 def smollm2_dir(tmp_path_factory):
     """The bundled SmolLM2-135M-Instruct as an HF directory (fp32), which vLLM can load."""
     return resolve_base_model("bundled", tmp_path_factory.mktemp("converted"))
+
+
+@pytest.fixture(scope="module")
+def tiny_vllm_dir(tmp_path_factory, bundled_tokenizer_dir):
+    """A tiny random Llama with the bundled tokenizer, in a shape vLLM's CPU attention serves
+    (head size 64): its files are some 25 MB where the bundled model's are 540 MB, so the runs that
+    save checkpoints (weights, fp32 masters, Adam's state) stay quick."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny-vllm")
+    tokenizer = AutoTokenizer.from_pretrained(bundled_tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, initializer_range=0.2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +160,9 @@ def test_two_vllm_engines_train_then_eval_countdown_vllm(tmp_path):
                                       "--base_model_name", "bundled"],
                               "hf": ["--model_path", str(run / "final_model")]}.items():
         out = tmp_path / f"eval_{label}"
-        run_script([PYTHON, str(ROOT / "eval_countdown_vllm.py"), *model_args, "--eval_samples",
-                    "4", "--eval_offset", "-4", "--max_new_tokens", "16", "--dtype", "float32",
+        # A process of its own: this one has a vLLM engine already (the `engine` fixture).
+        run_script([PYTHON, "eval_countdown_vllm.py", *model_args, "--eval_samples", "4",
+                    "--eval_offset", "-4", "--max_new_tokens", "16", "--dtype", "float32",
                     "--save_responses", "--output_dir", str(out)], timeout=900)
         summary = json.loads((out / "summary.json").read_text())
         assert summary["eval_stats"]["num_samples"] == 4
@@ -151,6 +172,39 @@ def test_two_vllm_engines_train_then_eval_countdown_vllm(tmp_path):
         responses[label] = [record["response"] for record in details]
     # The .pth on its base model and the HF directory are the same model: no name mismatch.
     assert responses["pth"] == responses["hf"]
+
+
+@pytest.mark.slow
+def test_an_adapter_evaluates_on_vllm_as_on_transformers(tmp_path, tiny_vllm_dir):
+    """A PEFT LoRA adapter on a tiny model (its B matrices made non-zero, so that it changes
+    the answers): eval_countdown_vllm.py serves it as a vLLM LoRA request and gives the responses
+    countdown/eval_countdown.py gives with PEFT, in fp32."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_vllm_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if "lora_B" in name:
+                tensor.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "adapter")
+    common = ["--eval_samples", "4", "--eval_offset", "-4", "--max_new_tokens", "16",
+              "--save_responses", "--model_path", str(tmp_path / "adapter"), "--base_model_name",
+              str(tiny_vllm_dir)]
+    run_script([PYTHON, "eval_countdown_vllm.py", *common, "--dtype", "float32", "--output_dir",
+                str(tmp_path / "vllm")], timeout=900)  # vLLM in a process of its own
+    transformers = ["--torch_dtype", "float32", "--mixed_precision", "no", "--device", "cpu"]
+    run_main([PYTHON, "countdown/eval_countdown.py", *common, *transformers, "--output_dir",
+              str(tmp_path / "transformers")])
+    run_main([PYTHON, "countdown/eval_countdown.py", *common[:7], "--model_path",
+              str(tiny_vllm_dir), *transformers, "--output_dir", str(tmp_path / "base")])
+    responses = {name: [r["response"] for r in json.loads(
+        (tmp_path / name / "eval_detailed_results.json").read_text())]
+        for name in ("vllm", "transformers", "base")}
+    assert responses["vllm"] == responses["transformers"] != responses["base"]
 
 
 def test_hf_noise_names_give_the_transformers_engines_noise(smollm2_dir):
@@ -230,15 +284,54 @@ def test_the_accelerated_vllm_lowrank_run_equals_the_transformers_engines(tmp_pa
     low-rank rewards (same layers, same factors)."""
     metrics = {}
     for engine in ("vllm", "transformers"):
-        run_script([PYTHON, str(ROOT / "es_fine-tuning_countdown_accl.py"), "--model_name",
-                    "bundled", "--engine", engine, "--num_engines", "1", "--population_size",
-                    "4", "--num_iterations", "2", "--max_new_tokens", "16", "--data_sample", "2",
-                    "--sigma", "0.02", "--alpha", "0.01", "--noise_mode", "lowrank",
-                    "--lowrank_targets", "lora", "--precision", "fp32", "--experiment_dir",
-                    str(tmp_path), "--run_name", engine], timeout=900)
+        try:
+            run_main([PYTHON, "es_fine-tuning_countdown_accl.py", "--model_name", "bundled",
+                      "--engine", engine, "--num_engines", "1", "--population_size", "4",
+                      "--num_iterations", "2", "--max_new_tokens", "16", "--data_sample", "2",
+                      "--sigma", "0.02", "--alpha", "0.01", "--noise_mode", "lowrank",
+                      "--lowrank_targets", "lora", "--precision", "fp32", "--experiment_dir",
+                      str(tmp_path), "--run_name", engine])
+        finally:
+            stop_shared_ray()
         metrics[engine] = [json.loads(line)["rewards"] for line in
                            (tmp_path / engine / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics["vllm"]) == 2 and metrics["vllm"] == metrics["transformers"]
+
+
+@pytest.mark.slow
+def test_a_tuned_vllm_run_resumed_on_one_engine_equals_the_two_engine_run(tmp_path, tiny_vllm_dir):
+    """The tuning options on vLLM engines: Adam (on HF-named tensors) on a cosine schedule, 2 of
+    4 prompts per iteration, 2 sampled rollouts per prompt at temperature 1 (vLLM's per-request
+    seeds, from the same row seeds as the transformers engines), the held-out reward every
+    iteration. Resumed from checkpoint-1 on 1 engine (2 before), the run equals the uninterrupted
+    one bit for bit: records, weights, masters and Adam's state."""
+    from test_tuning import same_saved_state
+
+    def run(name, engines, *extra):
+        # The real script on a reward that varies (tests/accl_varied_reward.py).
+        return run_main([PYTHON, str(ROOT / "tests" / "accl_varied_reward.py"), "--model_name",
+                           str(tiny_vllm_dir), "--engine", "vllm", "--num_engines", str(engines),
+                           "--population_size", "4", "--num_iterations", "2", "--max_new_tokens",
+                           "8", "--data_sample", "4", "--sigma", "0.02", "--alpha", "0.01",
+                           "--precision", "fp32", "--vllm_noise", "hf", "--optimizer", "adam",
+                           "--lr_schedule", "cosine", "--prompt_batch", "2", "--num_rollouts", "2",
+                           "--temperature", "1", "--eval_every", "1", "--eval_samples", "2",
+                           "--save_every", "1", "--schedule", "static", "--experiment_dir",
+                           str(tmp_path), "--run_name", name, *extra])
+
+    try:
+        run("two", 2)
+        run("one", 1, "--resume", str(tmp_path / "two" / "checkpoint-1"))
+    finally:
+        stop_shared_ray()
+    records = {name: [{k: v for k, v in json.loads(line).items() if not k.startswith("time_")}
+                      for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+               for name in ("one", "two")}
+    assert records["one"] == records["two"] and len(records["two"]) == 2
+    assert all(len(r["prompts"]) == 2 and "heldout_reward_mean" in r for r in records["two"])
+    assert [r["generations"] for r in records["two"]] == [16, 32]  # 4 members x 2 prompts x 2
+    assert len({x for r in records["two"] for x in r["rewards"]}) > 1
+    assert same_saved_state(tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.slow
