@@ -33,21 +33,25 @@ ADAM_SWEEP = (0.0003, 0.001, 0.003)
 SEEDS = (33, 34, 35)
 
 
-def train(name: str, *extra) -> list:
-    """One conciseness run (es_fine-tuning_conciseness.py's main, in this process); its records."""
+def run_main(script: str, argv: list) -> None:
+    """A script's main() in this process, with `argv` as its command line."""
     from es_llm.tasks import load_python_file
 
-    out = Path(tempfile.mkdtemp(prefix="tuning-")) / name
-    script = load_python_file(ROOT / "es_fine-tuning_conciseness.py", "conciseness_script")
-    argv = ["es_fine-tuning_conciseness.py", *COMMAND_1, "--num_iterations", str(ITERATIONS),
-            "--eval_every", str(EVAL_EVERY), "--eval_kl_samples", "2", "--output_dir", str(out),
-            *map(str, extra)]
+    module = load_python_file(ROOT / script, Path(script).stem.replace("-", "_"))
     print(" ".join(argv), flush=True)
-    old, sys.argv = sys.argv, argv
+    old, sys.argv = sys.argv, [Path(script).name, *argv]
     try:
-        script.main()
+        module.main()
     finally:
         sys.argv = old
+
+
+def train(name: str, *extra) -> list:
+    """One conciseness run (es_fine-tuning_conciseness.py's main, in this process); its records."""
+    out = Path(tempfile.mkdtemp(prefix="tuning-")) / name
+    run_main("es_fine-tuning_conciseness.py", [
+        *COMMAND_1, "--num_iterations", str(ITERATIONS), "--eval_every", str(EVAL_EVERY),
+        "--eval_kl_samples", "2", "--output_dir", str(out), *map(str, extra)])
     text = (out / "metrics.jsonl").read_text()
     (DATA / "runs").mkdir(exist_ok=True)
     (DATA / "runs" / f"{name}.jsonl").write_text(text)  # the records, not the weights
@@ -127,21 +131,13 @@ def report_curves(runs: dict, best: float) -> None:
 def batch(args) -> None:
     """One iteration of the Countdown trainer (population 2, 32 new tokens, 1 thread) on 200
     training prompts, then with --prompt_batch 16: the iteration's seconds."""
-    from es_llm.tasks import load_python_file
-
-    script = load_python_file(ROOT / "countdown" / "es_fine-tuning_countdown.py", "countdown_script")
     lines = ["| prompts per iteration | iteration s | generate s |", "|---|---|---|"]
     for extra in ([], ["--prompt_batch", "16"]):
         out = Path(tempfile.mkdtemp(prefix="tuning-")) / "run"
-        argv = ["es_fine-tuning_countdown.py", "--model_name", "bundled", "--data_sample", "200",
-                "--population_size", "2", "--num_iterations", "1", "--max_new_tokens", "32",
-                "--gpu_threads", "1", "--report_to", "none", "--output_dir", str(out), *extra]
-        print(" ".join(argv), flush=True)
-        old, sys.argv = sys.argv, argv
-        try:
-            script.main()
-        finally:
-            sys.argv = old
+        run_main("countdown/es_fine-tuning_countdown.py", [
+            "--model_name", "bundled", "--data_sample", "200", "--population_size", "2",
+            "--num_iterations", "1", "--max_new_tokens", "32", "--gpu_threads", "1",
+            "--report_to", "none", "--output_dir", str(out), *extra])
         [record] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         lines.append(f"| {extra[-1] if extra else 200} | {record['time_s']:.1f} | "
                      f"{record.get('time_generate_s', float('nan')):.1f} |")

@@ -56,12 +56,14 @@ def bundled_tokenizer_dir(tmp_path_factory):
     return path
 
 
-def build_tiny_model(directory, tokenizer_dir, seed=0, dtype=torch.float32):
+def build_tiny_model(directory, tokenizer_dir, seed=0, dtype=torch.float32, hidden_size=32,
+                     heads=4, kv_heads=2):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
+                         intermediate_size=2 * hidden_size, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=512, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, initializer_range=0.2)

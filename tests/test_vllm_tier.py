@@ -13,7 +13,8 @@ pytest.importorskip("vllm", reason="vLLM is not installed here; .ci/vllm_tier.sh
                                    "in its own environment")
 
 from accelerated.engines import VLLMEngine  # noqa: E402
-from conftest import PYTHON, ROOT, run_main, run_script, stop_shared_ray  # noqa: E402
+from conftest import (PYTHON, ROOT, build_tiny_model, run_main, run_script,  # noqa: E402
+                      stop_shared_ray)
 from es_llm.hf_weights import hf_layout, resolve_base_model  # noqa: E402
 from es_llm.noise import tensor_noise  # noqa: E402
 from es_llm.strategy import es_update, normalize_rewards  # noqa: E402
@@ -34,19 +35,8 @@ def tiny_vllm_dir(tmp_path_factory, bundled_tokenizer_dir):
     """A tiny random Llama with the bundled tokenizer, in a shape vLLM's CPU attention serves
     (head size 64): its files are some 25 MB where the bundled model's are 540 MB, so the runs that
     save checkpoints (weights, fp32 masters, Adam's state) stay quick."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    directory = tmp_path_factory.mktemp("tiny-vllm")
-    tokenizer = AutoTokenizer.from_pretrained(bundled_tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=512, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, initializer_range=0.2)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-vllm"), bundled_tokenizer_dir,
+                            hidden_size=128, heads=2, kv_heads=1)
 
 
 @pytest.fixture(scope="module")
