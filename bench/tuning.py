@@ -107,7 +107,6 @@ def report_curves(runs: dict, best: float) -> None:
         rows.append(f"| {name} | {', '.join(f'{y:.2f}' for y in ys)} | {kls[-1]:.4f} | "
                     f"{sum(r['time_s'] for r in records):.0f} | "
                     f"{sum(r.get('time_heldout_s', 0) for r in records):.0f} |")
-    first = heldout_curve(next(iter(runs.values())))
     ax.set_xlabel("training wall-clock seconds (held-out evaluation excluded)")
     ax.set_ylabel("held-out reward (greedy, 12 prompts)")
     ax.set_title("Conciseness, bundled SmolLM2-135M bf16: SGD vs Adam, 3 seeds each")
@@ -123,7 +122,6 @@ def report_curves(runs: dict, best: float) -> None:
         f"seeds {SEEDS}" for (kind, lr), (m, lo, hi) in zip((("sgd", SGD_ALPHA), ("adam", best)),
                                                               means.values()))
     summary += f"\n- Adam's learning rate from the sweep {ADAM_SWEEP} (seed {SEEDS[0]}): {best}"
-    summary += f"\n- untrained model's held-out reward: see the first point of each run ({first[1][0]:.2f} at iteration 4 of the first)"
     (DATA / "curves.md").write_text(summary + "\n")
     print(summary)
 
