@@ -256,9 +256,11 @@ class VLLMEngine(Engine):
         """Greedy continuations of `prompts`, or sampled ones with a seed per prompt (`seeds`)."""
         from vllm import SamplingParams
 
-        params = [SamplingParams(temperature=temperature, top_p=top_p, seed=seed,
-                                 max_tokens=self.max_new_tokens)
-                  for seed in (seeds or [None] * len(prompts))]
+        def params(seed=None):
+            return SamplingParams(temperature=temperature, top_p=top_p, seed=seed,
+                                  max_tokens=self.max_new_tokens)
+
+        params = params() if seeds is None else [params(seed) for seed in seeds]
         outputs = self.llm.generate(list(prompts), params, use_tqdm=False,
                                     lora_request=lora_requests)
         return [out.outputs[0].text for out in outputs]
