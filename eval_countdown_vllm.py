@@ -16,6 +16,7 @@ countdown/eval_countdown.py (the transformers evaluation), so the two compare it
 Defaults as published: the last 100 items, greedy, batches of min(1024, samples), float16.
 """
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -108,10 +109,17 @@ def make_llm(model_dir: str, args, max_model_len: int, lora_rank=None):
                or VLLM_GPU_MEMORY_UTILIZATION})
     lora = ({"enable_lora": True, "max_loras": 1, "max_lora_rank": vllm_lora_rank(lora_rank)}
             if lora_rank else {})
+    alone = {}
+    if args.tensor_parallel_size == 1:
+        # One worker: the engine core and the worker in this process, as the accelerated
+        # version's engines run, instead of two more processes that import vLLM again (about
+        # 16 s on a 2-core CPU); the same model, kernels and outputs.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        alone = {"distributed_executor_backend": "uni"}
     return LLM(model=model_dir, tokenizer=model_dir, dtype=args.dtype,
                tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
                max_model_len=max_model_len, download_dir=args.hf_cache_dir,
-               enforce_eager=on_cpu, **memory, **lora)
+               enforce_eager=on_cpu, **memory, **lora, **alone)
 
 
 def served_adapter_problems(args) -> list:

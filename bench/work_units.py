@@ -201,9 +201,19 @@ def vllm_rows(bench: Bench, model_dir, layout, task):
                   lambda seeds: _lora_iteration(engine, seeds, a, counter), counter, key="vllm_lora")
         del engine
         gc.collect()
-    for mode in ("member", "lora"):
-        if f"accl_{mode}" in a.rows:
-            accelerated_row(bench, model_dir, layout, task, mode)
+    modes = [mode for mode in ("member", "lora") if f"accl_{mode}" in a.rows]
+    if modes:
+        import ray
+
+        from accelerated.pool import start_ray
+
+        cores = len(os.sched_getaffinity(0))
+        start_ray("local", num_cpus=max(cores, a.num_engines * max(1, cores // a.num_engines)))
+        try:  # one Ray instance for both rows, each its own pool
+            for mode in modes:
+                accelerated_row(bench, model_dir, layout, task, mode)
+        finally:
+            ray.shutdown()
 
 
 def _lora_iteration(engine, seeds, a, counter=None):
@@ -221,16 +231,12 @@ def _lora_iteration(engine, seeds, a, counter=None):
 
 
 def accelerated_row(bench: Bench, model_dir, layout, task, mode: str):
-    """The accelerated version's pool: `--num_engines` vLLM engines as Ray actors (each on its
-    share of the cores, or on its own GPU)."""
-    import ray
-
-    from accelerated.pool import EnginePool, start_ray
+    """The accelerated version's pool (on the Ray this process started): `--num_engines` vLLM
+    engines as Ray actors (each on its share of the cores, or on its own GPU)."""
+    from accelerated.pool import EnginePool
 
     a = bench.args
-    cores = len(os.sched_getaffinity(0))
-    per_engine = max(1, cores // a.num_engines)
-    start_ray("local", num_cpus=max(cores, a.num_engines * per_engine))
+    per_engine = max(1, len(os.sched_getaffinity(0)) // a.num_engines)
     kwargs = {"model_path": model_dir, "precision": a.precision, "max_new_tokens": a.max_new_tokens,
               "noise_mode": "lowrank" if mode == "lora" else "correlated", "layout": layout,
               "max_model_len": a.max_model_len, "rank": a.rank, "lowrank_targets": "lora",
@@ -257,7 +263,6 @@ def accelerated_row(bench: Bench, model_dir, layout, task, mode: str):
     finally:
         if pool is not None:
             pool.shutdown()
-        ray.shutdown()
 
 
 def scaling_rows(args, model_dir, layout, tokenizer, have_vllm) -> list:

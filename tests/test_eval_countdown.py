@@ -324,6 +324,7 @@ def test_vllm_script_glue_with_a_stand_in_for_vllm(tmp_path, tiny_model_dir, mon
     of --batch_size, greedy parameters, the summary shape and the details file."""
     fake = SimpleNamespace(LLM=FakeLLM, SamplingParams=lambda **kw: kw)
     monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)  # restored afterwards
     model, _ = load_model(str(tiny_model_dir), "fp32")
     torch.save(hf_to_vllm(model.state_dict(), model.config), tmp_path / "w.pth")
     out = tmp_path / "out"
@@ -335,6 +336,9 @@ def test_vllm_script_glue_with_a_stand_in_for_vllm(tmp_path, tiny_model_dir, mon
     summary = vl.evaluate(args)
     [built] = FakeLLM.built
     assert built["dtype"] == "float16" and built["tensor_parallel_size"] == 1
+    # one worker: in this process, no engine-core or worker process importing vLLM again
+    assert built["distributed_executor_backend"] == "uni"
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     assert built["calls"] == [2, 2, 1]
     assert built["params"] == {"temperature": 0.0, "top_p": 1.0, "seed": None, "max_tokens": 7}
     assert not Path(built["model"]).exists()  # the temporary HF directory is removed

@@ -133,9 +133,13 @@ def test_vllm_update_equals_plain_es_update(engine, smollm2_dir):
 
 
 @pytest.mark.slow
-def test_two_vllm_engines_train_then_eval_countdown_vllm(tmp_path):
+def test_two_vllm_engines_train_then_eval_countdown_vllm(tmp_path, tiny_vllm_dir):
+    """The accelerated script on 2 vLLM engines, then eval_countdown_vllm.py on both output forms
+    (the tiny vLLM-shaped model: the bundled model's vLLM exactness is the engine tests' and the
+    LoRA members' above)."""
     proc = run_script([PYTHON, str(ROOT / "es_fine-tuning_countdown_accl.py"), "--model_name",
-                       "bundled", "--engine", "vllm", "--num_engines", "2", "--population_size",
+                       str(tiny_vllm_dir), "--engine", "vllm", "--num_engines", "2",
+                       "--population_size",
                        "2", "--num_iterations", "1", "--max_new_tokens", "16", "--data_sample", "2",
                        "--precision", "fp32", "--experiment_dir", str(tmp_path), "--run_name",
                        "run"], timeout=900)
@@ -147,7 +151,7 @@ def test_two_vllm_engines_train_then_eval_countdown_vllm(tmp_path):
 
     responses = {}
     for label, model_args in {"pth": ["--model_path", str(run / "final_model.pth"),
-                                      "--base_model_name", "bundled"],
+                                      "--base_model_name", str(tiny_vllm_dir)],
                               "hf": ["--model_path", str(run / "final_model")]}.items():
         out = tmp_path / f"eval_{label}"
         # A process of its own: this one has a vLLM engine already (the `engine` fixture).
@@ -269,15 +273,18 @@ def test_vllm_lora_members_match_the_transformers_lowrank_mode(smollm2_dir):
 
 
 @pytest.mark.slow
-def test_the_accelerated_vllm_lowrank_run_equals_the_transformers_engines(tmp_path):
+def test_the_accelerated_vllm_lowrank_run_equals_the_transformers_engines(tmp_path, tiny_vllm_dir):
     """The whole loop: 2 iterations with vLLM LoRA members give the transformers engine's
-    low-rank rewards (same layers, same factors)."""
+    low-rank rewards (same layers, same factors), on the tiny vLLM-shaped model and a reward that
+    varies (tests/accl_varied_reward.py), so that the update moves the weights; the members'
+    texts on the bundled model are test_vllm_lora_members_match_the_transformers_lowrank_mode's."""
     metrics = {}
     for engine in ("vllm", "transformers"):
         try:
-            run_main([PYTHON, "es_fine-tuning_countdown_accl.py", "--model_name", "bundled",
-                      "--engine", engine, "--num_engines", "1", "--population_size", "4",
-                      "--num_iterations", "2", "--max_new_tokens", "16", "--data_sample", "2",
+            run_main([PYTHON, str(ROOT / "tests" / "accl_varied_reward.py"), "--model_name",
+                      str(tiny_vllm_dir), "--engine", engine, "--num_engines", "1",
+                      "--population_size", "4", "--num_iterations", "2", "--max_new_tokens", "16",
+                      "--data_sample", "2",
                       "--sigma", "0.02", "--alpha", "0.01", "--noise_mode", "lowrank",
                       "--lowrank_targets", "lora", "--precision", "fp32", "--experiment_dir",
                       str(tmp_path), "--run_name", engine])
@@ -286,6 +293,7 @@ def test_the_accelerated_vllm_lowrank_run_equals_the_transformers_engines(tmp_pa
         metrics[engine] = [json.loads(line)["rewards"] for line in
                            (tmp_path / engine / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics["vllm"]) == 2 and metrics["vllm"] == metrics["transformers"]
+    assert len({r for rewards in metrics["vllm"] for r in rewards}) > 1
 
 
 @pytest.mark.slow
@@ -325,13 +333,16 @@ def test_a_tuned_vllm_run_resumed_on_one_engine_equals_the_two_engine_run(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # 4.5 minutes on a quiet machine; twice that beside another job
-def test_the_gpu_check_and_every_work_unit_row_run_on_cpu(tmp_path):
+@pytest.mark.timeout(1500)  # 2.8 minutes on a quiet machine; more beside another job
+def test_the_gpu_check_and_every_work_unit_row_run_on_cpu(tmp_path, tiny_vllm_dir):
     """bench/gpu_check.sh at its tiny CPU sizes: the accelerated vLLM run, both trainers and both
     work units with every row (vLLM per member and LoRA, and 1-engine Ray pools) succeed."""
     out = tmp_path / "check"
+    # The tiny vLLM-shaped model (ES_MODEL): this checks the script and every row's code path;
+    # the bundled model's rows are bench/work_units.py's own runs (docs/benchmarks.md).
     proc = run_script(["bash", "bench/gpu_check.sh", str(out)], timeout=1200,
-                      env={"GPU_CHECK_ALLOW_CPU": "1", "PYTHON": PYTHON}, check=False)
+                      env={"GPU_CHECK_ALLOW_CPU": "1", "PYTHON": PYTHON,
+                           "ES_MODEL": str(tiny_vllm_dir)}, check=False)
     table = (out / "gpu_check.md").read_text()
     assert proc.returncode == 0, proc.stdout[-3000:] + (out / "gpu_check.log").read_text()[-5000:]
     steps = [line for line in table.splitlines() if line.startswith("| ") and "| ok |" in line]
