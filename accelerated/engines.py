@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from es_llm.config import ENGINES
@@ -103,8 +102,9 @@ class Engine:
         return {"reward": task.mean_reward(rollouts, seed), "noise_s": (t1 - t0) + (t3 - t2),
                 "generate_s": t2 - t1, "completion": rollouts[0][0]}
 
-    def evaluate_batch(self, seeds, sigma: float, signs, prompts=None) -> list:
-        """Lowrank mode: the members generated together; one result dict each, in order."""
+    def evaluate_batch(self, seeds, sigma: float, signs, prompts=None, iteration: int = 0) -> list:
+        """Lowrank mode: the members generated together; one result dict each, in order (their
+        sampled rollouts, --num_rollouts, seeded by `iteration` and each member's seed)."""
         raise NotImplementedError(f"{type(self).__name__} cannot evaluate a population in one "
                                   f"batch: --noise_mode lowrank needs --engine transformers")
 
@@ -171,12 +171,13 @@ class TransformersEngine(Engine):
     def rollouts(self, generator, task, seed: int, iteration: int) -> list:
         return generator.rollouts(self.model, iteration, seed)
 
-    def evaluate_batch(self, seeds, sigma: float, signs, prompts=None) -> list:
+    def evaluate_batch(self, seeds, sigma: float, signs, prompts=None, iteration: int = 0) -> list:
         if self.batched is None:
-            return super().evaluate_batch(seeds, sigma, signs, prompts)
+            return super().evaluate_batch(seeds, sigma, signs, prompts, iteration)
         generator, task = self.scoring(prompts)
         results, timings = evaluate_batched(self.batched, generator, task, seeds, signs, sigma,
-                                            self.lowrank_batch, self.prune_finished)
+                                            self.lowrank_batch, self.prune_finished,
+                                            iteration=iteration)
         share = {f"{phase}_s": seconds / len(seeds) for phase, seconds in timings.items()}
         return [{"reward": reward, "completion": completions[0], **share}
                 for _, reward, completions in results]
@@ -282,18 +283,20 @@ class VLLMEngine(Engine):
         n = len(task.prompts)
         return [texts[r * n:(r + 1) * n] for r in range(k)]
 
-    def evaluate_batch(self, seeds, sigma: float, signs, prompts=None) -> list:
+    def evaluate_batch(self, seeds, sigma: float, signs, prompts=None, iteration: int = 0) -> list:
         """Lowrank mode: every member a LoRA adapter (its factors drawn from its seed, as the
-        transformers engine's low-rank mode draws them), all members' prompts in one `generate`
-        call per `lowrank_batch` sequences, one LoRA request per prompt (vLLM's multi-LoRA
-        batching). The adapters' files are removed once generated from."""
+        transformers engine's low-rank mode draws them), all members' prompts (and rollouts:
+        --num_rollouts, each completion seeded as in `rollouts`) in one `generate` call per
+        `lowrank_batch` sequences, one LoRA request per prompt (vLLM's multi-LoRA batching). The
+        adapters' files are removed once generated from."""
         if self.lora is None:
-            return super().evaluate_batch(seeds, sigma, signs, prompts)
+            return super().evaluate_batch(seeds, sigma, signs, prompts, iteration)
         from vllm.lora.request import LoRARequest
 
-        _, task = self.scoring(prompts)
+        ids, task = self.scoring(prompts)
         prompts = list(task.prompts)
-        per_call = max(1, min(self.lora["max_loras"], self.lowrank_batch // len(prompts)))
+        k, temperature, top_p = self.sampling or (1, 0.0, 1.0)
+        per_call = max(1, min(self.lora["max_loras"], self.lowrank_batch // (len(prompts) * k)))
         results = []
         for chunk in range(0, len(seeds), per_call):
             part = list(range(chunk, min(chunk + per_call, len(seeds))))
@@ -305,18 +308,24 @@ class VLLMEngine(Engine):
                 [int(seeds[j]) for j in part], sigma, [float(signs[j]) for j in part], paths))
             requests = [LoRARequest(f"member{i}", i, path) for i, path in zip(ids, paths)]
             t1 = time.perf_counter()
+            # member-major, then rollout, then prompt: member n's rollout r is one block of rows
+            seeded = None if self.sampling is None else [
+                row_seed(iteration, int(seeds[j]), p, r) % 2**63
+                for j in part for r in range(k) for p in ids]
             try:
-                texts = self.generate([p for _ in part for p in prompts],
-                                      lora_requests=[r for r in requests for _ in prompts])
+                texts = self.generate(prompts * (k * len(part)), temperature, top_p, seeded,
+                                      lora_requests=[q for q in requests for _ in range(k)
+                                                     for _ in prompts])
             finally:
                 for path in paths:
                     shutil.rmtree(path, ignore_errors=True)
             t2 = time.perf_counter()
             share = {"noise_s": (t1 - t0) / len(part), "generate_s": (t2 - t1) / len(part)}
-            for n, j in enumerate(part):
-                completions = texts[n * len(prompts):(n + 1) * len(prompts)]
-                results.append({"reward": float(np.mean(task.score(completions, seed=seeds[j]))),
-                                "completion": completions[0], **share})
+            n = len(prompts)
+            for m, j in enumerate(part):
+                rollouts = [texts[(m * k + r) * n:(m * k + r + 1) * n] for r in range(k)]
+                results.append({"reward": task.mean_reward(rollouts, seeds[j]),
+                                "completion": rollouts[0][0], **share})
         return results
 
 

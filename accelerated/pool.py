@@ -55,8 +55,8 @@ class EngineActor:
                  iteration: int = 0) -> dict:
         return self.engine.evaluate(seed, sigma, sign, prompts, iteration)
 
-    def evaluate_batch(self, seeds, sigma: float, signs, prompts=None) -> list:
-        return self.engine.evaluate_batch(seeds, sigma, signs, prompts)
+    def evaluate_batch(self, seeds, sigma: float, signs, prompts=None, iteration: int = 0) -> list:
+        return self.engine.evaluate_batch(seeds, sigma, signs, prompts, iteration)
 
     def heldout_reward(self) -> dict:
         return self.engine.heldout_reward()
@@ -156,7 +156,8 @@ class EnginePool:
         if batched:
             parts = [list(range(e, len(seeds), engines)) for e in range(engines)]
             refs = [self.actors[e].evaluate_batch.remote([int(seeds[i]) for i in part], sigma,
-                                                         [signs[i] for i in part], prompts)
+                                                         [signs[i] for i in part], prompts,
+                                                         iteration)
                     for e, part in enumerate(parts) if part]
             results = [None] * len(seeds)
             for part, batch in zip([p for p in parts if p], ray.get(refs)):

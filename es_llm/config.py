@@ -361,10 +361,6 @@ class TrainConfig:
                 return ["--top_p only applies to sampling; add --temperature T (or --num_rollouts "
                         "K > 1) or drop --top_p"]
             return []
-        if self.batched_population:
-            return ["--num_rollouts and --temperature are not built for --noise_mode lowrank or "
-                    "--lora_batch yet; use correlated or iid noise on thread copies, or greedy "
-                    "generation"]
         if self.do_sample:
             return ["the script's do_sample = True samples with generate's own unseeded sampling; "
                     "set it to False to use --temperature/--num_rollouts"]

@@ -42,7 +42,8 @@ class Generator:
         (iteration, seed, prompt, rollout) under `sampling`, or the one greedy list."""
         if self.sampling is None:
             return [self(model, with_prompt)]
-        return self.repeated(model, self.sampling[0], with_prompt, draw=(iteration, seed))
+        k = self.sampling[0]
+        return self.repeated(model, k, with_prompt, draw=[(iteration, seed, r) for r in range(k)])
 
     @torch.inference_mode()
     def repeated(self, model, copies: int, with_prompt: bool = False, on_rows=None,
@@ -54,7 +55,8 @@ class Generator:
         With `on_rows` (greedy only), a row leaves the batch as soon as it has produced its end
         token, so the finished rows cost nothing; `on_rows(keep)` is told the indices (into the
         current rows) of the rows kept, and `on_rows(None)` when a new batch starts. With `draw`
-        (iteration, member seed), copy c of prompt p is sampled as rollout c (RowSampler)."""
+        (one (iteration, member seed, rollout) per copy), copy c's row of prompt p is sampled with
+        the seed row_seed(*draw[c][:2], p, draw[c][2]) (RowSampler)."""
         head = model.get_output_embeddings()
         handle = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
         try:
@@ -84,8 +86,9 @@ class Generator:
                 out = self._greedy_pruned(model, batch, on_rows)
             else:
                 sampler = [] if draw is None else [RowSampler(
-                    [row_seed(*draw, self.prompt_ids[first + j], c)
-                     for c in range(copies) for j in range(rows)], *self.sampling[1:])]
+                    [row_seed(iteration, seed, self.prompt_ids[first + j], rollout)
+                     for iteration, seed, rollout in draw for j in range(rows)],
+                    *self.sampling[1:])]
                 out = model.generate(**batch, max_new_tokens=self.max_new_tokens,
                                      do_sample=self.do_sample,
                                      pad_token_id=self.tokenizer.pad_token_id,

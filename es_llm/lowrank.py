@@ -32,8 +32,6 @@ import math
 import time
 from contextlib import contextmanager
 
-import numpy as np
-
 import torch
 from torch import nn
 
@@ -118,26 +116,33 @@ def keeps_masters(master_weights: str, noise_mode: str, params) -> bool:
 
 
 def evaluate_batched(lowrank, generate, task, seeds, signs, sigma: float, max_sequences: int,
-                     prune: bool = True, with_prompt: bool = False):
+                     prune: bool = True, with_prompt: bool = False, iteration: int = 0):
     """Members (seeds[j], signs[j]) generated together on `lowrank.model`, at most `max_sequences`
-    sequences (members x prompts) per generate call. `lowrank` is a batched population: a
-    BatchedLowRank, or es_llm.lora.BatchedLora (the members' adapters, --lora_batch). Returns
-    [(j, mean reward, completions)] in order, and the seconds spent per phase ({"noise",
-    "generate"})."""
-    per_call = max(1, max_sequences // len(task.prompts))
+    sequences (members x rollouts x prompts) per generate call. `lowrank` is a batched population:
+    a BatchedLowRank, or es_llm.lora.BatchedLora (the members' adapters, --lora_batch). With
+    `generate.sampling` (--num_rollouts K), member j's K rollouts are K consecutive row blocks of
+    its perturbation, block r's rows sampled as rollout r with the seeds of (iteration, seeds[j]),
+    as a thread copy samples them. Returns [(j, mean reward, completions of its first rollout)] in
+    order, and the seconds spent per phase ({"noise", "generate"})."""
+    k = generate.sampling[0] if generate.sampling else 1
+    per_call = max(1, max_sequences // (len(task.prompts) * k))
     timings = {"noise": 0.0, "generate": 0.0}
     results = []
     for chunk in range(0, len(seeds), per_call):
         part = list(range(chunk, min(chunk + per_call, len(seeds))))
+        rows = [j for j in part for _ in range(k)]  # one block of rows per member and rollout
+        draw = [(iteration, seeds[j], r) for j in part for r in range(k)] if generate.sampling \
+            else None
         t0 = time.perf_counter()
-        with lowrank.perturbed([seeds[j] for j in part], sigma, [signs[j] for j in part]) as rows:
+        with lowrank.perturbed([seeds[j] for j in rows], sigma, [signs[j] for j in rows]) as layout:
             t1 = time.perf_counter()
-            texts = generate.repeated(lowrank.model, len(part), with_prompt=with_prompt,
-                                      on_rows=rows.select_rows if prune else None)
+            texts = generate.repeated(lowrank.model, len(rows), with_prompt=with_prompt,
+                                      on_rows=layout.select_rows if prune else None, draw=draw)
         timings["noise"] += t1 - t0
         timings["generate"] += time.perf_counter() - t1
-        for j, completions in zip(part, texts):
-            results.append((j, float(np.mean(task.score(completions, seed=seeds[j]))), completions))
+        for n, j in enumerate(part):
+            rollouts = texts[n * k:(n + 1) * k]
+            results.append((j, task.mean_reward(rollouts, seed=seeds[j]), rollouts[0]))
     return results, timings
 
 

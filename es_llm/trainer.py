@@ -108,7 +108,7 @@ class Population:
         Returns {index: reward} and the summed phase timings (thread-seconds)."""
         signs = signs or member_signs(len(seeds), False)
         if self.batched:
-            return self._evaluate_batched(members, seeds, signs, on_result)
+            return self._evaluate_batched(members, seeds, signs, on_result, iteration)
         rewards, timings = {}, {"noise": 0.0, "generate": 0.0}
         threads = len(self.models)
         for chunk in range(0, len(members), threads):
@@ -127,11 +127,11 @@ class Population:
                     on_result(i, reward, completions)
         return rewards, timings
 
-    def _evaluate_batched(self, members, seeds, signs, on_result):
+    def _evaluate_batched(self, members, seeds, signs, on_result, iteration: int):
         results, timings = evaluate_batched(
             self.batched, self.generate, self.task, [seeds[i] for i in members],
             [signs[i] for i in members], self.cfg.sigma, self.cfg.lowrank_batch,
-            self.cfg.prune_finished, self.cfg.reward_on_prompt_and_response)
+            self.cfg.prune_finished, self.cfg.reward_on_prompt_and_response, iteration)
         rewards = {}
         for j, reward, completions in results:
             rewards[members[j]] = reward

@@ -90,6 +90,33 @@ def test_an_engine_scores_a_sampled_member_on_a_prompt_batch_as_the_plain_traine
     assert e.evaluate(7, 0.05, -1.0, prompts, 3)["completion"] != result["completion"]
 
 
+def test_an_engine_scores_a_sampled_lowrank_batch_on_a_prompt_batch_as_the_plain_trainer(
+        tiny_model_dir):
+    """The same in lowrank mode: the engine's batch of members (their K rollouts rows of one
+    generate call) gives the plain trainer's rewards and first completions, bit for bit."""
+    from accl_varied_reward import make_task
+    from es_llm.config import TrainConfig
+    from es_llm.generation import Generator
+    from es_llm.trainer import Population
+
+    task, prompts, seeds, signs = make_task(4), [3, 1], [7, 8, 9], [1.0, -1.0, 1.0]
+    cfg = TrainConfig(task="countdown", precision="fp32", noise_mode="lowrank", num_rollouts=2,
+                      max_new_tokens=6, sigma=0.05, population_size=3)
+    model, tokenizer = load_model(str(tiny_model_dir), "fp32")
+    batch = task.subset(prompts)
+    plain = Population(model, cfg, Generator(tokenizer, batch.prompts, 6, sampling=cfg.sampling(),
+                                             prompt_ids=prompts), batch)
+    got = {}
+    plain.evaluate_members([0, 1, 2], seeds, lambda i, reward, completions: got.update(
+        {i: (reward, completions[0])}), signs, iteration=2)
+    e = TransformersEngine(str(tiny_model_dir), "fp32", 6, "lowrank", sampling=cfg.sampling())
+    e.set_task(task)
+    results = e.evaluate_batch(seeds, 0.05, signs, prompts, 2)
+    assert [(r["reward"], r["completion"]) for r in results] == [got[i] for i in range(3)]
+    assert [r["completion"] for r in e.evaluate_batch(seeds, 0.05, signs, prompts, 3)] != \
+        [r["completion"] for r in results]  # the iteration seeds the rows
+
+
 def test_weight_set_sees_views_of_fused_tensors():
     """A view into a fused tensor (as vLLM's q/k/v) gets its own tensor's noise and saves alone."""
     fused = torch.zeros(6, 3)

@@ -25,8 +25,8 @@ def tiny(tiny_model_dir):
     return model, tokenizer
 
 
-def same_weights(a: Path, b: Path) -> bool:
-    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+def same_weights(a: Path, b: Path, name: str = "model.safetensors") -> bool:
+    x, y = load_file(str(a / name)), load_file(str(b / name))
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
@@ -110,6 +110,50 @@ def test_two_processes_give_the_one_process_sampled_run(tiny_model_dir, tmp_path
     assert same_weights(one, two)
 
 
+def test_a_batched_population_samples_each_member_as_it_samples_alone(tiny):
+    """Lowrank mode (and --lora_batch, the same rows): member j's K rollouts are K blocks of rows of
+    its perturbation, each row seeded by (iteration, seed, prompt, rollout) only, so the members
+    come out the same whether all share one generate call or each has its own."""
+    from es_llm.lowrank import BatchedLowRank, evaluate_batched
+    from es_llm.tasks import Task
+
+    model, tokenizer = tiny
+    task = Task("lengths", PROMPTS, lambda prompts, completions, **_: [len(c) for c in completions])
+    generate = Generator(tokenizer, PROMPTS, 5, sampling=(2, 1.0, 1.0), prompt_ids=[4, 0, 9])
+    batched = BatchedLowRank(model, 1)
+    seeds, signs = [11, 12, 13], [1.0, -1.0, 1.0]
+    together, _ = evaluate_batched(batched, generate, task, seeds, signs, 0.05, 1000, iteration=3)
+    alone, _ = evaluate_batched(batched, generate, task, seeds, signs, 0.05, 2 * len(PROMPTS),
+                                iteration=3)
+    assert together == alone and [j for j, *_ in together] == [0, 1, 2]
+    later, _ = evaluate_batched(batched, generate, task, seeds, signs, 0.05, 1000, iteration=4)
+    assert later != together  # the iteration seeds the rows
+    greedy = Generator(tokenizer, PROMPTS, 5)
+    plain, _ = evaluate_batched(batched, greedy, task, seeds, signs, 0.05, 1000)
+    assert [c for *_, c in plain] != [c for *_, c in together]
+
+
+@pytest.mark.parametrize("mode", [["--noise_mode", "lowrank"], ["--es_params", "lora",
+                                                                 "--lora_batch"]],
+                         ids=["lowrank", "lora_batch"])
+def test_a_sampled_batched_run_does_not_depend_on_its_batches_and_resumes_exactly(
+        mode, tiny_model_dir, tmp_path):
+    """--num_rollouts 2 at temperature 1 in a batched population: one member per generate call
+    (--lowrank_batch = K x prompts) gives the run of the whole population in one call, and a run
+    resumed from its checkpoint-1 equals it."""
+    settings = ["--precision", "fp32", *SAMPLED, "--population_size", "4", *mode]
+    whole, split, resumed = tmp_path / "whole", tmp_path / "split", tmp_path / "resumed"
+    run_main(command(tiny_model_dir, whole, "--save_every", "1", *settings))
+    run_main(command(tiny_model_dir, split, *settings, "--lowrank_batch", "4"))
+    run_main(command(tiny_model_dir, resumed, *settings, "--resume", whole / "checkpoint-1"))
+    assert without_time(records(whole)) == without_time(records(split)) == \
+        without_time(records(resumed))
+    assert records(whole)[0]["generations"] == 4 * 2 * 2  # members x rollouts x prompts
+    assert len({r for row in records(whole) for r in row["rewards"]}) > 1
+    output = "adapter_model.safetensors" if "lora" in mode else "model.safetensors"
+    assert same_weights(whole, split, output)
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--num_rollouts", "0"], "num_rollouts must be >= 1"),
     (["--temperature", "-0.5"], "temperature must be >= 0"),
@@ -117,7 +161,6 @@ def test_two_processes_give_the_one_process_sampled_run(tiny_model_dir, tmp_path
     (["--temperature", "1", "--top_p", "1.5"], "top_p must be in (0, 1]"),
     (["--top_p", "0.9"], "--top_p only applies to sampling"),
     (["--num_rollouts", "2", "--temperature", "0"], "the same greedy completion 2 times"),
-    (["--num_rollouts", "2", "--noise_mode", "lowrank"], "not built for --noise_mode lowrank"),
 ])
 def test_bad_rollout_settings_are_refused_before_anything_is_written(flags, message, tmp_path,
                                                                      tiny_model_dir, capsys):

@@ -257,6 +257,17 @@ def test_vllm_lora_members_match_the_transformers_lowrank_mode(smollm2_dir):
         assert vllm_engine.generate(PROMPTS)[0] == base_text  # no adapter: the base model
         assert not list(vllm_engine._adapter_dir.iterdir())  # adapter files removed
 
+        # Sampled (--num_rollouts 2 at temperature 1): every completion seeded by its (iteration,
+        # member seed, prompt, rollout), so all members in one call or one per call agree.
+        vllm_engine.sampling, vllm_engine.lowrank_batch = (2, 1.0, 1.0), 16
+        together = vllm_engine.evaluate_batch(seeds, sigma, signs, iteration=3)
+        vllm_engine.lowrank_batch = 2 * len(PROMPTS)  # one member (2 rollouts) per call
+        alone = vllm_engine.evaluate_batch(seeds, sigma, signs, iteration=3)
+        vllm_engine.sampling = None
+        assert [(t["reward"], t["completion"]) for t in together] == \
+            [(a["reward"], a["completion"]) for a in alone]
+        assert [t["completion"] for t in together] != [g["completion"] for g in got]
+
         z = normalize_rewards([e["reward"] + i for i, e in enumerate(expected)])
         before = vllm_engine.weights.state_dict()
         vllm_engine.weights.update(seeds, z, 0.01)
