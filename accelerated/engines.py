@@ -293,7 +293,7 @@ class VLLMEngine(Engine):
             return super().evaluate_batch(seeds, sigma, signs, prompts, iteration)
         from vllm.lora.request import LoRARequest
 
-        ids, task = self.scoring(prompts)
+        prompt_ids, task = self.scoring(prompts)
         prompts = list(task.prompts)
         k, temperature, top_p = self.sampling or (1, 0.0, 1.0)
         per_call = max(1, min(self.lora["max_loras"], self.lowrank_batch // (len(prompts) * k)))
@@ -311,7 +311,7 @@ class VLLMEngine(Engine):
             # member-major, then rollout, then prompt: member n's rollout r is one block of rows
             seeded = None if self.sampling is None else [
                 row_seed(iteration, int(seeds[j]), p, r) % 2**63
-                for j in part for r in range(k) for p in ids]
+                for j in part for r in range(k) for p in prompt_ids]
             try:
                 texts = self.generate(prompts * (k * len(part)), temperature, top_p, seeded,
                                       lora_requests=[q for q in requests for _ in range(k)
