@@ -5,11 +5,12 @@
 # The environment is built once under $VLLM_TIER_VENV (default ~/.cache/es-llm/vllm-tier-venv) and
 # rebuilt when the package list below changes. Measured here (2 shared CPU cores): building it
 # took 3-6 minutes (~1 GB of packages, 2.3 minutes from pip's cache); its 12 tests: one in-process
-# engine, a 2-engine Ray run of 1 iteration on the bundled SmolLM2-135M, two evaluations with
-# eval_countdown_vllm.py, LoRA members against the transformers low-rank mode, two 2-iteration
-# low-rank runs, the tuning options on vLLM (a tuned 2-engine run resumed on 1 engine), a PEFT
-# adapter served as a LoRA request, and bench/gpu_check.sh at its CPU sizes (every work-unit row,
-# about 4 minutes). Times: README.md ("One command installs what the tests need").
+# engine on the bundled SmolLM2-135M (weights, noise, update, LoRA members against the
+# transformers low-rank mode, greedy and sampled), and on a tiny vLLM-shaped model: a 2-engine Ray
+# run of 1 iteration and two evaluations with eval_countdown_vllm.py, two 2-iteration low-rank
+# runs, the tuning options on vLLM (a tuned 2-engine run resumed on 1 engine), a PEFT adapter
+# served as a LoRA request, and bench/gpu_check.sh at its CPU sizes (every work-unit row, about
+# 2.7 minutes). Times: README.md ("One command installs what the tests need").
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."

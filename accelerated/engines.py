@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,27 +31,17 @@ import torch
 from es_llm.config import ENGINES
 from es_llm.generation import row_seed
 from es_llm.loop import heldout_entries
-from es_llm.lora import BatchedLora, attach_adapter, saved_tensors
+from es_llm.lora import BatchedLora, SavedAdapter, attach_adapter, initial_adapter, saved_tensors
 from es_llm.lowrank import LOWRANK, BatchedLowRank, evaluate_batched
-from es_llm.models import DTYPE_NAMES, load_model
+from es_llm.models import DTYPE_NAMES, PRECISIONS, load_model
+from es_llm.noise import perturbed_tensors
+from es_llm.vllm_names import VLLM_LORA_RANKS, vllm_lora_rank  # noqa: F401 (re-exported)
 from es_llm.weightset import WEIGHT_OPS, WeightSet
 
 # vLLM memory: on CPU an explicit KV-cache size in RAM per engine; on GPU a share of its memory
 # (kept below vLLM's usual 0.9 to leave room for --master_weights fp32).
 VLLM_CPU_KV_CACHE_BYTES = 1 << 30
 VLLM_GPU_MEMORY_UTILIZATION = 0.7
-# The LoRA ranks vLLM serves (its max_lora_rank must be one of them, at least the adapter's rank).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def vllm_lora_rank(rank: int) -> int:
-    """The smallest max_lora_rank vLLM accepts that serves adapters of rank `rank`."""
-    for served in VLLM_LORA_RANKS:
-        if served >= rank:
-            return served
-    raise ValueError(f"vLLM serves LoRA adapters of rank at most {VLLM_LORA_RANKS[-1]} (this one "
-                     f"has rank {rank}): merge the adapter into the model (--merge_adapter) and "
-                     f"evaluate the merged model")
 
 
 def vllm_available() -> bool:
@@ -210,11 +201,15 @@ class VLLMEngine(Engine):
                  seed: int = 0, noise_names: str = "vllm", rank: int = 1,
                  lowrank_targets: str = "all", lowrank_batch: int = 256,
                  population_size: int = 1, optimizer: str = "sgd", momentum: float = 0.9,
-                 weight_decay: float = 0.01, sampling=None, **_):
+                 weight_decay: float = 0.01, sampling=None, lora=None, **_):
         """`optimizer` (with `momentum`, `weight_decay`; noise_names "hf"): the step on the ES
         gradient, inside the worker's WeightSet; `sampling`: (rollouts, temperature, top_p) for
         sampled rollouts, each completion seeded by es_llm.generation.row_seed (vLLM's sampler
-        draws other samples than the transformers engine's from the same seed), None: greedy."""
+        draws other samples than the transformers engine's from the same seed), None: greedy.
+        `lora`: the run's settings with --es_params lora: the base model stays as vLLM loaded it;
+        the ES parameters are the adapter's tensors, kept in this process in a WeightSet as the
+        transformers engine keeps them (names, order, initialisation, update), and every generate
+        call carries the adapter (or each member's) as a LoRA request."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         import utils.worker_extn  # noqa: F401  (patches vLLM's CPU linear layers before loading)
         from vllm import LLM
@@ -222,24 +217,14 @@ class VLLMEngine(Engine):
         on_cpu = not torch.cuda.is_available()
         memory = ({"kv_cache_memory_bytes": VLLM_CPU_KV_CACHE_BYTES} if on_cpu
                   else {"gpu_memory_utilization": VLLM_GPU_MEMORY_UTILIZATION})
-        self.max_new_tokens = max_new_tokens
-        self.sampling = sampling
-        self.lora = None
+        self.max_new_tokens, self.sampling, self.es_lora = max_new_tokens, sampling, lora
+        self.noise_mode = noise_mode
+        self.lora = self._lora_settings(noise_mode, lowrank_targets, lowrank_batch,
+                                        population_size, rank)
         if noise_mode == LOWRANK:
-            if lowrank_targets != "lora":
-                raise ValueError("--noise_mode lowrank on vLLM engines makes each member a LoRA "
-                                 "adapter, which covers the decoder's projections only: add "
-                                 "--lowrank_targets lora")
             # Noise over HF-named tensors in HF order: the adapters and the update draw the same
             # factors as the transformers engine's low-rank mode.
             noise_names = "hf"
-            self.lowrank_batch = lowrank_batch
-            slots = max(1, min(population_size, lowrank_batch))
-            self.lora = {"enable_lora": True, "max_loras": slots, "max_cpu_loras": slots,
-                         "max_lora_rank": vllm_lora_rank(rank)}
-            self._adapter_dir = Path(tempfile.mkdtemp(prefix="es-lora-", dir=(
-                "/dev/shm" if os.path.isdir("/dev/shm") else None)))
-            self._next_lora_id = 1
         # Eager on CPU: a compiled graph could keep calling a linear layer's old packed weight.
         self.llm = LLM(model=str(model_path), dtype=DTYPE_NAMES[precision], seed=seed,
                        tensor_parallel_size=1, distributed_executor_backend="uni",
@@ -247,15 +232,82 @@ class VLLMEngine(Engine):
                        max_model_len=max_model_len, download_dir=cache_dir,
                        worker_extension_cls="utils.worker_extn.WorkerExtension", **memory,
                        **(self.lora or {}))
+        if lora is not None:
+            self.adapter = initial_adapter(str(model_path), lora, PRECISIONS[precision], cache_dir)
+            self.weights = WeightSet(lambda: self.adapter, noise_mode, master_weights,
+                                     update_order="accumulate", optimizer=optimizer,
+                                     momentum=momentum, weight_decay=weight_decay)
+            return
         self.llm.collective_rpc("es_setup", args=(layout, noise_mode, master_weights, noise_names,
                                                   rank, lowrank_targets, optimizer, momentum,
                                                   weight_decay))
         self.weights = WorkerWeights(self.llm)
 
+    def _lora_settings(self, noise_mode: str, lowrank_targets: str, lowrank_batch: int,
+                       population_size: int, rank: int):
+        """vLLM's LoRA settings when the members are adapters (lowrank mode: each member's
+        factors; --es_params lora: each member's adapter), else None."""
+        if noise_mode == LOWRANK:
+            if lowrank_targets != "lora":
+                raise ValueError("--noise_mode lowrank on vLLM engines makes each member a LoRA "
+                                 "adapter, which covers the decoder's projections only: add "
+                                 "--lowrank_targets lora")
+            self.lowrank_batch = lowrank_batch
+        elif self.es_lora is not None:  # members one at a time, or --lora_batch's calls
+            self.lowrank_batch = lowrank_batch if self.es_lora.lora_batch else 1
+            rank = self.es_lora.lora_rank
+        else:
+            return None
+        self._adapter_dir = Path(tempfile.mkdtemp(prefix="es-lora-", dir=(
+            "/dev/shm" if os.path.isdir("/dev/shm") else None)))
+        self._next_lora_id = 1
+        slots = max(1, min(population_size, self.lowrank_batch))
+        return {"enable_lora": True, "max_loras": slots, "max_cpu_loras": slots,
+                "max_lora_rank": vllm_lora_rank(rank)}
+
+    @contextmanager
+    def _adapters(self, count: int, write):
+        """`count` fresh LoRA requests; write(paths) writes their adapter directories, which are
+        removed afterwards."""
+        from vllm.lora.request import LoRARequest
+
+        ids = list(range(self._next_lora_id, self._next_lora_id + count))
+        self._next_lora_id += count
+        paths = [str(self._adapter_dir / f"member{i}") for i in ids]
+        try:
+            write(paths)
+            yield [LoRARequest(f"member{i}", i, path) for i, path in zip(ids, paths)]
+        finally:
+            for path in paths:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _write_members(self, seeds, sigma: float, signs, paths) -> None:
+        """Each member's adapter: lowrank mode, its factors (written in the worker); --es_params
+        lora, the adapter's true tensors plus its noise, as the transformers engine's --lora_batch
+        rows compute with (es_llm.lora.BatchedLora)."""
+        if self.es_lora is None:
+            self.llm.collective_rpc("es_write_adapters", args=(
+                [int(s) for s in seeds], sigma, [float(x) for x in signs], paths))
+            return
+        names = self.weights.names()
+        for seed, sign, path in zip(seeds, signs, paths):
+            tensors = perturbed_tensors(self.weights.true_tensors(), int(seed),
+                                        float(sign) * sigma, self.noise_mode)
+            SavedAdapter(self.es_lora, dict(zip(names, tensors))).save_pretrained(path)
+
     def generate(self, prompts, temperature: float = 0.0, top_p: float = 1.0, seeds=None,
                  lora_requests=None) -> list:
-        """Greedy continuations of `prompts`, or sampled ones with a seed per prompt (`seeds`)."""
+        """Greedy continuations of `prompts`, or sampled ones with a seed per prompt (`seeds`);
+        with --es_params lora and no `lora_requests`, on the adapter as it is now."""
         from vllm import SamplingParams
+
+        if self.es_lora is not None and lora_requests is None:
+            def write(paths):
+                SavedAdapter(self.es_lora, dict(self.adapter)).save_pretrained(paths[0])
+
+            with self._adapters(1, write) as (request,):
+                return self.generate(prompts, temperature, top_p, seeds,
+                                     [request] * len(prompts))
 
         def params(seed=None):
             return SamplingParams(temperature=temperature, top_p=top_p, seed=seed,
@@ -284,44 +336,33 @@ class VLLMEngine(Engine):
         return [texts[r * n:(r + 1) * n] for r in range(k)]
 
     def evaluate_batch(self, seeds, sigma: float, signs, prompts=None, iteration: int = 0) -> list:
-        """Lowrank mode: every member a LoRA adapter (its factors drawn from its seed, as the
-        transformers engine's low-rank mode draws them), all members' prompts (and rollouts:
-        --num_rollouts, each completion seeded as in `rollouts`) in one `generate` call per
-        `lowrank_batch` sequences, one LoRA request per prompt (vLLM's multi-LoRA batching). The
-        adapters' files are removed once generated from."""
-        if self.lora is None:
+        """Lowrank mode (and --es_params lora with --lora_batch): every member a LoRA adapter (its
+        factors drawn from its seed, as the transformers engine's low-rank mode draws them; or
+        its adapter), all members' prompts (and rollouts: --num_rollouts, each completion seeded
+        as in `rollouts`) in one `generate` call per `lowrank_batch` sequences, one LoRA request
+        per prompt (vLLM's multi-LoRA batching). The adapters' files are removed once generated
+        from."""
+        if self.lora is None or (self.es_lora is not None and not self.es_lora.lora_batch):
             return super().evaluate_batch(seeds, sigma, signs, prompts, iteration)
-        from vllm.lora.request import LoRARequest
-
         prompt_ids, task = self.scoring(prompts)
-        prompts = list(task.prompts)
+        prompts, n = list(task.prompts), len(task.prompts)
         k, temperature, top_p = self.sampling or (1, 0.0, 1.0)
-        per_call = max(1, min(self.lora["max_loras"], self.lowrank_batch // (len(prompts) * k)))
+        per_call = max(1, min(self.lora["max_loras"], self.lowrank_batch // (n * k)))
         results = []
         for chunk in range(0, len(seeds), per_call):
             part = list(range(chunk, min(chunk + per_call, len(seeds))))
-            t0 = time.perf_counter()
-            ids = list(range(self._next_lora_id, self._next_lora_id + len(part)))
-            self._next_lora_id += len(part)
-            paths = [str(self._adapter_dir / f"member{i}") for i in ids]
-            self.llm.collective_rpc("es_write_adapters", args=(
-                [int(seeds[j]) for j in part], sigma, [float(signs[j]) for j in part], paths))
-            requests = [LoRARequest(f"member{i}", i, path) for i, path in zip(ids, paths)]
-            t1 = time.perf_counter()
-            # member-major, then rollout, then prompt: member n's rollout r is one block of rows
+            # member-major, then rollout, then prompt: member m's rollout r is one block of rows
             seeded = None if self.sampling is None else [
                 row_seed(iteration, int(seeds[j]), p, r) % 2**63
                 for j in part for r in range(k) for p in prompt_ids]
-            try:
+            t0 = time.perf_counter()
+            with self._adapters(len(part), lambda paths: self._write_members(
+                    [seeds[j] for j in part], sigma, [signs[j] for j in part], paths)) as requests:
+                t1 = time.perf_counter()
                 texts = self.generate(prompts * (k * len(part)), temperature, top_p, seeded,
-                                      lora_requests=[q for q in requests for _ in range(k)
-                                                     for _ in prompts])
-            finally:
-                for path in paths:
-                    shutil.rmtree(path, ignore_errors=True)
+                                      lora_requests=[q for q in requests for _ in range(k * n)])
             t2 = time.perf_counter()
             share = {"noise_s": (t1 - t0) / len(part), "generate_s": (t2 - t1) / len(part)}
-            n = len(prompts)
             for m, j in enumerate(part):
                 rollouts = [texts[(m * k + r) * n:(m * k + r + 1) * n] for r in range(k)]
                 results.append({"reward": task.mean_reward(rollouts, seeds[j]),

@@ -25,6 +25,7 @@ from .models import BUNDLED_MODEL, PRECISIONS
 from .noise import NOISE_MODES
 from .shaping import FITNESS_SHAPINGS
 from .tuning import LR_SCHEDULES, OPTIMIZERS
+from .vllm_names import vllm_lora_rank
 from .weightset import COLLECTIVE_TIMEOUT_S
 
 TRAINER_NOISE_MODES = NOISE_MODES + (LOWRANK,)
@@ -337,6 +338,22 @@ class TrainConfig:
                                 f"{self.optimizer!r}); add --optimizer {owner} or drop --{name}")
         return problems
 
+    def vllm_lora_problems(self) -> list:
+        """--es_params lora on vLLM engines: the adapter must be one vLLM serves."""
+        problems = []
+        try:
+            vllm_lora_rank(self.lora_rank)
+        except ValueError:
+            problems.append(f"--lora_rank {self.lora_rank}: vLLM engines serve LoRA adapters of "
+                            f"rank at most 512; give a smaller --lora_rank or use --engine "
+                            f"transformers")
+        others = [t for t in target_list(self.lora_targets) if t not in LORA_MODULES]
+        if others:
+            problems.append(f"--lora_targets {','.join(others)}: vLLM engines apply LoRA adapters "
+                            f"to the decoder's projections ({','.join(LORA_MODULES)}); give "
+                            f"those only, or use --engine transformers")
+        return problems
+
     def sampling(self):
         """(rollouts, temperature, top_p) when the members' completions are sampled, else None."""
         temperature = self.temperature
@@ -419,8 +436,7 @@ class AcceleratedConfig(TrainConfig):
                             "which covers the decoder's projections only: add --lowrank_targets "
                             "lora (or use --engine transformers for noise on every weight)")
         if self.engine == "vllm" and self.es_params == LORA:
-            problems.append("--es_params lora is not built yet for vLLM engines (each member a "
-                            "vLLM LoRA request): use --engine transformers")
+            problems += self.vllm_lora_problems()
         if self.engine == "vllm" and self.optimizer != "sgd" and self.vllm_noise != "hf":
             problems.append(f"--optimizer {self.optimizer} on vLLM engines keeps its state per HF "
                             f"tensor, in the transformers engines' order and shapes: add "

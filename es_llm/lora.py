@@ -4,6 +4,7 @@ matrices over a frozen base model.
     attach_adapter   the base model wrapped by PEFT with a LoRA adapter: new (PEFT's own
                      initialisation, B = 0 and A random, seeded by --initial_seed), or read from an
                      adapter directory (--lora_init, or a checkpoint being resumed)
+    initial_adapter  the same adapter's tensors without the model's weights (vLLM engines)
     adapter_tensors  the adapter's (name, tensor) pairs in named_parameters() order: the list a
                      WeightSet perturbs, restores and updates (saved_tensors: the same, named as
                      adapter_model.safetensors names them; the accelerated engines' names)
@@ -69,6 +70,25 @@ def attach_adapter(model, cfg, adapter_dir=None):
     wrapped.requires_grad_(False)
     wrapped.eval()
     return wrapped
+
+
+def initial_adapter(model_path: str, cfg, dtype, cache_dir=None) -> list:
+    """The adapter `attach_adapter` gives this run on the model at `model_path` in `dtype`, as
+    saved_tensors pairs (fp32), without reading the model's weights (an engine that keeps the base
+    model elsewhere: vLLM's): built on the model's meta-device structure whose targeted linear
+    layers get empty CPU weights of their shapes and dtype, so that PEFT initialises the same
+    adapter with the same draws (or reads cfg.lora_init)."""
+    from .hf_weights import meta_model
+
+    model = meta_model(model_path, cache_dir, dtype)
+    targets = target_list(cfg.lora_targets)
+    for name, module in model.named_modules():
+        if targeted(name, targets):
+            for key, tensor in list(module.named_parameters(recurse=False)):
+                setattr(module, key, nn.Parameter(torch.empty(tensor.shape, dtype=tensor.dtype),
+                                                  requires_grad=False))
+    wrapped = attach_adapter(model, cfg, cfg.lora_init)
+    return [(name, tensor.detach().clone()) for name, tensor in saved_tensors(wrapped)]
 
 
 def check_targets(model, targets, model_name: str) -> None:

@@ -9,6 +9,7 @@ and keeps no `lm_head.weight` when the embeddings are tied. Every other name is 
                                 trainer's published .pth); a tied lm_head.weight is dropped
     vllm_to_hf(state, config)   the inverse: fused tensors split back into the HF tensors
     is_vllm_state(state)        whether a state dict holds fused names
+    vllm_lora_rank(rank)        the max_lora_rank vLLM needs to serve adapters of rank `rank`
 
 The split uses the config's num_attention_heads, num_key_value_heads (default: the attention heads),
 head_dim (default: hidden_size // num_attention_heads) and intermediate_size. `config` is a
@@ -135,3 +136,17 @@ def vllm_to_hf(state: dict, config) -> dict:
             for s in suffixes:
                 out[f"{prefix}{scope}{part}.{s}"] = pieces[s][i]
     return out
+
+
+# The LoRA ranks vLLM serves (its max_lora_rank must be one of them, at least the adapter's rank).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that serves adapters of rank `rank`."""
+    for served in VLLM_LORA_RANKS:
+        if served >= rank:
+            return served
+    raise ValueError(f"vLLM serves LoRA adapters of rank at most {VLLM_LORA_RANKS[-1]} (this one "
+                     f"has rank {rank}): merge the adapter into the model (--merge_adapter) and "
+                     f"evaluate the merged model")

@@ -308,6 +308,40 @@ def test_the_accelerated_vllm_lowrank_run_equals_the_transformers_engines(tmp_pa
 
 
 @pytest.mark.slow
+def test_lora_space_es_on_vllm_engines_equals_the_transformers_engines(tmp_path, tiny_vllm_dir):
+    """--es_params lora on vLLM engines (each member's adapter a LoRA request; the base model as
+    vLLM loaded it): 2 iterations give the transformers engines' rewards and adapter bit for bit,
+    with --lora_batch (the members of an engine in one generate call) and one member per call
+    (the adapter perturbed in place; fp32 masters make its restore exact, as the batched rows'
+    members are built from the true adapter)."""
+    from safetensors.torch import load_file
+
+    runs = {"transformers": ("transformers", "--lora_batch"), "vllm": ("vllm", "--lora_batch"),
+            "vllm_members": ("vllm", "--master_weights", "fp32")}
+    try:
+        for name, (engine, *extra) in runs.items():
+            run_main([PYTHON, str(ROOT / "tests" / "accl_varied_reward.py"), "--model_name",
+                      str(tiny_vllm_dir), "--engine", engine, "--num_engines", "1",
+                      "--population_size", "4", "--num_iterations", "2", "--max_new_tokens", "8",
+                      "--data_sample", "2", "--sigma", "0.3", "--alpha", "0.05", "--es_params",
+                      "lora", "--lora_rank", "4", "--precision", "fp32", "--experiment_dir",
+                      str(tmp_path), "--run_name", name, *extra])
+    finally:
+        stop_shared_ray()
+    metrics = {name: [json.loads(line)["rewards"] for line in
+                      (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+               for name in runs}
+    assert len(metrics["vllm"]) == 2 and len({r for m in metrics["vllm"] for r in m}) > 1
+    assert metrics["vllm"] == metrics["transformers"] == metrics["vllm_members"]
+    adapters = {name: load_file(str(tmp_path / name / "adapter_model.safetensors"))
+                for name in runs}
+    for name in ("vllm", "vllm_members"):
+        assert adapters[name].keys() == adapters["transformers"].keys()
+        assert all(torch.equal(adapters[name][k], t) for k, t in adapters["transformers"].items())
+    assert not (tmp_path / "vllm" / "final_model.pth").exists()  # an adapter, not a full model
+
+
+@pytest.mark.slow
 def test_a_tuned_vllm_run_resumed_on_one_engine_equals_the_two_engine_run(tmp_path, tiny_vllm_dir):
     """The tuning options on vLLM engines: Adam (on HF-named tensors) on a cosine schedule, 2 of
     4 prompts per iteration, 2 sampled rollouts per prompt at temperature 1 (vLLM's per-request
