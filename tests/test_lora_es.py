@@ -170,6 +170,50 @@ def test_lora_init_continues_from_an_adapter_and_evaluation_scripts_read_adapter
     assert saved["base_model_name"] == str(tiny_model_dir)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_adapter_without_the_models_weights_is_the_attached_one(tiny_model_dir, tmp_path,
+                                                                   precision):
+    """initial_adapter (vLLM engines keep no HF model): PEFT's initialisation on the model's
+    meta-device structure equals attach_adapter's on the loaded model, names, order, dtype and
+    values; with --lora_init, the adapter read from the directory."""
+    from es_llm.config import TrainConfig
+    from es_llm.lora import attach_adapter, initial_adapter, saved_tensors
+    from es_llm.models import PRECISIONS, load_model
+
+    cfg = TrainConfig(task="t", model_name=str(tiny_model_dir), es_params="lora", lora_rank=4,
+                      lora_targets="q_proj,v_proj,down_proj", precision=precision,
+                      initial_seed=7)
+    attached = attach_adapter(load_model(str(tiny_model_dir), precision)[0], cfg)
+    expected = [(n, t.detach()) for n, t in saved_tensors(attached)]
+    got = initial_adapter(str(tiny_model_dir), cfg, PRECISIONS[precision])
+    assert [n for n, _ in got] == [n for n, _ in expected] and len(got) == 2 * 3 * 2
+    assert all(a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+               for (_, a), (_, b) in zip(got, expected))
+    with torch.no_grad():
+        for _, tensor in saved_tensors(attached):
+            tensor.add_(0.5)
+    attached.save_pretrained(tmp_path / "adapter")
+    cfg.lora_init = str(tmp_path / "adapter")
+    read = initial_adapter(str(tiny_model_dir), cfg, PRECISIONS[precision])
+    assert all(torch.equal(a, b + 0.5) for (_, a), (_, b) in zip(read, expected))
+
+
+def test_lora_space_on_vllm_engines_refuses_an_adapter_vllm_cannot_serve():
+    """--es_params lora --engine vllm: a rank above 512, or targets other than the decoder's
+    projections, each one clear error from the settings' check (before any engine starts)."""
+    from es_llm.config import AcceleratedConfig
+
+    def problems(**settings):
+        return AcceleratedConfig(task="countdown", model_name="bundled", output_dir=".",
+                                 engine="vllm", es_params="lora", **settings).more_problems()
+
+    assert not [p for p in problems() if "lora" in p]
+    assert any("--lora_rank 1024: vLLM engines serve LoRA adapters of rank at most 512" in p
+               for p in problems(lora_rank=1024))
+    assert any("--lora_targets embed_tokens: vLLM engines apply LoRA adapters" in p
+               for p in problems(lora_targets="q_proj,embed_tokens"))
+
+
 def refused(args, capsys) -> str:
     """The error line a trainer's command line exits with (it must exit non-zero)."""
     script = load_module(ROOT / args[1], "front_lora_refused")
