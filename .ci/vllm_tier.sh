@@ -4,14 +4,17 @@
 #
 # The environment is built once under $VLLM_TIER_VENV (default ~/.cache/es-llm/vllm-tier-venv) and
 # rebuilt when the package list below changes. Measured here (2 shared CPU cores): building it
-# took 3-6 minutes (~1 GB of packages, 2.3 minutes from pip's cache); its 12 tests: one in-process
+# took 3-6 minutes (~1 GB of packages, 2.3 minutes from pip's cache); its 13 tests: one in-process
 # engine on the bundled SmolLM2-135M (weights, noise, update, LoRA members against the
 # transformers low-rank mode, greedy and sampled), and on a tiny vLLM-shaped model: a 2-engine Ray
 # run of 1 iteration and two evaluations with eval_countdown_vllm.py, two 2-iteration low-rank
-# runs, the tuning options on vLLM (a tuned 2-engine run resumed on 1 engine), a PEFT adapter
-# served as a LoRA request, and bench/gpu_check.sh at its CPU sizes (every work-unit row, about
-# 2.7 minutes). Times: README.md ("One command installs what the tests need").
-# Extra arguments go to pytest.
+# runs, LoRA-space ES on vLLM against the transformers engines, the tuning options on vLLM (a tuned
+# 2-engine run resumed on 1 engine), a PEFT adapter served as a LoRA request, and
+# bench/gpu_check.sh at its CPU sizes (every work-unit row, about 2.7 minutes). Times: README.md
+# ("One command installs what the tests need").
+# Extra arguments go to pytest. VLLM_TIER_NICE (default 10) is the tests' niceness: .ci/run, which
+# runs this tier beside the main suite, gives 0 (both share the cores evenly; at 10 the tier would
+# wait for the main suite's end and its tests could reach their time limits).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,7 +44,7 @@ ready=$(date +%s)
 status=0
 # One test at a time (pytest.ini's `-n 2` is for the main suite): each vLLM engine binds its
 # threads to every core.
-HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 nice -n 10 "$VENV/bin/python" -m pytest \
+HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 nice -n "${VLLM_TIER_NICE:-10}" "$VENV/bin/python" -m pytest \
     tests/test_vllm_tier.py -p no:cacheprovider -o addopts="-ra --durations=15" "$@" || status=$?
 end=$(date +%s)
 echo "vLLM tier: environment $((ready - start)) s, tests $((end - ready)) s, total $((end - start)) s"

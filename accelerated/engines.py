@@ -16,7 +16,8 @@ and gate/up into one tensor each). So tensor k gets the same noise in every engi
                         tensors only)
     VLLMEngine          a vLLM `LLM`; its WeightSet lives inside the vLLM worker
                         (accelerated/vllm_worker.py) and `weights` reaches it through
-                        `collective_rpc` (WorkerWeights)
+                        `collective_rpc` (WorkerWeights); with --es_params lora, `weights` is the
+                        adapter's WeightSet in this process and members are LoRA requests
 """
 import importlib.util
 import os

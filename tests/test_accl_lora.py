@@ -102,11 +102,15 @@ def refusal(argv, capsys) -> str:
     return capsys.readouterr().err
 
 
-def test_vllm_engines_and_lowrank_noise_are_refused(tmp_path, capsys):
+def test_an_adapter_vllm_cannot_serve_and_lowrank_noise_are_refused(tmp_path, capsys):
+    """On vLLM engines: a rank above 512 or targets beyond the decoder's projections (each its
+    own line, before any engine starts)."""
     common = ["--es_params", "lora", "--precision", "fp32", "--data_sample", "4",
               "--experiment_dir", str(tmp_path)]
-    vllm = refusal([*common, "--engine", "vllm"], capsys)
-    assert "--es_params lora is not built yet for vLLM engines" in vllm
+    vllm = refusal([*common, "--engine", "vllm", "--lora_rank", "1024", "--lora_targets",
+                    "q_proj,embed_tokens"], capsys)
+    assert "--lora_rank 1024: vLLM engines serve LoRA adapters of rank at most 512" in vllm
+    assert "--lora_targets embed_tokens: vLLM engines apply LoRA adapters" in vllm
     lowrank = refusal([*common, "--engine", "transformers", "--noise_mode", "lowrank"], capsys)
     assert "--es_params lora cannot be combined with --noise_mode lowrank" in lowrank
     full = refusal(["--engine", "transformers", "--lora_rank", "4", *common[2:]], capsys)
