@@ -4,7 +4,7 @@ The tests' tiny fp32 model hides rounding and dtype problems, so everything a RE
 promises bit for bit is checked here on the model users train: the loading path, resume after
 Ctrl-C (plain, fp32 masters, lowrank, and the accelerated version), evaluation of a saved model
 against the bundled base, and when several threads or processes give the same run.
-Settings are small (population 4, sigma 0.01, alpha 0.005, 16 new tokens) so each run takes
+Settings are small (population 4, sigma 0.01, alpha 0.005, 8 new tokens) so each run takes
 seconds of compute; most of the time is loading the GGUF file.
 """
 import json
@@ -21,7 +21,7 @@ from es_llm import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["--population_size", "4", "--sigma", "0.01", "--alpha", "0.005", "--max_new_tokens", "16"]
+SMALL = ["--population_size", "4", "--sigma", "0.01", "--alpha", "0.005", "--max_new_tokens", "8"]
 PROMPTS = ["Solve: 3 + 5 =", "If all birds can fly and penguins are birds, can penguins fly?"]
 
 
@@ -147,7 +147,7 @@ def test_ctrl_c_then_the_printed_resume_command_equals_the_uninterrupted_run(tmp
 ACCL = [PYTHON, str(ROOT / "tests" / "accl_varied_reward.py"), "--model_name", "bundled",
         "--engine", "transformers", "--num_engines", "2", "--schedule", "static",
         "--data_sample", "2", "--population_size", "4", "--sigma", "0.01", "--alpha", "0.005",
-        "--max_new_tokens", "16"]
+        "--max_new_tokens", "8"]
 
 
 @pytest.mark.ray
@@ -176,7 +176,7 @@ def test_accelerated_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path):
                               "published": ["--model_path", str(published)]}.items():
         out = tmp_path / f"eval-{label}"
         run_main([PYTHON, "countdown/eval_countdown.py", *model_args, "--base_model_name",
-                  "bundled", "--eval_samples", "3", "--max_new_tokens", "16", "--torch_dtype",
+                  "bundled", "--eval_samples", "3", "--max_new_tokens", "8", "--torch_dtype",
                   "bfloat16", "--mixed_precision", "no", "--save_responses",
                   "--output_dir", str(out)])
         details = json.loads((out / "eval_detailed_results.json").read_text())
@@ -264,10 +264,10 @@ def test_published_drift_gives_the_published_rewards_and_weights(tmp_path, preci
 
     cfg = TrainConfig(task="conciseness", model_name="bundled", output_dir=str(tmp_path / "run"),
                       num_iterations=2, population_size=4, sigma=0.01, alpha=0.005,
-                      max_new_tokens=16, gpu_threads=1, precision=precision,
+                      max_new_tokens=8, gpu_threads=1, precision=precision,
                       reward_on_prompt_and_response=True, published_drift=True)
     train(cfg, Task("conciseness", PROMPTS, conciseness_reward, {"target": ["8", "No"]}))
-    expected_rewards, expected_weights = published_loop(precision, 2, 4, 0.01, 0.005, 16)
+    expected_rewards, expected_weights = published_loop(precision, 2, 4, 0.01, 0.005, 8)
     ran = ckpt.read_metrics(tmp_path / "run" / ckpt.METRICS_FILE)
     assert [r["rewards"] for r in ran] == expected_rewards
     saved = weights(tmp_path / "run")
