@@ -67,24 +67,31 @@ def test_restore_undoes_perturb(tiny_model_dir):
     assert max_diff(list(published.model.parameters()), before) < 1e-6
 
 
-def test_an_engine_scores_a_sampled_member_on_a_prompt_batch_as_the_plain_trainer(tiny_model_dir):
-    """--prompt_batch and --num_rollouts 2: the transformers engine's reward of a member (and its
-    first completion) is the plain trainer's, bit for bit: the same Generator rows and row seeds."""
+def sampled_pair(model_dir, noise_mode: str, **settings):
+    """The plain trainer's Population on 2 of 4 prompts (--prompt_batch) with 2 sampled rollouts,
+    and a transformers engine with the same settings: (population, engine, prompt indices)."""
     from accl_varied_reward import make_task
     from es_llm.config import TrainConfig
     from es_llm.generation import Generator
     from es_llm.trainer import Population
 
     task, prompts = make_task(4), [3, 1]
-    cfg = TrainConfig(task="countdown", precision="fp32", noise_mode="iid", num_rollouts=2,
-                      gpu_threads=1, max_new_tokens=6, sigma=0.05)
-    model, tokenizer = load_model(str(tiny_model_dir), "fp32")
+    cfg = TrainConfig(task="countdown", precision="fp32", noise_mode=noise_mode, num_rollouts=2,
+                      max_new_tokens=6, sigma=0.05, **settings)
+    model, tokenizer = load_model(str(model_dir), "fp32")
     batch = task.subset(prompts)
     plain = Population(model, cfg, Generator(tokenizer, batch.prompts, 6, sampling=cfg.sampling(),
                                              prompt_ids=prompts), batch)
+    engine = TransformersEngine(str(model_dir), "fp32", 6, noise_mode, sampling=cfg.sampling())
+    engine.set_task(task)
+    return plain, engine, prompts
+
+
+def test_an_engine_scores_a_sampled_member_on_a_prompt_batch_as_the_plain_trainer(tiny_model_dir):
+    """--prompt_batch and --num_rollouts 2: the transformers engine's reward of a member (and its
+    first completion) is the plain trainer's, bit for bit: the same Generator rows and row seeds."""
+    plain, e, prompts = sampled_pair(tiny_model_dir, "iid", gpu_threads=1)
     reward, completions, _ = plain.evaluate(0, 7, -1.0, iteration=2)
-    e = TransformersEngine(str(tiny_model_dir), "fp32", 6, "iid", sampling=cfg.sampling())
-    e.set_task(task)
     result = e.evaluate(7, 0.05, -1.0, prompts, 2)
     assert (result["reward"], result["completion"]) == (reward, completions[0])
     assert e.evaluate(7, 0.05, -1.0, prompts, 3)["completion"] != result["completion"]
@@ -94,23 +101,11 @@ def test_an_engine_scores_a_sampled_lowrank_batch_on_a_prompt_batch_as_the_plain
         tiny_model_dir):
     """The same in lowrank mode: the engine's batch of members (their K rollouts rows of one
     generate call) gives the plain trainer's rewards and first completions, bit for bit."""
-    from accl_varied_reward import make_task
-    from es_llm.config import TrainConfig
-    from es_llm.generation import Generator
-    from es_llm.trainer import Population
-
-    task, prompts, seeds, signs = make_task(4), [3, 1], [7, 8, 9], [1.0, -1.0, 1.0]
-    cfg = TrainConfig(task="countdown", precision="fp32", noise_mode="lowrank", num_rollouts=2,
-                      max_new_tokens=6, sigma=0.05, population_size=3)
-    model, tokenizer = load_model(str(tiny_model_dir), "fp32")
-    batch = task.subset(prompts)
-    plain = Population(model, cfg, Generator(tokenizer, batch.prompts, 6, sampling=cfg.sampling(),
-                                             prompt_ids=prompts), batch)
+    seeds, signs = [7, 8, 9], [1.0, -1.0, 1.0]
+    plain, e, prompts = sampled_pair(tiny_model_dir, "lowrank", population_size=3)
     got = {}
     plain.evaluate_members([0, 1, 2], seeds, lambda i, reward, completions: got.update(
         {i: (reward, completions[0])}), signs, iteration=2)
-    e = TransformersEngine(str(tiny_model_dir), "fp32", 6, "lowrank", sampling=cfg.sampling())
-    e.set_task(task)
     results = e.evaluate_batch(seeds, 0.05, signs, prompts, 2)
     assert [(r["reward"], r["completion"]) for r in results] == [got[i] for i in range(3)]
     assert [r["completion"] for r in e.evaluate_batch(seeds, 0.05, signs, prompts, 3)] != \
