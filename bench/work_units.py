@@ -14,6 +14,9 @@ Rows, one after the other, from the same initial weights, with the same seeds, t
     vLLM batch              reference: one vLLM engine generating the same sequences in one call
     vLLM per member         the published loop on one vLLM engine: perturb, generate, restore
     vLLM LoRA batch         `--noise_mode lowrank --lowrank_targets lora` on one vLLM engine
+    LoRA space              `--es_params lora --lora_batch` (rank --lora_rank): on transformers,
+                            the members' adapters per row of one batched generate; on one vLLM
+                            engine, one LoRA request per member
     accelerated, N engines  es_fine-tuning_countdown_accl.py's pool (Ray actors, one core each):
                             per member as published, and in LoRA mode
 Each row is a whole iteration (evaluation, update, and broadcast for the pools) except the two
@@ -146,6 +149,27 @@ def transformers_rows(bench: Bench, model, tokenizer, task):
                             batch_size=a.lowrank_batch)
         bench.row(f"transformers generate (reference, {a.lowrank_batch} sequences per call)",
                   lambda seeds: untimed(batched, model), batched, kind="reference", key="generate")
+    if "lora_es" in a.rows:  # last: PEFT wraps the model's linear layers in place
+        from es_llm.lora import attach_adapter
+
+        reset(model, initial)
+        cfg = lora_es_config(a)
+        population = Population(attach_adapter(model, cfg), cfg, generate, task)
+        bench.row(f"ours, LoRA space rank {a.lora_rank}, --lora_batch",
+                  lambda seeds: _evaluation_of(our_iteration(population, seeds)), generate,
+                  key="lora_es")
+        del population
+
+
+def lora_es_config(a):
+    """--es_params lora --lora_batch at --lora_rank over the decoder's projections (the default
+    targets), the bench's sigma and alpha."""
+    from es_llm.trainer import TrainConfig
+
+    return TrainConfig(task="bench", model_name=a.model_name, output_dir="-", sigma=a.sigma,
+                       alpha=a.alpha, population_size=a.population, es_params="lora",
+                       lora_rank=a.lora_rank, lora_batch=True, lowrank_batch=a.lowrank_batch,
+                       precision=a.precision)
 
 
 def untimed(call, *args) -> None:
@@ -157,11 +181,17 @@ def _evaluation_of(timings: dict) -> float:
     return timings.get("evaluate", timings.get("noise", 0.0) + timings.get("generate", 0.0))
 
 
-def vllm_engine(args, model_dir, layout, task, max_new_tokens, lowrank=False, population=None):
+def vllm_engine(args, model_dir, layout, task, max_new_tokens, lowrank=False, population=None,
+                lora=None):
+    """One vLLM engine: per member, low-rank LoRA members (`lowrank`), or LoRA-space ES (`lora`:
+    the run's settings)."""
     from accelerated.engines import VLLMEngine
 
     extra = dict(rank=args.rank, lowrank_targets="lora", lowrank_batch=args.lowrank_batch,
                  population_size=population or args.population) if lowrank else {}
+    if lora is not None:
+        extra = dict(lora=lora, lowrank_batch=args.lowrank_batch,
+                     population_size=population or args.population)
     engine = VLLMEngine(model_dir, args.precision, max_new_tokens,
                         "lowrank" if lowrank else "correlated", layout,
                         max_model_len=args.max_model_len, **extra)
@@ -199,6 +229,13 @@ def vllm_rows(bench: Bench, model_dir, layout, task):
         engine = vllm_engine(a, model_dir, layout, task, a.max_new_tokens, lowrank=True)
         bench.row(f"vLLM LoRA batch, 1 engine (rank {a.rank})",
                   lambda seeds: _lora_iteration(engine, seeds, a, counter), counter, key="vllm_lora")
+        del engine
+        gc.collect()
+    if "vllm_lora_es" in a.rows:
+        engine = vllm_engine(a, model_dir, layout, task, a.max_new_tokens, lora=lora_es_config(a))
+        bench.row(f"vLLM, LoRA space rank {a.lora_rank}, --lora_batch, 1 engine",
+                  lambda seeds: _lora_iteration(engine, seeds, a, counter), counter,
+                  key="vllm_lora_es")
         del engine
         gc.collect()
     modes = [mode for mode in ("member", "lora") if f"accl_{mode}" in a.rows]
@@ -352,8 +389,8 @@ def report(args, rows, scaling, skipped) -> str:
     return "\n".join(lines) + "\n"
 
 
-ROWS = ("paper", "faithful", "faithful4", "lowrank", "generate", "vllm_batch", "vllm_member", "vllm_lora",
-        "accl_member", "accl_lora")
+ROWS = ("paper", "faithful", "faithful4", "lowrank", "generate", "lora_es", "vllm_batch",
+        "vllm_member", "vllm_lora", "vllm_lora_es", "accl_member", "accl_lora")
 
 
 def main(argv=None):
@@ -366,6 +403,7 @@ def main(argv=None):
     p.add_argument("--sigma", type=float, default=0.001)
     p.add_argument("--alpha", type=float, default=0.0005)
     p.add_argument("--rank", type=int, default=1)
+    p.add_argument("--lora_rank", type=int, default=8, help="the LoRA-space rows' adapter rank")
     p.add_argument("--lowrank_batch", type=int, default=256, help="sequences per batched call")
     p.add_argument("--num_engines", type=int, default=2, help="engines of the accelerated rows")
     p.add_argument("--precision", default="bf16")
@@ -403,7 +441,7 @@ def main(argv=None):
     bench = Bench(args, task, tokenizer)
     print(f"unit {args.unit}: population {args.population}, {len(task.prompts)} prompts (longest "
           f"{longest} tokens), {args.max_new_tokens} new tokens", flush=True)
-    if {"paper", "faithful", "lowrank", "generate"} & set(args.rows):
+    if {"paper", "faithful", "faithful4", "lowrank", "generate", "lora_es"} & set(args.rows):
         model, _ = load_model(model_dir, args.precision, device=args.device)
         transformers_rows(bench, model, tokenizer, task)
         del model

@@ -395,6 +395,8 @@ def test_the_gpu_check_and_every_work_unit_row_run_on_cpu(tmp_path, tiny_vllm_di
     for row in ("| paper-style loop |", "| ours, faithful |", "| vLLM batch (reference) |",
                 "| vLLM per member, 1 engine (published loop) |", "| vLLM LoRA batch, 1 engine",
                 "| accelerated, 1 vLLM engine, per member (published) |",
-                "| accelerated, 1 vLLM engine, LoRA batches"):
+                "| accelerated, 1 vLLM engine, LoRA batches",
+                "| ours, LoRA space rank 8, --lora_batch |",
+                "| vLLM, LoRA space rank 8, --lora_batch, 1 engine |"):
         assert table.count(row) == 2, (row, table)  # in both work units
     assert "not run" not in table

@@ -16,7 +16,7 @@ def test_transformers_rows_and_scaling_of_the_countdown_unit(tmp_path):
     output = tmp_path / "units.md"
     rows, scaling = work_units.main([
         "--unit", "countdown", "--population", "2", "--items", "2", "--max_new_tokens", "4",
-        "--rows", "paper", "faithful", "faithful4", "lowrank", "generate", "vllm_lora",
+        "--rows", "paper", "faithful", "faithful4", "lowrank", "generate", "lora_es", "vllm_lora",
         "--scaling", "2", "3", "--scaling_items", "1", "--scaling_tokens", "4",
         "--scaling_engines", "lowrank", "--output", str(output)])
     names = [r["row"] for r in rows]
@@ -24,6 +24,7 @@ def test_transformers_rows_and_scaling_of_the_countdown_unit(tmp_path):
                          "ours, faithful, --gpu_threads 4 (the trainers' default)",
                          "ours, lowrank rank 1"]
     assert names[4].startswith("transformers generate (reference")
+    assert names[5] == "ours, LoRA space rank 8, --lora_batch"
     for r in rows:
         assert r["s"] > 0 and 0 < r["evaluate_s"] <= r["s"] and r["peak_gib"] > 0.1
         assert r["sequences"] == 4 and r["tokens"] > 0
