@@ -290,10 +290,9 @@ class VLLMEngine(Engine):
             self.llm.collective_rpc("es_write_adapters", args=(
                 [int(s) for s in seeds], sigma, [float(x) for x in signs], paths))
             return
-        names = self.weights.names()
+        names, true = self.weights.names(), self.weights.true_tensors()
         for seed, sign, path in zip(seeds, signs, paths):
-            tensors = perturbed_tensors(self.weights.true_tensors(), int(seed),
-                                        float(sign) * sigma, self.noise_mode)
+            tensors = perturbed_tensors(true, int(seed), float(sign) * sigma, self.noise_mode)
             SavedAdapter(self.es_lora, dict(zip(names, tensors))).save_pretrained(path)
 
     def generate(self, prompts, temperature: float = 0.0, top_p: float = 1.0, seeds=None,
