@@ -46,15 +46,19 @@ def run_main(script: str, argv: list) -> None:
         sys.argv = old
 
 
-def train(name: str, *extra) -> list:
-    """One conciseness run (es_fine-tuning_conciseness.py's main, in this process); its records."""
+def train(name: str, *extra, data: Path = DATA, iterations: int = ITERATIONS, after=None) -> list:
+    """One conciseness run (es_fine-tuning_conciseness.py's main, in this process); its records,
+    also written to `data`/runs/`name`.jsonl. `after(run_dir)`, if given, sees the saved run
+    before it is deleted."""
     out = Path(tempfile.mkdtemp(prefix="tuning-")) / name
     run_main("es_fine-tuning_conciseness.py", [
-        *COMMAND_1, "--num_iterations", str(ITERATIONS), "--eval_every", str(EVAL_EVERY),
+        *COMMAND_1, "--num_iterations", str(iterations), "--eval_every", str(EVAL_EVERY),
         "--eval_kl_samples", "2", "--output_dir", str(out), *map(str, extra)])
     text = (out / "metrics.jsonl").read_text()
-    (DATA / "runs").mkdir(exist_ok=True)
-    (DATA / "runs" / f"{name}.jsonl").write_text(text)  # the records, not the weights
+    (data / "runs").mkdir(parents=True, exist_ok=True)
+    (data / "runs" / f"{name}.jsonl").write_text(text)  # the records, not the weights
+    if after is not None:
+        after(out)
     shutil.rmtree(out.parent)
     records = [json.loads(line) for line in text.splitlines()]
     return records
