@@ -70,3 +70,20 @@ def member_blocks(member_of_row: torch.Tensor) -> list:
         blocks.append((member, start, start + count))
         start += count
     return blocks
+
+
+def padded_blocks(member_of_row: torch.Tensor, members: int) -> tuple:
+    """The rows of each member present as one padded block, for one batched matmul over members:
+    (members present [M], gather [M, longest] row indices, `rows` (one past the last row: a zero
+    row appended) where a block is shorter, valid [M, longest] which entries are rows); or (None,
+    None, None) when all `members` are present with blocks of one length (the rows need no
+    gathering)."""
+    blocks = member_blocks(member_of_row)
+    rows, longest = len(member_of_row), max(end - start for _, start, end in blocks)
+    if len(blocks) == members and longest * members == rows:
+        return None, None, None
+    present = torch.tensor([m for m, _, _ in blocks], device=member_of_row.device)
+    gather = torch.full((len(blocks), longest), rows, device=member_of_row.device)
+    for i, (_, start, end) in enumerate(blocks):
+        gather[i, :end - start] = torch.arange(start, end, device=member_of_row.device)
+    return present, gather, gather < rows
