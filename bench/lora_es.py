@@ -3,6 +3,7 @@
     python bench/lora_es.py curves    # reward against wall-clock time: LoRA rank 8 and 1, full, lowrank
     python bench/lora_es.py report    # curves' table and figure again, from the runs it wrote
     python bench/lora_es.py memory    # one iteration at population 30: seconds and peak RSS per mode
+    python bench/lora_es.py base      # the untrained model, measured as `curves` measures a run
 
 `curves` trains the bundled model in bf16 with README command 1's settings (population 8, 32 new
 tokens, 1 thread) for 20 iterations, --eval_every 4 on the 12 held-out prompts (greedy, with
@@ -14,6 +15,10 @@ is evaluated by eval_conciseness.py (4 samples per held-out prompt at T = 1, 32 
 paper's held-out reward and per-token KL to the base model. Runs go one after the other in this
 process (the machine should be otherwise quiet); every run's metrics.jsonl lands in runs/, the
 evaluations in eval/, with a table (curves.md) and a figure (reward_vs_time.png).
+
+`base` gives the table its starting point: eval_conciseness.py on the bundled model itself (eval/base)
+and its greedy held-out reward and KL as --eval_every computes them (one iteration at alpha 1e-30, which
+leaves the weights as they are (1e-30: zero is refused); base/runs/base.jsonl).
 
 `memory` runs one iteration at population 30 per mode, each in its own process through
 bench/peak_rss.py (peak RSS from the evaluator on, the model already loaded), and writes
@@ -88,6 +93,16 @@ def report(args) -> None:
     report_curves(runs, json.loads((DATA / "sigmas.json").read_text()))
 
 
+def base(args) -> None:
+    run_main("eval_conciseness.py", [
+        "--base_model_name", "bundled", "--precision", "bf16", "--num_samples", "4",
+        "--max_new_tokens", "32", "--label", "base", "--output_dir", str(DATA / "eval" / "base")])
+    [record] = train("base", "--alpha", 1e-30, "--population_size", 2, "--eval_every", 1,
+                     data=DATA / "base", iterations=1)
+    print(f"base model: greedy held-out reward {record['heldout_reward_mean']:.2f}, "
+          f"KL {record['heldout_kl_mean']:.4f}")
+
+
 def final_eval(name: str) -> dict:
     return json.loads((DATA / "eval" / name / "summary.json").read_text())
 
@@ -127,6 +142,14 @@ def report_curves(runs: dict, sigmas: dict) -> None:
     fig.tight_layout()
     fig.savefig(DATA / "reward_vs_time.png", dpi=120)
     means = []
+    if (DATA / "eval" / "base" / "summary.json").exists():
+        [record] = [json.loads(line) for line in
+                    (DATA / "base" / "runs" / "base.jsonl").read_text().splitlines()]
+        rows.append(f"| base model | - | - | {record['heldout_reward_mean']:.2f} (KL "
+                    f"{record['heldout_kl_mean']:.4f}) | {final_eval('base')['reward_mean']:.2f} | "
+                    f"{final_eval('base')['kl_mean']:.4f} |")
+        means.append(f"| base model | - | 0 | {final_eval('base')['reward_mean']:.2f} | "
+                     f"{final_eval('base')['kl_mean']:.4f} |")
     for mode, sigma in sigmas.items():
         names = [f"{mode}-sigma{sigma}-seed{s}" for s in SEEDS]
         seconds = [sum(r["time_s"] for r in runs[n]) for n in names]
@@ -184,11 +207,11 @@ def memory(args) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["curves", "report", "memory"])
+    p.add_argument("what", choices=["curves", "report", "memory", "base"])
     args = p.parse_args()
     DATA.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    {"curves": curves, "report": report, "memory": memory}[args.what](args)
+    {"curves": curves, "report": report, "memory": memory, "base": base}[args.what](args)
     print(f"{args.what}: {time.time() - t0:.0f} s")
 
 
