@@ -213,6 +213,7 @@ class VLLMEngine(Engine):
         call carries the adapter (or each member's) as a LoRA request."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         import utils.worker_extn  # noqa: F401  (patches vLLM's CPU linear layers before loading)
+        from accelerated.vllm_worker import compiled_on_cpu
         from vllm import LLM
 
         on_cpu = not torch.cuda.is_available()
@@ -226,10 +227,11 @@ class VLLMEngine(Engine):
             # Noise over HF-named tensors in HF order: the adapters and the update draw the same
             # factors as the transformers engine's low-rank mode.
             noise_names = "hf"
-        # Eager on CPU: a compiled graph could keep calling a linear layer's old packed weight.
+        # Eager on CPU: a compiled graph could keep calling a linear layer's old packed weight
+        # (compiled only with ES_VLLM_CPU_LINEAR=torch ES_VLLM_CPU_COMPILE=1: nothing packed).
         self.llm = LLM(model=str(model_path), dtype=DTYPE_NAMES[precision], seed=seed,
                        tensor_parallel_size=1, distributed_executor_backend="uni",
-                       enforce_eager=on_cpu, enable_prefix_caching=False,
+                       enforce_eager=on_cpu and not compiled_on_cpu(), enable_prefix_caching=False,
                        max_model_len=max_model_len, download_dir=cache_dir,
                        worker_extension_cls="utils.worker_extn.WorkerExtension", **memory,
                        **(self.lora or {}))

@@ -32,8 +32,13 @@ copies follow the weights. The embedding that doubles as the tied lm_head is pac
 (vLLM keeps its weight) and is re-dispatched too. On GPU nothing is packed: layers read their
 parameters directly and nothing needs re-dispatching. (Without vLLM installed, importing this
 module patches nothing.)
+
+On CPU, importing this module also replaces vLLM's CPU multi-LoRA ops with
+accelerated.vllm_lora_ops (one batched matmul per adapter slot instead of a per-token gather of
+the adapters' matrices; ES_VLLM_LORA_OPS=vllm keeps vLLM's).
 """
 import importlib.util
+import os
 
 import torch
 
@@ -44,6 +49,28 @@ def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
+
+
+def unpacked() -> bool:
+    """ES_VLLM_CPU_LINEAR=torch: vLLM's CPU linear layers compute with torch's F.linear on their
+    weight as it is (nothing packed, so nothing to re-pack after a change); default "packed":
+    vLLM's prepacked GEMM, re-packed after every change."""
+    mode = os.environ.get("ES_VLLM_CPU_LINEAR", "packed")
+    if mode not in ("packed", "torch"):
+        raise ValueError(f"ES_VLLM_CPU_LINEAR must be 'packed' or 'torch', got {mode!r}")
+    return mode == "torch"
+
+
+def compiled_on_cpu() -> bool:
+    """ES_VLLM_CPU_COMPILE=1 (with ES_VLLM_CPU_LINEAR=torch): vLLM's compiled execution on CPU
+    instead of eager. Refused with packed layers: a compiled graph could keep computing with a
+    layer's old packed weight."""
+    if os.environ.get("ES_VLLM_CPU_COMPILE", "0") != "1":
+        return False
+    if not unpacked():
+        raise ValueError("ES_VLLM_CPU_COMPILE=1 needs ES_VLLM_CPU_LINEAR=torch (compiled graphs "
+                         "and re-packed weights do not mix); set both or neither")
+    return True
 
 
 def _keep_cpu_linear_weights() -> None:
@@ -57,6 +84,9 @@ def _keep_cpu_linear_weights() -> None:
     original = layer_utils.dispatch_cpu_unquantized_gemm
 
     def dispatch_keeping_weights(layer, remove_weight: bool = False):
+        if unpacked() and layer.weight.ndim == 2 and not layer.weight.is_meta:
+            layer.cpu_linear = torch.nn.functional.linear  # reads layer.weight at every call
+            return None
         return original(layer, remove_weight=False)
 
     dispatch_keeping_weights.es_keeps_weights = True
@@ -66,10 +96,17 @@ def _keep_cpu_linear_weights() -> None:
 
 if importlib.util.find_spec("vllm") is not None:
     _keep_cpu_linear_weights()
+    if _on_cpu():
+        from accelerated import vllm_lora_ops
+
+        vllm_lora_ops.install()  # the members' LoRA terms per adapter slot, not per token
 
 
 def packed_cpu_layers(model) -> list:
-    """The layers vLLM's CPU backend computes with through a packed copy of a 2-D weight."""
+    """The layers vLLM's CPU backend computes with through a packed copy of a 2-D weight (none
+    with ES_VLLM_CPU_LINEAR=torch)."""
+    if unpacked():
+        return []
     return [m for m in model.modules()
             if hasattr(m, "cpu_linear") and isinstance(getattr(m, "weight", None), torch.Tensor)
             and m.weight.ndim == 2 and not getattr(m, "_cpu_skip_gemm_dispatch", False)]

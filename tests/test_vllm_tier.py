@@ -232,6 +232,44 @@ def test_vllm_lowrank_needs_the_lora_targets_with_a_clear_message(smollm2_dir):
         VLLMEngine(smollm2_dir, "fp32", 16, "lowrank", hf_layout(smollm2_dir))
 
 
+def test_the_slot_lora_ops_compute_vllms_products_and_replace_them_on_cpu():
+    """accelerated.vllm_lora_ops (installed in vLLM's CPU punica wrapper by importing the worker
+    extension) computes what vLLM's own torch ops compute, for every op and dtype used, on tokens
+    of several adapters in any order; only a token without adapter (index -1) differs: no LoRA term
+    here, vLLM's CPU ops would index the last slot."""
+    import accelerated.vllm_worker  # noqa: F401  (installs the ops)
+    from accelerated import vllm_lora_ops as ours
+    from vllm.lora.ops import torch_ops as theirs
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    assert all(getattr(punica_cpu, name) is getattr(ours, name) for name in ours.OPS)
+    g = torch.Generator().manual_seed(0)
+    indices = torch.tensor([2, 2, 0, 3, 3, 1, 0, 2, 1])
+    seq_start, seq_len, per_seq = (torch.tensor([0, 2, 3, 5, 6, 7]), torch.tensor([2, 1, 2, 1, 1, 2]),
+                                   torch.tensor([2, 0, 3, 1, 0, 2]))  # 9 prefill tokens, 6 runs
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(9, 16, generator=g).to(dtype)
+        a = torch.randn(4, 1, 4, 16, generator=g).to(dtype)
+        b = torch.randn(4, 1, 12, 4, generator=g).to(dtype)
+        shrunk = {}
+        for name, module in (("ours", ours), ("theirs", theirs)):
+            y = torch.zeros(9, 4)
+            module.bgmv_shrink(x, a, y, indices, 0.5)
+            out = torch.ones(9, 20, dtype=dtype)
+            module.bgmv_expand_slice(y.to(dtype), b, out, indices, 4, 12, True)
+            full = torch.ones(9, 12, dtype=dtype)
+            module.bgmv_expand(y.to(dtype), b, full, indices, True)
+            prefill_y = torch.zeros(9, 4)
+            module.sgmv_shrink(x, a, prefill_y, seq_start, seq_len, per_seq, 6, 2, 9, 0.5)
+            prefill = torch.zeros(9, 20, dtype=dtype)
+            module.sgmv_expand_slice(prefill_y.to(dtype), b, prefill, seq_start, seq_len, per_seq,
+                                     6, 2, 9, 4, 12, False)
+            shrunk[name] = (y, out, full, prefill_y, prefill)
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        for got, expected in zip(shrunk["ours"], shrunk["theirs"]):
+            assert torch.allclose(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
 def test_vllm_lora_members_match_the_transformers_lowrank_mode(smollm2_dir):
     """Each member a LoRA adapter in one vLLM generate call: the same greedy text and reward as
     the transformers engine's low-rank mode on the same layers with the same factors; and the
