@@ -119,9 +119,13 @@ step "low-rank path (--noise_mode lowrank), $ITERS iterations" "transformers" --
 step "Countdown work unit: population $POP, $ITEMS items, $TOKENS tokens" "transformers" -- \
     "$PY" bench/work_units.py --unit countdown --model "$MODEL" --population $POP --items $ITEMS \
     --max_new_tokens $TOKENS --num_engines 1 --output "$OUT/work_units.md"
+# At the CPU sizes (a check of this script) the conciseness unit runs the transformers rows only:
+# the vLLM and Ray rows' code is the Countdown unit's, which ran every row just before.
+CROWS=()
+[ $ON_GPU = 0 ] && CROWS=(--rows paper faithful faithful4 lowrank generate lora_es)
 step "conciseness work unit: population $CPOP, $CTOKENS tokens" "transformers" -- \
     "$PY" bench/work_units.py --unit conciseness --model "$MODEL" --population $CPOP \
-    --max_new_tokens $CTOKENS --num_engines 1 --output "$OUT/work_units.md"
+    --max_new_tokens $CTOKENS --num_engines 1 ${CROWS[@]+"${CROWS[@]}"} --output "$OUT/work_units.md"
 
 {
     echo

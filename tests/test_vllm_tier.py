@@ -418,8 +418,10 @@ def test_a_tuned_vllm_run_resumed_on_one_engine_equals_the_two_engine_run(tmp_pa
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # 2.8 minutes on a quiet machine; more beside another job
 def test_the_gpu_check_and_every_work_unit_row_run_on_cpu(tmp_path, tiny_vllm_dir):
-    """bench/gpu_check.sh at its tiny CPU sizes: the accelerated vLLM run, both trainers and both
-    work units with every row (vLLM per member and LoRA, and 1-engine Ray pools) succeed."""
+    """bench/gpu_check.sh at its tiny CPU sizes: the accelerated vLLM run, both trainers, the
+    Countdown work unit with every row (vLLM per member and LoRA, and 1-engine Ray pools) and the
+    conciseness unit's transformers rows (at these sizes the script leaves its vLLM rows, the same
+    code as Countdown's, out) succeed."""
     out = tmp_path / "check"
     # The tiny vLLM-shaped model (ES_MODEL): this checks the script and every row's code path;
     # the bundled model's rows are bench/work_units.py's own runs (docs/benchmarks.md).
@@ -430,11 +432,12 @@ def test_the_gpu_check_and_every_work_unit_row_run_on_cpu(tmp_path, tiny_vllm_di
     assert proc.returncode == 0, proc.stdout[-3000:] + (out / "gpu_check.log").read_text()[-5000:]
     steps = [line for line in table.splitlines() if line.startswith("| ") and "| ok |" in line]
     assert len(steps) == 5, table
-    for row in ("| paper-style loop |", "| ours, faithful |", "| vLLM batch (reference) |",
-                "| vLLM per member, 1 engine (published loop) |", "| vLLM LoRA batch, 1 engine",
-                "| accelerated, 1 vLLM engine, per member (published) |",
-                "| accelerated, 1 vLLM engine, LoRA batches",
-                "| ours, LoRA space rank 8, --lora_batch |",
-                "| vLLM, LoRA space rank 8, --lora_batch, 1 engine |"):
+    for row in ("| paper-style loop |", "| ours, faithful |", "| ours, lowrank rank 1 |",
+                "| ours, LoRA space rank 8, --lora_batch |"):
         assert table.count(row) == 2, (row, table)  # in both work units
+    for row in ("| vLLM batch (reference) |", "| vLLM per member, 1 engine (published loop) |",
+                "| vLLM LoRA batch, 1 engine", "| accelerated, 1 vLLM engine, per member (published) |",
+                "| accelerated, 1 vLLM engine, LoRA batches",
+                "| vLLM, LoRA space rank 8, --lora_batch, 1 engine |"):
+        assert table.count(row) == 1, (row, table)  # the Countdown unit's
     assert "not run" not in table
