@@ -10,7 +10,8 @@
 # run of 1 iteration and two evaluations with eval_countdown_vllm.py, two 2-iteration low-rank
 # runs, LoRA-space ES on vLLM against the transformers engines, the tuning options on vLLM (a tuned
 # 2-engine run resumed on 1 engine), a PEFT adapter served as a LoRA request, and
-# bench/gpu_check.sh at its CPU sizes (every work-unit row, about 2.7 minutes). Times: README.md
+# bench/gpu_check.sh at its CPU sizes (every Countdown work-unit row and the conciseness unit's
+# transformers rows, about 2.7 minutes alone). Times: README.md
 # ("One command installs what the tests need").
 # Extra arguments go to pytest. VLLM_TIER_NICE (default 10) is the tests' niceness: .ci/run, which
 # runs this tier beside the main suite, gives 0 (both share the cores evenly; at 10 the tier would

@@ -167,22 +167,21 @@ def test_accelerated_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path):
     assert same_tensors(torch.load(run / "final_model.pth"), torch.load(reference / "final_model.pth"))
     assert same_tensors(weights(run / "final_model"), weights(reference / "final_model"))
 
-    # Its output forms load as the same model for evaluation: the HF directory, the HF-named .pth
-    # and the published vLLM-named .pth on the bundled base, through what both evaluation scripts
-    # read them with (es_llm.evaluation.load_for_eval, here in-process); and
-    # countdown/eval_countdown.py evaluates the published form, the one converted most.
-    from es_llm.evaluation import load_for_eval
-
+    # Its output forms evaluate the same: the HF directory, the HF-named .pth and the published
+    # vLLM-named .pth on the bundled base.
     published = run / "model_saves" / "final_model_iteration_2" / "pytorch_model.pth"
-    loaded = [load_for_eval(str(path), "bundled", "bf16")[0].state_dict()
-              for path in (run / "final_model", run / "final_model.pth", published)]
-    assert same_tensors(loaded[0], loaded[1]) and same_tensors(loaded[0], loaded[2])
-    run_main([PYTHON, "countdown/eval_countdown.py", "--model_path", str(published),
-              "--base_model_name", "bundled", "--eval_samples", "3", "--max_new_tokens", "8",
-              "--torch_dtype", "bfloat16", "--mixed_precision", "no", "--save_responses",
-              "--output_dir", str(tmp_path / "eval")])
-    details = json.loads((tmp_path / "eval" / "eval_detailed_results.json").read_text())
-    assert len(details) == 3 and all("response" in r and "reward" in r for r in details)
+    results = {}
+    for label, model_args in {"hf": ["--model_path", str(run / "final_model")],
+                              "pth": ["--model_path", str(run / "final_model.pth")],
+                              "published": ["--model_path", str(published)]}.items():
+        out = tmp_path / f"eval-{label}"
+        run_main([PYTHON, "countdown/eval_countdown.py", *model_args, "--base_model_name",
+                  "bundled", "--eval_samples", "3", "--max_new_tokens", "8", "--torch_dtype",
+                  "bfloat16", "--mixed_precision", "no", "--save_responses",
+                  "--output_dir", str(out)])
+        details = json.loads((out / "eval_detailed_results.json").read_text())
+        results[label] = [(r["response"], r["reward"]) for r in details]
+    assert results["hf"] == results["pth"] == results["published"]
 
 
 # --------------------------------------------------------------------------- evaluation
