@@ -67,6 +67,7 @@ def test_shipped_data_has_the_published_distribution(shipped):
     assert 30 < sum(numbers) / len(numbers) < 70  # uniform 1..99 has mean 50
 
 
+@pytest.mark.slow  # several seconds: the full suite runs it, the fast set does not
 def test_solver_agrees_with_brute_force():
     """solve() finds a solution exactly when one exists (checked against an exhaustive search)."""
     def reachable(values):

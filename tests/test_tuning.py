@@ -252,6 +252,7 @@ def test_two_processes_give_the_one_process_run_with_adam_and_a_prompt_batch(tin
     assert same_saved_state(one, two)
 
 
+@pytest.mark.slow  # several seconds: the full suite runs it, the fast set does not
 def test_eval_every_records_the_held_out_reward_and_kl_of_the_saved_model(tiny_model_dir, tmp_path):
     """--eval_every 1: each iteration's heldout_reward_mean is the greedy mean reward, on the first
     --eval_samples held-out prompts of eval_conciseness.py, of the model saved at that iteration;
