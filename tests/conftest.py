@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,19 @@ def start_script(args, cwd=ROOT):
     unbuffered text pipe; returns the Popen (for tests that signal or read a run while it goes)."""
     return subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def assert_session_ends(sid: int, within_s: float = 30) -> None:
+    """Every process of the session `sid` (a started script's: its Ray and actors, its ranks) is
+    gone within `within_s`."""
+    def session():
+        return subprocess.run(["ps", "-o", "pid=", "-s", str(sid)], capture_output=True,
+                              text=True).stdout.split()
+
+    deadline = time.time() + within_s
+    while session() and time.time() < deadline:
+        time.sleep(1)
+    assert session() == [], f"processes of the run outlived it: {session()}"
 
 
 def load_module(path, name: str):

@@ -3,15 +3,13 @@ Ray across two engines, and clean shutdown."""
 import json
 import os
 import signal
-import subprocess
-import time
 
 import pytest
 import torch
 
 from accelerated.engines import TransformersEngine
-from conftest import (PYTHON, ROOT, load_module, read_until, run_main, shared_ray, start_script,
-                      stop_shared_ray)
+from conftest import (PYTHON, ROOT, assert_session_ends, load_module, run_main, shared_ray,
+                      start_script, stop_shared_ray)
 from es_llm.hf_weights import full_state_dict, hf_layout, save_hf_model
 from es_llm.models import load_model
 from es_llm.strategy import es_update, normalize_rewards
@@ -284,47 +282,6 @@ def test_two_engines_two_iterations_end_to_end(tiny_model_dir, tmp_path):
     assert responses["pth"] == responses["hf"]
 
 
-def _session_processes(sid):
-    out = subprocess.run(["ps", "-o", "pid=", "-s", str(sid)], capture_output=True, text=True)
-    return out.stdout.split()
-
-
-def _assert_session_ends(pid: int, within_s: float = 30) -> None:
-    """Every process of the run's session (Ray and its actors) is gone within `within_s`."""
-    deadline = time.time() + within_s
-    while _session_processes(pid) and time.time() < deadline:
-        time.sleep(1)
-    assert _session_processes(pid) == []
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_ctrl_c_stops_engines_and_ray(tiny_model_dir, tmp_path):
-    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) saves a checkpoint of the
-    last completed iteration, names the resume command and leaves nothing running."""
-    proc = start_script(
-        [PYTHON, SCRIPT, "--model_name", str(tiny_model_dir), "--engine", "transformers",
-         "--num_engines", "2", "--population_size", "2", "--num_iterations", "100000",
-         "--max_new_tokens", "4", "--data_sample", "2", "--precision", "fp32",
-         "--experiment_dir", str(tmp_path), "--run_name", "run"])
-    try:
-        read_until(proc, "Iteration 2/")
-        os.killpg(proc.pid, signal.SIGINT)
-        rest = proc.stdout.read()
-        assert proc.wait(timeout=120) == 130, rest
-        assert "interrupted" in rest
-        from es_llm.checkpoint import list_checkpoints, load_state
-
-        saved = list_checkpoints(tmp_path / "run")
-        assert len(saved) == 1 and f"checkpoint saved to {saved[0]}" in rest, rest
-        assert load_state(saved[0])["iteration"] >= 2
-        assert f"--resume {tmp_path / 'run'}" in rest
-        _assert_session_ends(proc.pid)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_engine_failure_exits_nonzero_and_leaves_nothing_running(tiny_model_dir, tmp_path):
@@ -342,7 +299,7 @@ def test_engine_failure_exits_nonzero_and_leaves_nothing_running(tiny_model_dir,
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode not in (0, None), out
         assert "safetensors" in out.lower() or "header" in out.lower(), out[-3000:]
-        _assert_session_ends(proc.pid)
+        assert_session_ends(proc.pid)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
