@@ -5,8 +5,10 @@ promises bit for bit is checked here on the model users train: the loading path,
 Ctrl-C (plain, lowrank with its fp32 masters, the tuning options with Adam, and the accelerated
 version: Ctrl-C to its whole process group, nothing left running), evaluation of a saved model
 against the bundled base, and when several threads or processes give the same run.
-Settings are small (population 4, sigma 0.01, alpha 0.005, 8 new tokens) so each run takes
-seconds of compute; most of the time is loading the GGUF file.
+Settings are small (population 2, sigma 0.01, alpha 0.005, 8 new tokens; population 4 where the
+members' order on a copy is the point) so each run takes seconds of compute: most of it drawing the
+noise of 135M weights (about 2 s a draw on one loaded core; two or three draws per member and
+iteration).
 """
 import json
 import os
@@ -24,7 +26,7 @@ from es_llm import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["--population_size", "4", "--sigma", "0.01", "--alpha", "0.005", "--max_new_tokens", "8"]
+SMALL = ["--population_size", "2", "--sigma", "0.01", "--alpha", "0.005", "--max_new_tokens", "8"]
 PROMPTS = ["Solve: 3 + 5 =", "If all birds can fly and penguins are birds, can penguins fly?"]
 
 
@@ -162,7 +164,7 @@ def test_ctrl_c_then_the_printed_resume_command_equals_the_uninterrupted_run(tmp
 
 ACCL = [PYTHON, str(ROOT / "tests" / "accl_varied_reward.py"), "--model_name", "bundled",
         "--engine", "transformers", "--num_engines", "2", "--schedule", "static",
-        "--data_sample", "2", "--population_size", "4", "--sigma", "0.01", "--alpha", "0.005",
+        "--data_sample", "2", "--population_size", "2", "--sigma", "0.01", "--alpha", "0.005",
         "--max_new_tokens", "8"]
 
 
@@ -225,7 +227,7 @@ def test_the_untrained_model_saved_to_a_directory_has_kl_exactly_zero_to_the_bun
 
 def layout_run(tmp_path, name, threads, extra=(), processes=1):
     out = tmp_path / name
-    args = conciseness(out, 1, *extra)
+    args = conciseness(out, 1, "--population_size", "4", *extra)  # 2 members per copy
     args[args.index("--gpu_threads") + 1] = str(threads)
     if processes == 1:
         run_main(args)

@@ -1,7 +1,8 @@
 """--num_rollouts K, --temperature, --top_p: a member's reward is the mean over K sampled completions
 per prompt, each sampled row seeded by (iteration, member seed, prompt, rollout) only. The sampler
 gives a row the same tokens alone or in any batch; greedy stays the default bit for bit; one
-process and two give the same run; a resumed run equals the uninterrupted one; each bad input."""
+process and two give the same run (in test_tuning.py, with Adam and a prompt batch); a resumed run
+equals the uninterrupted one; each bad input."""
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_main, run_script, two_processes
+from conftest import run_main
 from es_llm.generation import Generator, RowSampler, row_seed
 from test_tuning import command, fails, records, without_time
 
@@ -97,19 +98,6 @@ def test_a_resumed_sampled_run_equals_the_uninterrupted_one(tiny_model_dir, tmp_
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_one_process_sampled_run(tiny_model_dir, tmp_path):
-    """Every row's samples depend on its seeds only, not on the process evaluating it (fp32, with
-    fp32 masters: exact restores, so the number of copies leaves no rounding of its own; without
-    them 1 and 2 copies differ by a rounding, and a sampled token flipped on it on an AMD EPYC)."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    settings = ["--precision", "fp32", "--master_weights", "fp32", *SAMPLED, "--prompt_batch",
-                "1", "--population_size", "4"]
-    run_main(command(tiny_model_dir, one, *settings))
-    run_script([*two_processes(), *command(tiny_model_dir, two, *settings)[1:]])
-    assert without_time(records(one)) == without_time(records(two))
-    assert same_weights(one, two)
-
-
 def test_a_batched_population_samples_each_member_as_it_samples_alone(tiny):
     """Lowrank mode (and --lora_batch, the same rows): member j's K rollouts are K blocks of rows of
     its perturbation, each row seeded by (iteration, seed, prompt, rollout) only, so the members

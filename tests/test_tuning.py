@@ -241,11 +241,15 @@ def test_the_weightset_steps_its_own_masters_even_after_loading_weights():
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_one_process_run_with_adam_and_a_prompt_batch(tiny_model_dir,
-                                                                             tmp_path):
-    """Every process draws the same prompts and takes the same optimizer step (fp32)."""
+def test_two_processes_give_the_one_process_run_with_adam_a_prompt_batch_and_samples(
+        tiny_model_dir, tmp_path):
+    """Every process draws the same prompts, samples each row from its seeds alone (not from the
+    process evaluating it) and takes the same optimizer step (fp32; Adam implies fp32 masters:
+    exact restores, so the number of copies leaves no rounding of its own; without them 1 and 2
+    copies differ by a rounding, and a sampled token flipped on it on an AMD EPYC)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    settings = ["--precision", "fp32", *TUNED, "--population_size", "4"]
+    settings = ["--precision", "fp32", *TUNED, "--num_rollouts", "2", "--temperature", "1.0",
+                "--population_size", "4"]
     run_main(command(tiny_model_dir, one, *settings))
     run_script([*two_processes(), *command(tiny_model_dir, two, *settings)[1:]])
     assert without_time(records(one)) == without_time(records(two))
