@@ -6,6 +6,7 @@
 #
 # Steps, each timed, then one table:
 #   1. the accelerated version with vLLM on CUDA: 1 engine (an NCCL group of 1), 3 iterations
+#      (at the CPU sizes: 2 engines, 1 iteration)
 #   2. the faithful path on CUDA: es_fine-tuning_conciseness.py, 3 iterations
 #   3. the low-rank path on CUDA: the same with --noise_mode lowrank
 #   4. the Countdown work unit at small size (bench/work_units.py: every row that can run)
@@ -56,10 +57,12 @@ else
     exit 2
 fi
 # Sizes: the GPU ones, or tiny ones to check the script on a CPU.
+# ENGINES: the accelerated step's engines (one GPU: 1; on a CPU 2, one core each, so that the
+# step also checks the broadcast between engines: the vLLM tier evaluates its outputs).
 if [ $ON_GPU = 1 ]; then
-    POP=8; ITEMS=16; TOKENS=128; CPOP=30; CTOKENS=100; ITERS=3
+    POP=8; ITEMS=16; TOKENS=128; CPOP=30; CTOKENS=100; ITERS=3; ENGINES=1
 else
-    POP=2; ITEMS=2; TOKENS=8; CPOP=2; CTOKENS=8; ITERS=1
+    POP=2; ITEMS=2; TOKENS=8; CPOP=2; CTOKENS=8; ITERS=1; ENGINES=2
 fi
 
 if [ -n "${ES_MODEL:-}" ]; then
@@ -107,8 +110,8 @@ step() {  # step NAME REQUIREMENTS -- COMMAND...
 }
 
 COMMON=(--model_name "$MODEL" --num_iterations $ITERS --population_size $POP --report_to none)
-step "accelerated, vLLM on CUDA, 1 engine, $ITERS iterations" "vllm ray" -- \
-    "$PY" es_fine-tuning_countdown_accl.py "${COMMON[@]}" --engine vllm --num_engines 1 \
+step "accelerated, vLLM on CUDA, $ENGINES engine(s), $ITERS iterations" "vllm ray" -- \
+    "$PY" es_fine-tuning_countdown_accl.py "${COMMON[@]}" --engine vllm --num_engines $ENGINES \
     --data_sample $ITEMS --max_new_tokens $TOKENS --experiment_dir "$OUT/accl" --run_name check
 step "faithful path (es_fine-tuning_conciseness.py), $ITERS iterations" "transformers" -- \
     "$PY" es_fine-tuning_conciseness.py "${COMMON[@]}" --max_new_tokens $CTOKENS \

@@ -133,42 +133,6 @@ def test_vllm_update_equals_plain_es_update(engine, smollm2_dir):
 
 
 @pytest.mark.slow
-def test_two_vllm_engines_train_then_eval_countdown_vllm(tmp_path, tiny_vllm_dir):
-    """The accelerated script on 2 vLLM engines, then eval_countdown_vllm.py on both output forms
-    (the tiny vLLM-shaped model: the bundled model's vLLM exactness is the engine tests' and the
-    LoRA members' above)."""
-    proc = run_script([PYTHON, str(ROOT / "es_fine-tuning_countdown_accl.py"), "--model_name",
-                       str(tiny_vllm_dir), "--engine", "vllm", "--num_engines", "2",
-                       "--population_size",
-                       "2", "--num_iterations", "1", "--max_new_tokens", "16", "--data_sample", "2",
-                       "--precision", "fp32", "--experiment_dir", str(tmp_path), "--run_name",
-                       "run"], timeout=900)
-    run = tmp_path / "run"
-    assert "2 vllm engines on CPU ready" in proc.stdout
-    assert "Iteration 1/1, Time:" in proc.stdout and "all 2 engines identical" in proc.stdout
-    record = json.loads((run / "metrics.jsonl").read_text())
-    assert len(record["rewards"]) == 2
-
-    responses = {}
-    for label, model_args in {"pth": ["--model_path", str(run / "final_model.pth"),
-                                      "--base_model_name", str(tiny_vllm_dir)],
-                              "hf": ["--model_path", str(run / "final_model")]}.items():
-        out = tmp_path / f"eval_{label}"
-        # A process of its own: this one has a vLLM engine already (the `engine` fixture).
-        run_script([PYTHON, "eval_countdown_vllm.py", *model_args, "--eval_samples", "4",
-                    "--eval_offset", "-4", "--max_new_tokens", "16", "--dtype", "float32",
-                    "--save_responses", "--output_dir", str(out)], timeout=900)
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["eval_stats"]["num_samples"] == 4
-        assert summary["run_info"]["eval_offset"] == 2196
-        assert 0.0 <= summary["eval_stats"]["accuracy"] <= 100.0
-        details = json.loads((out / "eval_detailed_results.json").read_text())
-        responses[label] = [record["response"] for record in details]
-    # The .pth on its base model and the HF directory are the same model: no name mismatch.
-    assert responses["pth"] == responses["hf"]
-
-
-@pytest.mark.slow
 def test_an_adapter_evaluates_on_vllm_as_on_transformers(tmp_path, tiny_vllm_dir):
     """A PEFT LoRA adapter on a tiny model (its B matrices made non-zero, so that it changes
     the answers): eval_countdown_vllm.py serves it as a vLLM LoRA request and gives the responses
@@ -418,10 +382,12 @@ def test_a_tuned_vllm_run_resumed_on_one_engine_equals_the_two_engine_run(tmp_pa
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # 2.8 minutes on a quiet machine; more beside another job
 def test_the_gpu_check_and_every_work_unit_row_run_on_cpu(tmp_path, tiny_vllm_dir):
-    """bench/gpu_check.sh at its tiny CPU sizes: the accelerated vLLM run, both trainers, the
-    Countdown work unit with every row (vLLM per member and LoRA, and 1-engine Ray pools) and the
-    conciseness unit's transformers rows (at these sizes the script leaves its vLLM rows, the same
-    code as Countdown's, out) succeed."""
+    """bench/gpu_check.sh at its tiny CPU sizes: the accelerated script on 2 vLLM engines, both
+    trainers, the Countdown work unit with every row (vLLM per member and LoRA, and 1-engine Ray
+    pools) and the conciseness unit's transformers rows (at these sizes the script leaves its vLLM
+    rows, the same code as Countdown's, out) succeed; then eval_countdown_vllm.py evaluates both
+    output forms of the accelerated run alike (the tiny vLLM-shaped model: the bundled model's
+    vLLM exactness is the engine tests' and the LoRA members' above)."""
     out = tmp_path / "check"
     # The tiny vLLM-shaped model (ES_MODEL): this checks the script and every row's code path;
     # the bundled model's rows are bench/work_units.py's own runs (docs/benchmarks.md).
@@ -441,3 +407,28 @@ def test_the_gpu_check_and_every_work_unit_row_run_on_cpu(tmp_path, tiny_vllm_di
                 "| vLLM, LoRA space rank 8, --lora_batch, 1 engine |"):
         assert table.count(row) == 1, (row, table)  # the Countdown unit's
     assert "not run" not in table
+
+    # The accelerated step: 2 vLLM engines, kept identical by the broadcast, on the published
+    # command line (a process of its own, the real script and reward).
+    log = (out / "gpu_check.log").read_text()
+    assert "2 vllm engines on CPU ready" in log and "all 2 engines identical" in log
+    assert "| accelerated, vLLM on CUDA, 2 engine(s), 1 iterations | ok |" in table
+    run = out / "accl" / "check"
+    assert len(json.loads((run / "metrics.jsonl").read_text())["rewards"]) == 2
+    responses = {}
+    for label, model_args in {"pth": ["--model_path", str(run / "final_model.pth"),
+                                      "--base_model_name", str(tiny_vllm_dir)],
+                              "hf": ["--model_path", str(run / "final_model")]}.items():
+        evaluated = tmp_path / f"eval_{label}"
+        # A process of its own: this one has a vLLM engine already (the `engine` fixture).
+        run_script([PYTHON, "eval_countdown_vllm.py", *model_args, "--eval_samples", "4",
+                    "--eval_offset", "-4", "--max_new_tokens", "16", "--dtype", "float32",
+                    "--save_responses", "--output_dir", str(evaluated)], timeout=900)
+        summary = json.loads((evaluated / "summary.json").read_text())
+        assert summary["eval_stats"]["num_samples"] == 4
+        assert summary["run_info"]["eval_offset"] == 2196
+        assert 0.0 <= summary["eval_stats"]["accuracy"] <= 100.0
+        details = json.loads((evaluated / "eval_detailed_results.json").read_text())
+        responses[label] = [record["response"] for record in details]
+    # The .pth on its base model and the HF directory are the same model: no name mismatch.
+    assert responses["pth"] == responses["hf"]
