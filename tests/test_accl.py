@@ -38,6 +38,7 @@ def max_diff(a, b):
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
+@pytest.mark.slow  # seconds: the full suite runs it, the fast set does not
 @pytest.mark.parametrize("noise_mode", ["correlated", "iid"])
 @pytest.mark.parametrize("master_weights", ["none", "fp32"])
 def test_accelerated_update_equals_plain_es_update(tiny_model_dir, noise_mode, master_weights):
@@ -124,6 +125,7 @@ def test_weight_set_sees_views_of_fused_tensors():
     assert state["k"].untyped_storage().nbytes() == 2 * 3 * 4
 
 
+@pytest.mark.slow  # seconds: the full suite runs it, the fast set does not
 def test_weight_operations_reach_the_weight_set_and_no_other_name_passes(tiny_model_dir):
     """The Ray actor runs an engine's WeightSet operations (WEIGHT_OPS) and nothing else; so do
     the vLLM worker extension, at its published path, and the engine's handle on it."""
@@ -153,6 +155,7 @@ def test_weight_operations_reach_the_weight_set_and_no_other_name_passes(tiny_mo
         WorkerWeights(llm).after_change()
 
 
+@pytest.mark.slow  # seconds: the full suite runs it, the fast set does not
 def test_pth_has_hf_names_and_hf_directory_reloads_identically(tiny_model_dir, tmp_path):
     e = engine(tiny_model_dir)
     e.weights.update(SEEDS, normalize_rewards(REWARDS), 0.01)

@@ -496,6 +496,7 @@ def test_answer_reward_matches_eval_on_character_soup(body, target_choice):
     _compare_with_published(body, target_choice)
 
 
+@pytest.mark.slow  # seconds: the full suite runs it, the fast set does not
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.filter_too_much])
 @given(_expressions(), st.sampled_from(["", " ", "\n", "  "]), st.integers(0, 4))

@@ -119,6 +119,7 @@ def test_the_saved_adapter_and_the_merged_model_compute_the_trained_models_logit
         assert not [p for p in out.iterdir() if "adapter" in p.name or "merged" in p.name]
 
 
+@pytest.mark.slow  # seconds: the full suite runs it, the fast set does not
 def test_resume_from_a_checkpoint_gives_the_uninterrupted_adapter_bit_for_bit(
         tiny_model_dir, tmp_path):
     """bf16 base, fp32 masters, two thread copies: resumed from checkpoint-1 into a new directory,

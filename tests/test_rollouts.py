@@ -66,6 +66,7 @@ def test_the_sampler_draws_one_number_per_row_and_keeps_only_the_drawn_token():
     assert row_seed(1, 2, 0, 0) != row_seed(1, 2, 0, 1) != row_seed(2, 2, 0, 1)
 
 
+@pytest.mark.slow  # seconds: the full suite runs it, the fast set does not
 def test_k1_without_temperature_is_todays_greedy_run_bit_for_bit(tiny_model_dir, tmp_path):
     today, explicit = tmp_path / "today", tmp_path / "explicit"
     run_main(command(tiny_model_dir, today, "--precision", "fp32"))
@@ -121,6 +122,7 @@ def test_a_batched_population_samples_each_member_as_it_samples_alone(tiny):
     assert [c for *_, c in plain] != [c for *_, c in together]
 
 
+@pytest.mark.slow  # seconds: the full suite runs it, the fast set does not
 @pytest.mark.parametrize("mode", [["--noise_mode", "lowrank"], ["--es_params", "lora",
                                                                  "--lora_batch"]],
                          ids=["lowrank", "lora_batch"])
