@@ -53,6 +53,7 @@ def test_accelerated_update_equals_plain_es_update(tiny_model_dir, noise_mode, m
     assert max_diff(got, initial_params(tiny_model_dir)) > 1e-4  # the update did move the weights
 
 
+@pytest.mark.slow
 def test_restore_undoes_perturb(tiny_model_dir):
     before = initial_params(tiny_model_dir)
     exact = engine(tiny_model_dir, master_weights="fp32")
@@ -86,6 +87,7 @@ def sampled_pair(model_dir, noise_mode: str, **settings):
     return plain, engine, prompts
 
 
+@pytest.mark.slow
 def test_an_engine_scores_a_sampled_member_on_a_prompt_batch_as_the_plain_trainer(tiny_model_dir):
     """--prompt_batch and --num_rollouts 2: the transformers engine's reward of a member (and its
     first completion) is the plain trainer's, bit for bit: the same Generator rows and row seeds."""
@@ -96,6 +98,7 @@ def test_an_engine_scores_a_sampled_member_on_a_prompt_batch_as_the_plain_traine
     assert e.evaluate(7, 0.05, -1.0, prompts, 3)["completion"] != result["completion"]
 
 
+@pytest.mark.slow
 def test_an_engine_scores_a_sampled_lowrank_batch_on_a_prompt_batch_as_the_plain_trainer(
         tiny_model_dir):
     """The same in lowrank mode: the engine's batch of members (their K rollouts rows of one

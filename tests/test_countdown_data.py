@@ -130,6 +130,7 @@ def test_generator_prefix_matches_shipped_file(shipped):
     assert make_data.generate_items(50, seed=0) == shipped[:50]
 
 
+@pytest.mark.slow
 def test_default_run_reproduces_shipped_file_byte_for_byte(tmp_path):
     out = make_data.main(["--output", str(tmp_path / "full.json")])
     assert out.read_bytes() == DEFAULT_DATA_PATH.read_bytes()

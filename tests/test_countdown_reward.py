@@ -489,6 +489,7 @@ def _compare_with_published(body, target_choice, structured=False):
     assert r["format_reward"] == published_format_reward("<think>" + response)
 
 
+@pytest.mark.slow
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.filter_too_much])
 @given(_char_bodies(), st.integers(0, 4))

@@ -273,6 +273,7 @@ def test_sampling_records_temperature_and_top_p_and_bf16_autocast_applies_on_cpu
     assert not (out / ev.DETAILS_FILE).exists()  # only with --save_responses
 
 
+@pytest.mark.slow
 def test_a_vllm_named_pth_evaluates_like_the_model_directory(tmp_path, tiny_model_dir):
     """The accelerated trainer's .pth (fused names) on its base model answers as the HF model."""
     model, _ = load_model(str(tiny_model_dir), "fp32")
@@ -287,6 +288,7 @@ def test_a_vllm_named_pth_evaluates_like_the_model_directory(tmp_path, tiny_mode
         [r["response"] for r in read_details(tmp_path / "hf")]
 
 
+@pytest.mark.slow
 def test_vllm_script_turns_a_vllm_named_pth_into_the_hf_model(tmp_path, tiny_model_dir):
     """What eval_countdown_vllm.py hands vLLM (no vLLM needed to build it): an HF directory with
     exactly the .pth's weights."""
@@ -319,6 +321,7 @@ class FakeLLM:
         return [SimpleNamespace(outputs=[SimpleNamespace(text=t)]) for t in texts]
 
 
+@pytest.mark.slow
 def test_vllm_script_glue_with_a_stand_in_for_vllm(tmp_path, tiny_model_dir, monkeypatch):
     """eval_countdown_vllm.evaluate end to end with a fake vllm module: the engine settings, batches
     of --batch_size, greedy parameters, the summary shape and the details file."""
@@ -357,6 +360,7 @@ def test_vllm_script_glue_with_a_stand_in_for_vllm(tmp_path, tiny_model_dir, mon
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
 
 
+@pytest.mark.slow
 def test_vllm_script_serves_an_adapter_as_a_lora_request(tmp_path, tiny_model_dir, monkeypatch):
     """An adapter directory (--es_params lora's output): vLLM is built on the base model with LoRA
     on (max_lora_rank the smallest rank it serves that fits) and every generate call carries the

@@ -329,6 +329,7 @@ def population(model, tokenizer, noise_mode, lora_batch):
     return Population(model, cfg, Generator(tokenizer, task.prompts, 12), task)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("noise_mode", ["correlated", "iid"])
 def test_a_members_batched_rows_give_its_thread_copys_texts_rewards_and_logits(
         tiny_model_dir, noise_mode):
@@ -389,6 +390,7 @@ def test_lora_batch_drops_finished_rows_and_keeps_each_members_texts(tiny_model_
         weights.restore(seed, sign * 0.3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampling", [(), ("--num_rollouts", "2", "--temperature", "1")],
                          ids=["greedy", "sampled"])
 def test_a_lora_batch_run_equals_the_thread_copy_run_bit_for_bit(tiny_model_dir, tmp_path,

@@ -46,6 +46,7 @@ def test_resume_from_a_checkpoint_directory_with_master_weights(tiny_model_dir, 
     assert same_weights(resumed, full)
 
 
+@pytest.mark.slow
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(tiny_model_dir, tmp_path, monkeypatch):
     model, tokenizer = load_model(str(tiny_model_dir), "fp32")
     state = {"iteration": 1, "finished": False, "rng_state": None, "config": {}}

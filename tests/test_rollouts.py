@@ -76,6 +76,7 @@ def test_k1_without_temperature_is_todays_greedy_run_bit_for_bit(tiny_model_dir,
     assert same_weights(today, explicit)
 
 
+@pytest.mark.slow
 def test_sampled_rollouts_count_their_generations_and_record_k_in_the_config(tiny_model_dir,
                                                                            tmp_path):
     greedy, sampled = tmp_path / "greedy", tmp_path / "sampled"
@@ -89,6 +90,7 @@ def test_sampled_rollouts_count_their_generations_and_record_k_in_the_config(tin
     assert config["num_rollouts"] == 2 and config["temperature"] == 1.0
 
 
+@pytest.mark.slow
 def test_a_resumed_sampled_run_equals_the_uninterrupted_one(tiny_model_dir, tmp_path):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     settings = ["--precision", "fp32", *SAMPLED, "--prompt_batch", "1"]

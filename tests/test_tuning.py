@@ -51,6 +51,7 @@ def es_gradient(tensor, seeds, z):
     return total.div_(len(seeds))
 
 
+@pytest.mark.slow
 def test_sgd_is_the_published_step_bit_for_bit(tiny_model_dir, tmp_path):
     out = tmp_path / "sgd"
     run_main(command(tiny_model_dir, out, "--precision", "fp32", "--optimizer", "sgd"))
@@ -98,12 +99,11 @@ def same_saved_state(a: Path, b: Path) -> bool:
         for key, v in state.items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [
     ("--optimizer", "adam", "--lr_schedule", "cosine", "--prompt_batch", "1"),
-    pytest.param(("--optimizer", "momentum", "--noise_mode", "lowrank", "--rank", "2",
-                  "--lr_schedule", "linear"), marks=pytest.mark.slow),
-    pytest.param(("--optimizer", "adamw", "--es_params", "lora", "--prompt_batch", "1"),
-                 marks=pytest.mark.slow),
+    ("--optimizer", "momentum", "--noise_mode", "lowrank", "--rank", "2", "--lr_schedule", "linear"),
+    ("--optimizer", "adamw", "--es_params", "lora", "--prompt_batch", "1"),
 ], ids=["adam-cosine-batch", "momentum-lowrank", "adamw-lora"])
 def test_a_resumed_run_equals_the_uninterrupted_one(tiny_model_dir, tmp_path, mode):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"

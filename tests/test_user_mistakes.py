@@ -174,6 +174,7 @@ def conciseness():
                 [-abs(len(c) - len(t)) for c, t in zip(completions, target)], {"target": ["8"]})
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_checkpoint_names_the_path_keeps_the_last_and_resumes(
         tiny_model_dir, tmp_path, monkeypatch):
     from es_llm import trainer
@@ -197,6 +198,7 @@ def test_a_full_disk_during_a_checkpoint_names_the_path_keeps_the_last_and_resum
     assert [r["iteration"] for r in ckpt.read_metrics(out / ckpt.METRICS_FILE)] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_full_disk_in_the_final_save_or_the_metrics_says_no_checkpoint_yet(
         tiny_model_dir, tmp_path, monkeypatch):
     from es_llm import trainer

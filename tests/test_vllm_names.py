@@ -95,6 +95,7 @@ def test_a_model_loaded_from_vllm_names_gives_identical_logits(kind):
     assert torch.equal(other(ids).logits, reference)
 
 
+@pytest.mark.slow
 def test_a_vllm_named_pth_loads_through_load_for_eval(tmp_path, bundled_tokenizer_dir):
     """The file the accelerated trainer publishes (fused names, no tied lm_head) applied to its base
     model gives the trained model's logits exactly."""
