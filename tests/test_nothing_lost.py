@@ -136,7 +136,9 @@ def test_resume_with_another_population_is_refused_naming_the_mismatch(trainer, 
     assert not (tmp_path / "other").exists() or not os.listdir(tmp_path / "other")
 
 
-def test_a_finished_run_is_refused_then_replaced_with_overwrite(trainer, tmp_path):
+def test_a_finished_run_is_refused_then_replaced_with_overwrite(trainer, tmp_path, four):
+    """A new run, or another run resumed, into a directory that holds a finished run is refused
+    and changes none of its files; with --overwrite the new run replaces only the old run's."""
     out = tmp_path / "run"
     run_main(trainer.command(out, 1))
     (out / "notes.txt").write_text("mine")
@@ -145,18 +147,12 @@ def test_a_finished_run_is_refused_then_replaced_with_overwrite(trainer, tmp_pat
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "already holds a finished run (1 iterations)" in proc.stderr and "--overwrite" in proc.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    proc = run_main(trainer.command(out, 6, "--resume", str(four)), check=False)
+    assert proc.returncode != 0 and "already holds a finished run" in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     run_main(trainer.command(out, 2, "--overwrite"))
     assert [r["iteration"] for r in metrics(out)] == [1, 2]
     assert (out / "notes.txt").read_text() == "mine"  # only the old run's files went
-
-
-def test_resume_into_another_runs_directory_is_refused_without_overwrite(trainer, tmp_path, four):
-    other = tmp_path / "other"
-    run_main(trainer.command(other, 1))
-    before = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
-    proc = run_main(trainer.command(other, 6, "--resume", str(four)), check=False)
-    assert proc.returncode != 0 and "already holds a finished run" in proc.stderr
-    assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
 
 
 @pytest.mark.parametrize("flag, value, message", [

@@ -293,16 +293,12 @@ def test_the_accelerated_vllm_lowrank_run_equals_the_transformers_engines(tmp_pa
     texts on the bundled model are test_vllm_lora_members_match_the_transformers_lowrank_mode's."""
     metrics = {}
     for engine in ("vllm", "transformers"):
-        try:
-            run_main([PYTHON, str(ROOT / "tests" / "accl_varied_reward.py"), "--model_name",
-                      str(tiny_vllm_dir), "--engine", engine, "--num_engines", "1",
-                      "--population_size", "4", "--num_iterations", "2", "--max_new_tokens", "16",
-                      "--data_sample", "2",
-                      "--sigma", "0.02", "--alpha", "0.01", "--noise_mode", "lowrank",
-                      "--lowrank_targets", "lora", "--precision", "fp32", "--experiment_dir",
-                      str(tmp_path), "--run_name", engine])
-        finally:
-            stop_shared_ray()
+        run_main([PYTHON, str(ROOT / "tests" / "accl_varied_reward.py"), "--model_name",
+                  str(tiny_vllm_dir), "--engine", engine, "--num_engines", "1",
+                  "--population_size", "4", "--num_iterations", "2", "--max_new_tokens", "16",
+                  "--data_sample", "2", "--sigma", "0.02", "--alpha", "0.01", "--noise_mode",
+                  "lowrank", "--lowrank_targets", "lora", "--precision", "fp32",
+                  "--experiment_dir", str(tmp_path), "--run_name", engine])
         metrics[engine] = [json.loads(line)["rewards"] for line in
                            (tmp_path / engine / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics["vllm"]) == 2 and metrics["vllm"] == metrics["transformers"]
@@ -320,16 +316,13 @@ def test_lora_space_es_on_vllm_engines_equals_the_transformers_engines(tmp_path,
 
     runs = {"transformers": ("transformers", "--lora_batch"), "vllm": ("vllm", "--lora_batch"),
             "vllm_members": ("vllm", "--master_weights", "fp32")}
-    try:
-        for name, (engine, *extra) in runs.items():
-            run_main([PYTHON, str(ROOT / "tests" / "accl_varied_reward.py"), "--model_name",
-                      str(tiny_vllm_dir), "--engine", engine, "--num_engines", "1",
-                      "--population_size", "4", "--num_iterations", "2", "--max_new_tokens", "8",
-                      "--data_sample", "2", "--sigma", "0.3", "--alpha", "0.05", "--es_params",
-                      "lora", "--lora_rank", "4", "--precision", "fp32", "--experiment_dir",
-                      str(tmp_path), "--run_name", name, *extra])
-    finally:
-        stop_shared_ray()
+    for name, (engine, *extra) in runs.items():
+        run_main([PYTHON, str(ROOT / "tests" / "accl_varied_reward.py"), "--model_name",
+                  str(tiny_vllm_dir), "--engine", engine, "--num_engines", "1",
+                  "--population_size", "4", "--num_iterations", "2", "--max_new_tokens", "8",
+                  "--data_sample", "2", "--sigma", "0.3", "--alpha", "0.05", "--es_params",
+                  "lora", "--lora_rank", "4", "--precision", "fp32", "--experiment_dir",
+                  str(tmp_path), "--run_name", name, *extra])
     metrics = {name: [json.loads(line)["rewards"] for line in
                       (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
                for name in runs}
@@ -364,11 +357,8 @@ def test_a_tuned_vllm_run_resumed_on_one_engine_equals_the_two_engine_run(tmp_pa
                            "--save_every", "1", "--schedule", "static", "--experiment_dir",
                            str(tmp_path), "--run_name", name, *extra])
 
-    try:
-        run("two", 2)
-        run("one", 1, "--resume", str(tmp_path / "two" / "checkpoint-1"))
-    finally:
-        stop_shared_ray()
+    run("two", 2)
+    run("one", 1, "--resume", str(tmp_path / "two" / "checkpoint-1"))
     records = {name: [{k: v for k, v in json.loads(line).items() if not k.startswith("time_")}
                       for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
                for name in ("one", "two")}
@@ -385,10 +375,11 @@ def test_the_gpu_check_and_every_work_unit_row_run_on_cpu(tmp_path, tiny_vllm_di
     """bench/gpu_check.sh at its tiny CPU sizes: the accelerated script on 2 vLLM engines, both
     trainers, the Countdown work unit with every row (vLLM per member and LoRA, and 1-engine Ray
     pools) and the conciseness unit's transformers rows (at these sizes the script leaves its vLLM
-    rows, the same code as Countdown's, out) succeed; then eval_countdown_vllm.py evaluates both
-    output forms of the accelerated run alike (the tiny vLLM-shaped model: the bundled model's
-    vLLM exactness is the engine tests' and the LoRA members' above)."""
+    rows, the same code as Countdown's, out) succeed; then eval_countdown_vllm.py evaluates the
+    accelerated run's .pth on its base (the tiny vLLM-shaped model: the bundled model's vLLM
+    exactness is the engine tests' and the LoRA members' above)."""
     out = tmp_path / "check"
+    stop_shared_ray()  # the tests above share one Ray here; the script's runs start their own
     # The tiny vLLM-shaped model (ES_MODEL): this checks the script and every row's code path;
     # the bundled model's rows are bench/work_units.py's own runs (docs/benchmarks.md).
     proc = run_script(["bash", "bench/gpu_check.sh", str(out)], timeout=1200,
@@ -415,20 +406,26 @@ def test_the_gpu_check_and_every_work_unit_row_run_on_cpu(tmp_path, tiny_vllm_di
     assert "| accelerated, vLLM on CUDA, 2 engine(s), 1 iterations | ok |" in table
     run = out / "accl" / "check"
     assert len(json.loads((run / "metrics.jsonl").read_text())["rewards"]) == 2
-    responses = {}
-    for label, model_args in {"pth": ["--model_path", str(run / "final_model.pth"),
-                                      "--base_model_name", str(tiny_vllm_dir)],
-                              "hf": ["--model_path", str(run / "final_model")]}.items():
-        evaluated = tmp_path / f"eval_{label}"
-        # A process of its own: this one has a vLLM engine already (the `engine` fixture).
-        run_script([PYTHON, "eval_countdown_vllm.py", *model_args, "--eval_samples", "4",
-                    "--eval_offset", "-4", "--max_new_tokens", "16", "--dtype", "float32",
-                    "--save_responses", "--output_dir", str(evaluated)], timeout=900)
-        summary = json.loads((evaluated / "summary.json").read_text())
-        assert summary["eval_stats"]["num_samples"] == 4
-        assert summary["run_info"]["eval_offset"] == 2196
-        assert 0.0 <= summary["eval_stats"]["accuracy"] <= 100.0
-        details = json.loads((evaluated / "eval_detailed_results.json").read_text())
-        responses[label] = [record["response"] for record in details]
-    # The .pth on its base model and the HF directory are the same model: no name mismatch.
-    assert responses["pth"] == responses["hf"]
+    # Its two output forms are one model: the .pth (vLLM's names) on its base, loaded as the
+    # evaluations load it, has the HF directory's weights ...
+    from es_llm.evaluation import load_for_eval
+    from transformers import AutoModelForCausalLM
+
+    from_pth = load_for_eval(str(run / "final_model.pth"), str(tiny_vllm_dir), device="cpu")[0]
+    from_dir = AutoModelForCausalLM.from_pretrained(run / "final_model", dtype=torch.float32)
+    pth_weights, dir_weights = from_pth.state_dict(), from_dir.state_dict()
+    assert pth_weights.keys() == dir_weights.keys()
+    assert all(torch.equal(pth_weights[k].float(), t) for k, t in dir_weights.items())
+    # ... and eval_countdown_vllm.py evaluates the .pth on vLLM (through that HF directory).
+    evaluated = tmp_path / "eval_pth"
+    # A process of its own: this one has a vLLM engine already (the `engine` fixture).
+    run_script([PYTHON, "eval_countdown_vllm.py", "--model_path", str(run / "final_model.pth"),
+                "--base_model_name", str(tiny_vllm_dir), "--eval_samples", "4", "--eval_offset",
+                "-4", "--max_new_tokens", "16", "--dtype", "float32", "--save_responses",
+                "--output_dir", str(evaluated)], timeout=900)
+    summary = json.loads((evaluated / "summary.json").read_text())
+    assert summary["eval_stats"]["num_samples"] == 4
+    assert summary["run_info"]["eval_offset"] == 2196
+    assert 0.0 <= summary["eval_stats"]["accuracy"] <= 100.0
+    details = json.loads((evaluated / "eval_detailed_results.json").read_text())
+    assert len(details) == 4 and all(isinstance(record["response"], str) for record in details)
