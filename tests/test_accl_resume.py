@@ -143,16 +143,16 @@ def test_a_tuned_run_resumed_on_one_engine_equals_the_two_engine_run(four, tiny_
 @pytest.mark.slow
 def test_resume_from_a_checkpoint_into_another_run_without_masters(tiny_model_dir, experiment):
     """Without fp32 masters an engine drifts with every member it evaluates, so the reference
-    run and the resumed one use --schedule static; resumed from checkpoint-2/ into a new run
+    run and the resumed one use --schedule static; resumed from checkpoint-1/ into a new run
     directory, the run equals the uninterrupted one."""
     static = ["--schedule", "static"]
-    run_main(command(tiny_model_dir, experiment, 4, *static, "--save_every", "2",
-                       run_name="static"))
+    run_main(command(tiny_model_dir, experiment, 2, *static, "--save_every", "1",
+                     run_name="static"))
     reference = experiment / "static"
-    assert [p.name for p in ckpt.list_checkpoints(reference)] == ["checkpoint-2", "checkpoint-4"]
-    assert ckpt.load_masters(reference / "checkpoint-2") is None
-    run_main(command(tiny_model_dir, experiment, 4, *static, "--resume",
-                       str(reference / "checkpoint-2"), run_name="static-resumed"))
+    assert [p.name for p in ckpt.list_checkpoints(reference)] == ["checkpoint-1", "checkpoint-2"]
+    assert ckpt.load_masters(reference / "checkpoint-1") is None
+    run_main(command(tiny_model_dir, experiment, 2, *static, "--resume",
+                     str(reference / "checkpoint-1"), run_name="static-resumed"))
     assert_same_run(experiment / "static-resumed", reference, masters=False)
 
 
