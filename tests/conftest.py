@@ -19,18 +19,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Tests that start Ray (marked `ray`, or the accelerated case of a test parametrized by
-    trainer) form one pytest-xdist group: one worker runs them one after another (two local Ray
-    instances on one machine are not supported), the other worker runs the rest beside them."""
-    for item in items:
-        params = getattr(item, "callspec", None)
-        accelerated = params is not None and params.params.get("trainer") == "accelerated"
-        if item.get_closest_marker("ray") or accelerated:
-            item.add_marker(pytest.mark.xdist_group("ray"))
-
-
 @pytest.fixture(scope="session")
 def bundled_tokenizer_dir(tmp_path_factory):
     """The bundled tokenizer as an HF directory. Reading it out of the GGUF file takes seconds, so

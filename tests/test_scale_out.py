@@ -64,7 +64,7 @@ def two_node_cluster():
     """A head node and a worker node, one CPU each: two engines of one CPU land on both."""
     from ray.cluster_utils import Cluster
 
-    stop_shared_ray()  # one Ray on this machine at a time, as Ray supports (this process joins it)
+    stop_shared_ray()  # this process's own Ray, if a test before left it running
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     worker = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
