@@ -34,8 +34,13 @@ def start_ray(address: str = "local", verbose: bool = False, num_cpus=None) -> b
         return False
     runtime_env = {"env_vars": {"PYTHONPATH": _pythonpath()}}
     if address == "local":
+        # Ray renices its worker processes to 15 by default (`worker_niceness`), which would make
+        # the engines, the run's whole work, yield to any other job on the machine (on a shared
+        # CPU box they all but stop, and a `nice` the user chose is lost in it): our private Ray's
+        # workers keep the priority the run was started with.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 log_to_driver=verbose, runtime_env=runtime_env)
+                 log_to_driver=verbose, runtime_env=runtime_env,
+                 _system_config={"worker_niceness": 0})
     else:
         ray.init(address=address, log_to_driver=verbose, runtime_env=runtime_env)
     return True

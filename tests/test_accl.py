@@ -203,6 +203,13 @@ def test_ray_engines_identical_after_broadcast_and_update_equals_plain(tiny_mode
     kwargs = {"model_path": str(tiny_model_dir), "precision": "fp32", "max_new_tokens": 4,
               "noise_mode": "iid"}
     shared_ray()
+
+    @ray.remote
+    def niceness():
+        return os.nice(0)
+
+    # The engines' processes keep the run's priority (Ray's default renices them to 15).
+    assert ray.get(niceness.remote()) == os.nice(0)
     pool = None
     try:
         pool = EnginePool("transformers", 2, kwargs, make_task(2), use_gpu=False)

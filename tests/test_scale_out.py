@@ -65,7 +65,10 @@ def two_node_cluster():
     from ray.cluster_utils import Cluster
 
     stop_shared_ray()  # this process's own Ray, if a test before left it running
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # Workers at the driver's priority, as the trainer's own local Ray has them (accelerated/pool.py:
+    # Ray's default nice 15 starves the engines beside the suite's other jobs).
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "_system_config": {"worker_niceness": 0}})
     worker = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     try:
