@@ -135,6 +135,21 @@ def stop_shared_ray() -> None:
         sys.modules["ray"].shutdown()
 
 
+def pytest_collection_modifyitems(config, items):
+    """The modules with the most slow tests first (each module's tests in their order): run on
+    two workers, the long tests then start early and the short ones fill the end, so that
+    neither worker waits idle for the other's last long test (measured in CI: one worker idle
+    for 4 minutes with the modules in name order). The same order on every worker (xdist
+    checks it)."""
+    def weight(item):
+        return 10 if item.get_closest_marker("ray") else 1 if item.get_closest_marker("slow") else 0
+
+    totals = {}
+    for item in items:
+        totals[item.path] = totals.get(item.path, 0) + weight(item)
+    items.sort(key=lambda item: -totals[item.path])  # stable: a module's tests keep their order
+
+
 def pytest_sessionfinish(session, exitstatus):
     stop_shared_ray()
 
