@@ -13,10 +13,27 @@ term, as vLLM's GPU kernels treat it. Measured (docs/benchmarks.md, "Where the v
 goes"): LoRA space at rank 8 evaluates a population in 1.4x a plain batch's time with these ops,
 2.9x with vLLM's; rank-1 members about the same either way (1.5-1.6x: the per-call costs).
 
+On top of them, the fused kernel (`accelerated/lora_kernel.c`, built with the C compiler on first
+use into ~/.cache/es-llm/kernels, about a second, and called through ctypes) computes a whole LoRA
+layer (every slice's shrink and expand) in one call: on CPU the per-slot ops' time is the fixed
+cost of their many small torch calls (14 products per decoder layer and step), not arithmetic. It
+keeps vLLM's dtypes and roundings (the buffer in fp32; the expand's product and its addition in the
+output's dtype); the sums' order differs from torch's matmuls, so fp32 results agree to rounding.
+Where it does not apply (another dtype, layout or call form) or cannot be built (no compiler: said
+once), the per-slot ops compute.
+
 `install()` puts these ops in vLLM's CPU punica wrapper; accelerated.vllm_worker calls it when it
-is imported, unless ES_VLLM_LORA_OPS=vllm keeps vLLM's own (bench/vllm_profile.py compares both).
+is imported. ES_VLLM_LORA_OPS chooses: `kernel` (the default: the fused kernel, else the per-slot
+ops), `slots` (the per-slot ops only), `vllm` (vLLM's own; bench/vllm_profile.py compares them).
 """
+import ctypes
+import hashlib
 import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
@@ -173,12 +190,250 @@ OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_e
        "sgmv_expand_slice")
 
 
-def install() -> bool:
-    """These ops in vLLM's CPU punica wrapper (idempotent); False where ES_VLLM_LORA_OPS=vllm."""
-    if os.environ.get("ES_VLLM_LORA_OPS", "slots") == "vllm":
-        return False
+# --- the fused kernel ------------------------------------------------------------------------
+
+KERNEL_SOURCE = Path(__file__).with_name("lora_kernel.c")
+KERNEL_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-fPIC", "-shared")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_MAX_SLICES, _MAX_RANK = 8, 64  # lora_kernel.c's limits
+_kernel = {"tried": False, "lib": None}
+
+
+def kernel_cache() -> Path:
+    return Path(os.environ.get("ES_LLM_KERNEL_DIR") or Path.home() / ".cache" / "es-llm" / "kernels")
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the machine and its CPU's feature flags."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return f"{platform.machine()} {flags}"
+
+
+def build_kernel() -> Path:
+    """The kernel's shared library, compiled once per source, compiler and CPU (a file named by
+    their hash; written under another name and renamed, so engines building at once are safe)."""
+    compiler = os.environ.get("CC", "cc")
+    key = hashlib.sha256(KERNEL_SOURCE.read_bytes() + " ".join(
+        (compiler, *KERNEL_FLAGS, _cpu_signature())).encode()).hexdigest()[:16]
+    target = kernel_cache() / f"lora_kernel-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, partial = tempfile.mkstemp(suffix=".so.partial", dir=target.parent)
+        os.close(handle)
+        try:
+            done = subprocess.run([compiler, *KERNEL_FLAGS, str(KERNEL_SOURCE), "-o", partial],
+                                  capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+            os.replace(partial, target)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+    return target
+
+
+def kernel():
+    """The loaded kernel (ctypes), built on first use; None where it cannot be built or loaded
+    (said once on stderr: the per-slot ops compute instead)."""
+    if not _kernel["tried"]:
+        _kernel["tried"] = True
+        try:
+            lib = ctypes.CDLL(str(build_kernel()))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as failure:
+            print(f"accelerated: the fused CPU LoRA kernel is not available ({failure}); the "
+                  f"per-slot torch ops compute vLLM's LoRA products instead (slower, the same "
+                  f"products). Install a C compiler (cc), or set ES_VLLM_LORA_OPS=slots to "
+                  f"silence this.", file=sys.stderr)
+            return None
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.es_lora_shrink.argtypes = [i64, i64, p, i64, i32, p, i64, i64, p, i64, i32,
+                                       ctypes.c_float, p, i64]
+        lib.es_lora_expand.argtypes = [i64, p, i64, i64, p, p, i64, i64, i32, p, i64, p, i64, i32]
+        lib.es_lora_linear.argtypes = [i64, i64, p, i64, i32, p, i64, i64, p, p, p, i64, i32,
+                                       ctypes.c_float, p, i64, i32]
+        for function in (lib.es_lora_shrink, lib.es_lora_expand, lib.es_lora_linear):
+            function.restype = i32
+        _kernel["lib"] = lib
+    return _kernel["lib"]
+
+
+def _pointers(addresses) -> ctypes.Array:
+    return (ctypes.c_void_p * len(addresses))(*addresses)
+
+
+_known = {}  # what the calls of a step repeat: their stacked weights' checks, their sizes
+
+
+def _sizes(sizes) -> ctypes.Array:
+    key = ("sizes", tuple(sizes))
+    found = _known.get(key)
+    if found is None:
+        found = _known[key] = (ctypes.c_int64 * len(sizes))(*sizes)
+    return found
+
+
+def _stacked(stacked, dim: int):
+    """(dtype code, slots, rank, pointers) of a tuple of stacked LoRA weights ([slots, 1, a, b]
+    or [slots, a, b], contiguous, one dtype; `dim` the rank's axis from the end), or None. Kept
+    per tuple (a layer's, made once; vLLM writes adapters into its tensors in place) while its
+    first tensor's storage is the same."""
+    key = (id(stacked), dim)
+    found = _known.get(key)
+    if found is not None and found[0] is stacked and found[1] == stacked[0].data_ptr():
+        return found[2]
+    value = _check_stacked(stacked, dim)
+    if len(_known) > 4096:
+        _known.clear()
+    _known[key] = (stacked, stacked[0].data_ptr(), value)
+    return value
+
+
+def _check_stacked(stacked, dim: int):
+    first = stacked[0]
+    code = _DTYPES.get(first.dtype)
+    if code is None or not 0 < len(stacked) <= _MAX_SLICES or first.ndim not in (3, 4):
+        return None
+    rank = first.shape[dim]
+    for weights in stacked:
+        if (weights.dtype != first.dtype or not weights.is_contiguous() or weights.shape[dim] != rank
+                or weights.shape[0] != first.shape[0] or (weights.ndim == 4 and weights.shape[1] != 1)
+                or weights.device.type != "cpu"):
+            return None
+    if rank > _MAX_RANK:
+        return None
+    return code, first.shape[0], rank, _pointers([w.data_ptr() for w in stacked])
+
+
+def _rows(tensor):
+    """(dtype code, row stride) of a 2-D CPU tensor with unit column stride, or None."""
+    code = _DTYPES.get(tensor.dtype)
+    if code is None or tensor.ndim != 2 or tensor.stride(1) != 1 or tensor.device.type != "cpu":
+        return None
+    return code, tensor.stride(0)
+
+
+def _indices(wrapper, tokens: int):
+    indices = wrapper.token_lora_indices
+    if len(indices) != tokens or indices.dtype != torch.long or not indices.is_contiguous():
+        return None
+    return indices
+
+
+def _buffers(buffers, tokens: int, rank: int, slices: int):
+    """(row pointers, row stride) of fp32 LoRA buffers ([slices, tokens, rank] or a tuple of
+    [tokens, rank]), or None."""
+    rows = list(buffers) if isinstance(buffers, (tuple, list)) else [buffers[i] for i in range(slices)]
+    if len(rows) != slices or any(r.dtype != torch.float32 or r.ndim != 2 or r.shape[0] != tokens
+                                  or r.shape[1] < rank or r.stride(1) != 1
+                                  or r.stride(0) != rows[0].stride(0) for r in rows):
+        return None
+    return _pointers([r.data_ptr() for r in rows]), rows[0].stride(0)
+
+
+def _nothing_to_do(wrapper) -> bool:
+    return wrapper.is_prefill and wrapper.no_lora  # where vLLM's own prefill ops return at once
+
+
+_BASE = {}  # vLLM's PunicaWrapperCPU methods, for the calls the kernel does not take
+
+
+def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *,
+                    buffer=None, **kwargs):
+    """PunicaWrapperCPU.add_lora_linear in one kernel call (vLLM's own where it does not apply)."""
+    lib = kernel()
+    if lib is not None and buffer is None and kwargs.get("add_inputs", True):
+        if _nothing_to_do(self):
+            return
+        x2 = x.view(-1, x.shape[-1])
+        a, b, xs, ys = (_stacked(lora_a_stacked, -2), _stacked(lora_b_stacked, -1), _rows(x2),
+                        _rows(y))
+        indices = _indices(self, x2.shape[0])
+        if (a and b and xs and ys and indices is not None and a[0] == b[0] and a[1:3] == b[1:3]
+                and len(lora_b_stacked) == len(output_slices) == len(lora_a_stacked)
+                and all(w.shape[-2] == n for w, n in zip(lora_b_stacked, output_slices))
+                and sum(output_slices) <= y.shape[1] and lora_a_stacked[0].shape[-1] == x2.shape[1]
+                and y.shape[0] == x2.shape[0]):
+            status = lib.es_lora_linear(
+                x2.shape[0], x2.shape[1], x2.data_ptr(), xs[1], xs[0], indices.data_ptr(), a[1],
+                len(lora_a_stacked), a[3], b[3], _sizes(output_slices), a[2], a[0], float(scale),
+                y.data_ptr(), ys[1], ys[0])
+            if status == 0:
+                return
+            raise IndexError("a token's LoRA slot is out of range of the stacked adapters")
+    return _BASE["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale,
+                                    output_slices, buffer=buffer, **kwargs)
+
+
+def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
+    """PunicaWrapperCPU.add_shrink (y[i] = scale * x @ A_i per token's slot) in one kernel call."""
+    lib = kernel()
+    if lib is not None:
+        if _nothing_to_do(self):
+            return
+        x2 = x.view(-1, x.shape[-1])
+        a, xs = _stacked(lora_a_stacked, -2), _rows(x2)
+        indices = _indices(self, x2.shape[0])
+        buffers = a and _buffers(y, x2.shape[0], a[2], len(lora_a_stacked))
+        if (a and xs and buffers and indices is not None
+                and lora_a_stacked[0].shape[-1] == x2.shape[1]):
+            status = lib.es_lora_shrink(x2.shape[0], x2.shape[1], x2.data_ptr(), xs[1], xs[0],
+                                        indices.data_ptr(), a[1], len(lora_a_stacked), a[3], a[2],
+                                        a[0], float(scale), buffers[0], buffers[1])
+            if status == 0:
+                return
+            raise IndexError("a token's LoRA slot is out of range of the stacked adapters")
+    return _BASE["add_shrink"](self, y, x, lora_a_stacked, scale, **kwargs)
+
+
+def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_inputs=True,
+               **kwargs):
+    """PunicaWrapperCPU.add_expand (y[:, slice i] += x[i] @ B_i per token's slot) in one call."""
+    lib = kernel()
+    if lib is not None and add_inputs:
+        if _nothing_to_do(self):
+            return
+        y2 = y.view(-1, y.shape[-1])
+        b, ys = _stacked(lora_b_stacked, -1), _rows(y2)
+        indices = _indices(self, y2.shape[0])
+        buffers = b and _buffers(x, y2.shape[0], b[2], len(lora_b_stacked))
+        if (b and ys and buffers and indices is not None
+                and len(lora_b_stacked) == len(output_slices)
+                and all(w.shape[-2] == n for w, n in zip(lora_b_stacked, output_slices))
+                and offset_start + sum(output_slices) <= y2.shape[1]):
+            status = lib.es_lora_expand(y2.shape[0], buffers[0], buffers[1], len(lora_b_stacked),
+                                        b[3], _sizes(output_slices), offset_start, b[2], b[0],
+                                        indices.data_ptr(), b[1],
+                                        y2.data_ptr(), ys[1], ys[0])
+            if status == 0:
+                return
+            raise IndexError("a token's LoRA slot is out of range of the stacked adapters")
+    return _BASE["add_expand"](self, y, x, lora_b_stacked, output_slices, offset_start,
+                               add_inputs, **kwargs)
+
+
+KERNEL_METHODS = ("add_lora_linear", "add_shrink", "add_expand")
+
+
+def install() -> str:
+    """These ops in vLLM's CPU punica wrapper (idempotent), and the fused kernel's methods where it
+    builds. Returns what computes: "kernel", "slots" or "vllm" (ES_VLLM_LORA_OPS)."""
+    mode = os.environ.get("ES_VLLM_LORA_OPS", "kernel")
+    if mode not in ("kernel", "slots", "vllm"):
+        raise ValueError(f"ES_VLLM_LORA_OPS={mode!r}: expected kernel, slots or vllm")
+    if mode == "vllm":
+        return mode
     from vllm.lora.punica_wrapper import punica_cpu
 
     for name in OPS:
         setattr(punica_cpu, name, globals()[name])
-    return True
+    if mode == "kernel" and kernel() is not None:
+        wrapper = punica_cpu.PunicaWrapperCPU
+        for name in KERNEL_METHODS:
+            _BASE.setdefault(name, getattr(wrapper, name))
+            setattr(wrapper, name, globals()[name])
+        return mode
+    return "slots"

@@ -1,5 +1,8 @@
 """accelerated.vllm_lora_ops: vLLM's multi-LoRA products per adapter slot (no vLLM needed here; the
 vLLM tier compares them with vLLM's own ops and runs them inside engines)."""
+from types import SimpleNamespace
+
+import pytest
 import torch
 
 from accelerated import vllm_lora_ops as ops
@@ -95,3 +98,85 @@ def test_a_populations_expand_is_added_into_the_output_slice_in_place():
     ops.bgmv_expand_slice(x, b, out, indices, 3, 6, add_inputs=True)
     assert torch.allclose(out[:, 3:9], 1 + reference(x, b, indices, torch.float32), atol=1e-6)
     assert torch.equal(out[:, :3], torch.ones(8, 3)) and torch.equal(out[:, 9:], torch.ones(8, 1))
+
+
+# --- the fused kernel (accelerated/lora_kernel.c): a whole LoRA layer in one call ---
+
+def wrapper(indices, prefill=False, no_lora=False):
+    """What the kernel's methods read of vLLM's PunicaWrapperCPU."""
+    return SimpleNamespace(token_lora_indices=indices, is_prefill=prefill, no_lora=no_lora)
+
+
+def slot_ops_linear(y, x, a_stacked, b_stacked, scale, slices, indices, offset=0):
+    """vLLM's add_lora_linear over the per-slot ops: an fp32 buffer per slice, then the expands."""
+    for a, b, size in zip(a_stacked, b_stacked, slices):
+        buffer = torch.zeros(x.shape[0], a.shape[-2])
+        ops._plan["key"] = None
+        ops.bgmv_shrink(x, a, buffer, indices, scale)
+        ops.bgmv_expand_slice(buffer, b, y, indices, offset, size, True)
+        offset += size
+
+
+LAYOUTS = {"population": torch.arange(4).repeat_interleave(6),     # one run per member
+           "any order, no adapter": torch.tensor([3, 1, -1, 0, 2, 2, 1, 0, -1, 3, 3, 1] * 2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rank", [1, 8])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_the_fused_kernel_computes_the_slot_ops_products(dtype, rank, layout):
+    """add_lora_linear (q, k, v slices) and add_shrink then add_expand (a buffer [slices, tokens,
+    rank], vLLM's row-parallel form) give what the per-slot ops give: in bf16 bit for bit (the
+    products of bf16 values are exact in the fp32 sums, and the roundings are vLLM's), in fp32 to
+    rounding (the sums' order differs from torch's matmuls)."""
+    assert ops.kernel() is not None
+    g = torch.Generator().manual_seed(rank)
+    indices = LAYOUTS[layout]
+    tokens, width, slices = len(indices), 40, (40, 16, 16)
+    x = torch.randn(tokens, width, generator=g).to(dtype)
+    a_stacked = tuple(torch.randn(4, 1, rank, width, generator=g).to(dtype) for _ in slices)
+    b_stacked = tuple(torch.randn(4, 1, size, rank, generator=g).to(dtype) for size in slices)
+    start = torch.randn(tokens, 80, generator=g).to(dtype)
+    got, expected = start.clone(), start.clone()
+    ops.add_lora_linear(wrapper(indices), got[:, :72], x, a_stacked, b_stacked, 0.5, slices)
+    slot_ops_linear(expected[:, :72], x, a_stacked, b_stacked, 0.5, slices, indices)
+
+    buffers = torch.full((2, tokens, rank), 9.0)
+    ops.add_shrink(wrapper(indices), buffers, x, a_stacked[:2], 0.5)
+    ops.add_expand(wrapper(indices), got, buffers, b_stacked[1:], slices[1:], offset_start=8)
+    slot_ops_linear(expected, x, a_stacked[:2], b_stacked[1:], 0.5, slices[1:], indices, offset=8)
+    without = indices < 0
+    assert torch.equal(buffers[:, without], torch.zeros(2, int(without.sum()), rank))
+    assert torch.equal(got[without], start[without])  # no adapter: no LoRA term
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, expected)
+    else:
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got, start)
+
+
+def test_the_kernel_leaves_prefill_without_adapters_alone_and_refuses_a_slot_out_of_range():
+    x, a, b = torch.ones(3, 4), (torch.ones(2, 1, 1, 4),), (torch.ones(2, 1, 5, 1),)
+    y = torch.zeros(3, 5)
+    ops.add_lora_linear(wrapper(torch.zeros(3, dtype=torch.long), prefill=True, no_lora=True), y,
+                        x, a, b, 1.0, (5,))
+    assert torch.equal(y, torch.zeros(3, 5))  # as vLLM's prefill ops: they return at once
+    with pytest.raises(IndexError, match="slot is out of range"):
+        ops.add_lora_linear(wrapper(torch.tensor([0, 2, 1])), y, x, a, b, 1.0, (5,))
+
+
+@pytest.mark.slow  # a compilation: about a second
+def test_the_kernel_is_built_once_per_source_and_cpu_and_without_a_compiler_says_so_once(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ES_LLM_KERNEL_DIR", str(tmp_path / "kernels"))
+    built = ops.build_kernel()
+    assert built.parent == tmp_path / "kernels" and built.suffix == ".so"
+    assert ops.build_kernel() == built and [p.name for p in built.parent.iterdir()] == [built.name]
+    monkeypatch.setenv("ES_LLM_KERNEL_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(ops, "_kernel", {"tried": False, "lib": None})
+    assert ops.kernel() is None and ops.kernel() is None
+    message = capsys.readouterr().err
+    assert message.count("fused CPU LoRA kernel is not available") == 1
+    assert "per-slot torch ops" in message and "ES_VLLM_LORA_OPS=slots" in message
+    assert list((tmp_path / "elsewhere").iterdir()) == []  # nothing half-written left

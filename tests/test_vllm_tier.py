@@ -198,7 +198,7 @@ def test_vllm_lowrank_needs_the_lora_targets_with_a_clear_message(smollm2_dir):
 
 def test_the_slot_lora_ops_compute_vllms_products_and_replace_them_on_cpu():
     """accelerated.vllm_lora_ops (installed in vLLM's CPU punica wrapper by importing the worker
-    extension) computes what vLLM's own torch ops compute, for every op and dtype used, on tokens
+    extension, the fused kernel's methods with them) computes what vLLM's own torch ops compute, for every op and dtype used, on tokens
     of several adapters in any order; only a token without adapter (index -1) differs: no LoRA term
     here, vLLM's CPU ops would index the last slot."""
     import accelerated.vllm_worker  # noqa: F401  (installs the ops)
@@ -207,6 +207,10 @@ def test_the_slot_lora_ops_compute_vllms_products_and_replace_them_on_cpu():
     from vllm.lora.punica_wrapper import punica_cpu
 
     assert all(getattr(punica_cpu, name) is getattr(ours, name) for name in ours.OPS)
+    # ... and the fused kernel's methods (tests/test_vllm_lora_ops.py: the per-slot ops' products)
+    # in its wrapper, so that the engines below (LoRA members, LoRA space) compute with it.
+    assert all(getattr(punica_cpu.PunicaWrapperCPU, name) is getattr(ours, name)
+               for name in ours.KERNEL_METHODS)
     g = torch.Generator().manual_seed(0)
     indices = torch.tensor([2, 2, 0, 3, 3, 1, 0, 2, 1])
     seq_start, seq_len, per_seq = (torch.tensor([0, 2, 3, 5, 6, 7]), torch.tensor([2, 1, 2, 1, 1, 2]),
