@@ -44,29 +44,72 @@ static void load_row(const void *row, int dtype, int64_t n, float *out) {
     }
 }
 
-static float dot(const float *x, const void *w, int w_dtype, int64_t n) {
-    float acc = 0.0f;
-    if (w_dtype == 0) {
-        const float *v = (const float *)w;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t j = 0; j < n; j++) acc += x[j] * v[j];
-    } else {
-        const uint16_t *v = (const uint16_t *)w;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t j = 0; j < n; j++) acc += x[j] * bf16_to_f32(v[j]);
-    }
-    return acc;
-}
+/* One slot's A_i rows (every slice's, rank each) as fp32 rows: pointers into A where it is fp32,
+ * into a converted copy where it is bf16. Made again when the slot changes from one token to the
+ * next (a population's tokens come in one run per member). */
+typedef struct {
+    int64_t slot;
+    const float **rows;  /* nslices * rank */
+    float *copy;         /* nslices * rank * in, for bf16 weights */
+} Shrinker;
 
-/* out[i * rank + k] = scale * (xr @ A_i[slot][k]) for every slice i. */
-static void shrink_token(const float *xr, int64_t in, int64_t slot, int64_t nslices,
-                         const void *const *a, int64_t rank, int w_dtype, float scale, float *out) {
-    size_t width = w_dtype == 0 ? sizeof(float) : sizeof(uint16_t);
+static void shrinker_load(Shrinker *s, int64_t slot, int64_t in, int64_t nslices,
+                          const void *const *a, int64_t rank, int w_dtype) {
+    if (s->slot == slot) return;
+    s->slot = slot;
     for (int64_t i = 0; i < nslices; i++)
         for (int64_t k = 0; k < rank; k++) {
-            const char *row = (const char *)a[i] + (size_t)((slot * rank + k) * in) * width;
-            out[i * rank + k] = scale * dot(xr, row, w_dtype, in);
+            int64_t r = i * rank + k;
+            size_t at = (size_t)((slot * rank + k) * in);
+            if (w_dtype == 0) {
+                s->rows[r] = (const float *)a[i] + at;
+            } else {
+                const uint16_t *w = (const uint16_t *)a[i] + at;
+                float *dst = s->copy + r * in;
+                for (int64_t j = 0; j < in; j++) dst[j] = bf16_to_f32(w[j]);
+                s->rows[r] = dst;
+            }
         }
+}
+
+/* out[r] = scale * (xr @ row r) for the shrinker's rows, four rows per pass over xr. */
+static void shrink_token(const float *xr, int64_t in, const Shrinker *s, int64_t rows, float scale,
+                         float *out) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const float *w0 = s->rows[r], *w1 = s->rows[r + 1], *w2 = s->rows[r + 2], *w3 = s->rows[r + 3];
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+        for (int64_t j = 0; j < in; j++) {
+            float x = xr[j];
+            a0 += x * w0[j];
+            a1 += x * w1[j];
+            a2 += x * w2[j];
+            a3 += x * w3[j];
+        }
+        out[r] = scale * a0;
+        out[r + 1] = scale * a1;
+        out[r + 2] = scale * a2;
+        out[r + 3] = scale * a3;
+    }
+    for (; r < rows; r++) {
+        const float *w = s->rows[r];
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = 0; j < in; j++) acc += xr[j] * w[j];
+        out[r] = scale * acc;
+    }
+}
+
+static Shrinker shrinker_new(int64_t in, int64_t rows, int w_dtype) {
+    Shrinker s = {-1, malloc((size_t)rows * sizeof(float *)),
+                  w_dtype == 0 ? NULL : malloc((size_t)(rows * in) * sizeof(float))};
+    return s;
+}
+
+static void shrinker_free(Shrinker *s) {
+    free((void *)s->rows);
+    free(s->copy);
 }
 
 /* One slot's B_i transposed to [rank][out_i] in fp32 (in y's dtype's values), for every slice:
@@ -140,19 +183,23 @@ int es_lora_shrink(int64_t tokens, int64_t in, const void *x, int64_t x_stride, 
                    int64_t rank, int w_dtype, float scale, float *const *buf, int64_t buf_stride) {
     float *xr = malloc((size_t)in * sizeof(float));
     float out[MAX_SLICES * 64];
+    Shrinker s = shrinker_new(in, nslices * rank, w_dtype);
     int status = 0;
-    for (int64_t t = 0; t < tokens && !status; t++) {
+    for (int64_t t = 0; t < tokens; t++) {
         int64_t slot = slot_of[t];
         if (slot >= slots) { status = 1; break; }
         if (slot < 0) {
-            for (int64_t i = 0; i < nslices; i++) memset(buf[i] + t * buf_stride, 0, (size_t)rank * sizeof(float));
+            for (int64_t i = 0; i < nslices; i++)
+                memset(buf[i] + t * buf_stride, 0, (size_t)rank * sizeof(float));
             continue;
         }
         load_row((const char *)x + (size_t)(t * x_stride) * width_of(x_dtype), x_dtype, in, xr);
-        shrink_token(xr, in, slot, nslices, a, rank, w_dtype, scale, out);
+        shrinker_load(&s, slot, in, nslices, a, rank, w_dtype);
+        shrink_token(xr, in, &s, nslices * rank, scale, out);
         for (int64_t i = 0; i < nslices; i++)
             memcpy(buf[i] + t * buf_stride, out + i * rank, (size_t)rank * sizeof(float));
     }
+    shrinker_free(&s);
     free(xr);
     return status;
 }
@@ -191,6 +238,7 @@ int es_lora_linear(int64_t tokens, int64_t in, const void *x, int64_t x_stride, 
     int64_t total, most = largest(out_sizes, nslices, &total);
     Expander e = {-1, total, malloc((size_t)(rank * total) * sizeof(float))};
     float *acc = malloc((size_t)most * sizeof(float));
+    Shrinker s = shrinker_new(in, nslices * rank, w_dtype);
     int status = 0;
     for (int64_t i = 0; i < nslices; i++) rows[i] = out + i * rank;
     for (int64_t t = 0; t < tokens; t++) {
@@ -198,11 +246,13 @@ int es_lora_linear(int64_t tokens, int64_t in, const void *x, int64_t x_stride, 
         if (slot >= slots) { status = 1; break; }
         if (slot < 0) continue;
         load_row((const char *)x + (size_t)(t * x_stride) * width_of(x_dtype), x_dtype, in, xr);
-        shrink_token(xr, in, slot, nslices, a, rank, w_dtype, scale, out);
+        shrinker_load(&s, slot, in, nslices, a, rank, w_dtype);
+        shrink_token(xr, in, &s, nslices * rank, scale, out);
         expander_load(&e, slot, nslices, b, out_sizes, rank, w_dtype, y_dtype);
         expand_token(rows, &e, nslices, out_sizes, 0, rank,
                      (char *)y + (size_t)(t * y_stride) * width_of(y_dtype), y_dtype, acc);
     }
+    shrinker_free(&s);
     free(xr);
     free(e.bt);
     free(acc);
