@@ -8,15 +8,19 @@
  *           product in y's dtype (in bf16: accumulated in fp32 and rounded once), then added to y
  *           in y's dtype (in bf16: rounded once more), as torch adds two bf16 tensors.
  * A token whose slot is -1 has no adapter: its buffer rows are zeros and y is left as it is.
- * Tensors: x [tokens, in] (row stride x_stride), A_i [slots, rank, in] and B_i [slots, out_i, rank]
- * contiguous, y [tokens, ...] (row stride y_stride), buffer rows buf[i] + t * buf_stride.
- * dtypes: 0 = float32, 1 = bfloat16. Every function returns 0, or 1 for a slot out of range.
+ *
+ * The weights come prepared by the caller (kept while unchanged): A_i as fp32 [slots, rank, in],
+ * B_i transposed as fp32 [slots, rank, out_i] holding values of y's dtype. x is [tokens, in] (row
+ * stride x_stride), y [tokens, ...] (row stride y_stride), buffer rows buf[i] + t * buf_stride.
+ * dtypes of x and y: 0 = float32, 1 = bfloat16. Every function returns 0, or 1 for a slot out of
+ * range.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define MAX_SLICES 8
+#define MAX_RANK 64
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -35,6 +39,8 @@ static inline uint16_t f32_to_bf16(float f) {
 
 static inline float as_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
+static size_t width_of(int dtype) { return dtype == 0 ? sizeof(float) : sizeof(uint16_t); }
+
 static void load_row(const void *row, int dtype, int64_t n, float *out) {
     if (dtype == 0) {
         memcpy(out, row, (size_t)n * sizeof(float));
@@ -44,40 +50,15 @@ static void load_row(const void *row, int dtype, int64_t n, float *out) {
     }
 }
 
-/* One slot's A_i rows (every slice's, rank each) as fp32 rows: pointers into A where it is fp32,
- * into a converted copy where it is bf16. Made again when the slot changes from one token to the
- * next (a population's tokens come in one run per member). */
-typedef struct {
-    int64_t slot;
-    const float **rows;  /* nslices * rank */
-    float *copy;         /* nslices * rank * in, for bf16 weights */
-} Shrinker;
-
-static void shrinker_load(Shrinker *s, int64_t slot, int64_t in, int64_t nslices,
-                          const void *const *a, int64_t rank, int w_dtype) {
-    if (s->slot == slot) return;
-    s->slot = slot;
+/* out[i * rank + k] = scale * (xr @ A_i[slot][k]) for every slice i, four rows per pass over xr. */
+static void shrink_token(const float *xr, int64_t in, int64_t slot, int64_t nslices,
+                         const float *const *a, int64_t rank, float scale, float *out) {
+    const float *w[MAX_SLICES * MAX_RANK];
+    int64_t rows = nslices * rank, r = 0;
     for (int64_t i = 0; i < nslices; i++)
-        for (int64_t k = 0; k < rank; k++) {
-            int64_t r = i * rank + k;
-            size_t at = (size_t)((slot * rank + k) * in);
-            if (w_dtype == 0) {
-                s->rows[r] = (const float *)a[i] + at;
-            } else {
-                const uint16_t *w = (const uint16_t *)a[i] + at;
-                float *dst = s->copy + r * in;
-                for (int64_t j = 0; j < in; j++) dst[j] = bf16_to_f32(w[j]);
-                s->rows[r] = dst;
-            }
-        }
-}
-
-/* out[r] = scale * (xr @ row r) for the shrinker's rows, four rows per pass over xr. */
-static void shrink_token(const float *xr, int64_t in, const Shrinker *s, int64_t rows, float scale,
-                         float *out) {
-    int64_t r = 0;
+        for (int64_t k = 0; k < rank; k++) w[i * rank + k] = a[i] + (slot * rank + k) * in;
     for (; r + 4 <= rows; r += 4) {
-        const float *w0 = s->rows[r], *w1 = s->rows[r + 1], *w2 = s->rows[r + 2], *w3 = s->rows[r + 3];
+        const float *w0 = w[r], *w1 = w[r + 1], *w2 = w[r + 2], *w3 = w[r + 3];
         float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
         for (int64_t j = 0; j < in; j++) {
@@ -93,65 +74,28 @@ static void shrink_token(const float *xr, int64_t in, const Shrinker *s, int64_t
         out[r + 3] = scale * a3;
     }
     for (; r < rows; r++) {
-        const float *w = s->rows[r];
+        const float *v = w[r];
         float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-        for (int64_t j = 0; j < in; j++) acc += xr[j] * w[j];
+        for (int64_t j = 0; j < in; j++) acc += xr[j] * v[j];
         out[r] = scale * acc;
     }
 }
 
-static Shrinker shrinker_new(int64_t in, int64_t rows, int w_dtype) {
-    Shrinker s = {-1, malloc((size_t)rows * sizeof(float *)),
-                  w_dtype == 0 ? NULL : malloc((size_t)(rows * in) * sizeof(float))};
-    return s;
-}
-
-static void shrinker_free(Shrinker *s) {
-    free((void *)s->rows);
-    free(s->copy);
-}
-
-/* One slot's B_i transposed to [rank][out_i] in fp32 (in y's dtype's values), for every slice:
- * the expand then reads it row by row, contiguously. Made again when the slot changes from one
- * token to the next (a population's tokens come in one run per member). */
-typedef struct {
-    int64_t slot, total;
-    float *bt;  /* rank * sum(out_i) */
-} Expander;
-
-static void expander_load(Expander *e, int64_t slot, int64_t nslices, const void *const *b,
-                          const int64_t *out_sizes, int64_t rank, int w_dtype, int y_dtype) {
-    if (e->slot == slot) return;
-    e->slot = slot;
-    float *dst = e->bt;
+/* y_row[off_i + j] += buf_i @ B_i[slot][j] for every slice i, in y's dtype (acc: scratch of
+ * max(out_i) floats). */
+static void expand_token(const float *const *buf, int64_t slot, int64_t nslices,
+                         const float *const *bt, const int64_t *out_sizes, int64_t offset,
+                         int64_t rank, void *y_row, int y_dtype, float *acc) {
     for (int64_t i = 0; i < nslices; i++) {
         int64_t n = out_sizes[i];
-        for (int64_t k = 0; k < rank; k++, dst += n) {
-            if (w_dtype == 1) {
-                const uint16_t *w = (const uint16_t *)b[i] + (size_t)(slot * n * rank) + k;
-                for (int64_t j = 0; j < n; j++) dst[j] = bf16_to_f32(w[j * rank]);
-            } else {
-                const float *w = (const float *)b[i] + (size_t)(slot * n * rank) + k;
-                for (int64_t j = 0; j < n; j++) dst[j] = y_dtype == 1 ? as_bf16(w[j * rank]) : w[j * rank];
-            }
-        }
-    }
-}
-
-/* y_row[off_i + j] += buf_i @ B_i[slot][j] for every slice i, in y's dtype (the expander loaded
- * with the token's slot; acc: scratch of max(out_i) floats). */
-static void expand_token(const float *const *buf, const Expander *e, int64_t nslices,
-                         const int64_t *out_sizes, int64_t offset, int64_t rank, void *y_row,
-                         int y_dtype, float *acc) {
-    const float *bt = e->bt;
-    for (int64_t i = 0; i < nslices; i++) {
-        int64_t n = out_sizes[i];
+        const float *rows = bt[i] + slot * rank * n;
         for (int64_t j = 0; j < n; j++) acc[j] = 0.0f;
-        for (int64_t k = 0; k < rank; k++, bt += n) {
+        for (int64_t k = 0; k < rank; k++) {
             float v = y_dtype == 1 ? as_bf16(buf[i][k]) : buf[i][k];
+            const float *row = rows + k * n;
 #pragma omp simd
-            for (int64_t j = 0; j < n; j++) acc[j] += v * bt[j];
+            for (int64_t j = 0; j < n; j++) acc[j] += v * row[j];
         }
         if (y_dtype == 1) {
             uint16_t *y = (uint16_t *)y_row + offset;
@@ -166,24 +110,17 @@ static void expand_token(const float *const *buf, const Expander *e, int64_t nsl
     }
 }
 
-static int64_t largest(const int64_t *sizes, int64_t count, int64_t *total) {
+static int64_t largest(const int64_t *sizes, int64_t count) {
     int64_t most = 0;
-    *total = 0;
-    for (int64_t i = 0; i < count; i++) {
-        most = sizes[i] > most ? sizes[i] : most;
-        *total += sizes[i];
-    }
+    for (int64_t i = 0; i < count; i++) most = sizes[i] > most ? sizes[i] : most;
     return most;
 }
 
-static size_t width_of(int dtype) { return dtype == 0 ? sizeof(float) : sizeof(uint16_t); }
-
 int es_lora_shrink(int64_t tokens, int64_t in, const void *x, int64_t x_stride, int x_dtype,
-                   const int64_t *slot_of, int64_t slots, int64_t nslices, const void *const *a,
-                   int64_t rank, int w_dtype, float scale, float *const *buf, int64_t buf_stride) {
+                   const int64_t *slot_of, int64_t slots, int64_t nslices, const float *const *a,
+                   int64_t rank, float scale, float *const *buf, int64_t buf_stride) {
     float *xr = malloc((size_t)in * sizeof(float));
-    float out[MAX_SLICES * 64];
-    Shrinker s = shrinker_new(in, nslices * rank, w_dtype);
+    float out[MAX_SLICES * MAX_RANK];
     int status = 0;
     for (int64_t t = 0; t < tokens; t++) {
         int64_t slot = slot_of[t];
@@ -194,51 +131,41 @@ int es_lora_shrink(int64_t tokens, int64_t in, const void *x, int64_t x_stride, 
             continue;
         }
         load_row((const char *)x + (size_t)(t * x_stride) * width_of(x_dtype), x_dtype, in, xr);
-        shrinker_load(&s, slot, in, nslices, a, rank, w_dtype);
-        shrink_token(xr, in, &s, nslices * rank, scale, out);
+        shrink_token(xr, in, slot, nslices, a, rank, scale, out);
         for (int64_t i = 0; i < nslices; i++)
             memcpy(buf[i] + t * buf_stride, out + i * rank, (size_t)rank * sizeof(float));
     }
-    shrinker_free(&s);
     free(xr);
     return status;
 }
 
 int es_lora_expand(int64_t tokens, const float *const *buf, int64_t buf_stride, int64_t nslices,
-                   const void *const *b, const int64_t *out_sizes, int64_t offset, int64_t rank,
-                   int w_dtype, const int64_t *slot_of, int64_t slots, void *y, int64_t y_stride,
-                   int y_dtype) {
+                   const float *const *bt, const int64_t *out_sizes, int64_t offset, int64_t rank,
+                   const int64_t *slot_of, int64_t slots, void *y, int64_t y_stride, int y_dtype) {
     const float *rows[MAX_SLICES];
-    int64_t total, most = largest(out_sizes, nslices, &total);
-    Expander e = {-1, total, malloc((size_t)(rank * total) * sizeof(float))};
-    float *acc = malloc((size_t)most * sizeof(float));
+    float *acc = malloc((size_t)largest(out_sizes, nslices) * sizeof(float));
     int status = 0;
     for (int64_t t = 0; t < tokens; t++) {
         int64_t slot = slot_of[t];
         if (slot >= slots) { status = 1; break; }
         if (slot < 0) continue;
         for (int64_t i = 0; i < nslices; i++) rows[i] = buf[i] + t * buf_stride;
-        expander_load(&e, slot, nslices, b, out_sizes, rank, w_dtype, y_dtype);
-        expand_token(rows, &e, nslices, out_sizes, offset, rank,
+        expand_token(rows, slot, nslices, bt, out_sizes, offset, rank,
                      (char *)y + (size_t)(t * y_stride) * width_of(y_dtype), y_dtype, acc);
     }
-    free(e.bt);
     free(acc);
     return status;
 }
 
 /* add_lora_linear: shrink and expand token by token, the buffer in fp32 as vLLM's. */
 int es_lora_linear(int64_t tokens, int64_t in, const void *x, int64_t x_stride, int x_dtype,
-                   const int64_t *slot_of, int64_t slots, int64_t nslices, const void *const *a,
-                   const void *const *b, const int64_t *out_sizes, int64_t rank, int w_dtype,
-                   float scale, void *y, int64_t y_stride, int y_dtype) {
+                   const int64_t *slot_of, int64_t slots, int64_t nslices, const float *const *a,
+                   const float *const *bt, const int64_t *out_sizes, int64_t rank, float scale,
+                   void *y, int64_t y_stride, int y_dtype) {
     float *xr = malloc((size_t)in * sizeof(float));
-    float out[MAX_SLICES * 64];
+    float *acc = malloc((size_t)largest(out_sizes, nslices) * sizeof(float));
+    float out[MAX_SLICES * MAX_RANK];
     const float *rows[MAX_SLICES];
-    int64_t total, most = largest(out_sizes, nslices, &total);
-    Expander e = {-1, total, malloc((size_t)(rank * total) * sizeof(float))};
-    float *acc = malloc((size_t)most * sizeof(float));
-    Shrinker s = shrinker_new(in, nslices * rank, w_dtype);
     int status = 0;
     for (int64_t i = 0; i < nslices; i++) rows[i] = out + i * rank;
     for (int64_t t = 0; t < tokens; t++) {
@@ -246,15 +173,11 @@ int es_lora_linear(int64_t tokens, int64_t in, const void *x, int64_t x_stride, 
         if (slot >= slots) { status = 1; break; }
         if (slot < 0) continue;
         load_row((const char *)x + (size_t)(t * x_stride) * width_of(x_dtype), x_dtype, in, xr);
-        shrinker_load(&s, slot, in, nslices, a, rank, w_dtype);
-        shrink_token(xr, in, &s, nslices * rank, scale, out);
-        expander_load(&e, slot, nslices, b, out_sizes, rank, w_dtype, y_dtype);
-        expand_token(rows, &e, nslices, out_sizes, 0, rank,
+        shrink_token(xr, in, slot, nslices, a, rank, scale, out);
+        expand_token(rows, slot, nslices, bt, out_sizes, 0, rank,
                      (char *)y + (size_t)(t * y_stride) * width_of(y_dtype), y_dtype, acc);
     }
-    shrinker_free(&s);
     free(xr);
-    free(e.bt);
     free(acc);
     return status;
 }

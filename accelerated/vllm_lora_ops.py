@@ -250,11 +250,11 @@ def kernel():
                   f"silence this.", file=sys.stderr)
             return None
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.es_lora_shrink.argtypes = [i64, i64, p, i64, i32, p, i64, i64, p, i64, i32,
-                                       ctypes.c_float, p, i64]
-        lib.es_lora_expand.argtypes = [i64, p, i64, i64, p, p, i64, i64, i32, p, i64, p, i64, i32]
-        lib.es_lora_linear.argtypes = [i64, i64, p, i64, i32, p, i64, i64, p, p, p, i64, i32,
-                                       ctypes.c_float, p, i64, i32]
+        f32 = ctypes.c_float
+        lib.es_lora_shrink.argtypes = [i64, i64, p, i64, i32, p, i64, i64, p, i64, f32, p, i64]
+        lib.es_lora_expand.argtypes = [i64, p, i64, i64, p, p, i64, i64, p, i64, p, i64, i32]
+        lib.es_lora_linear.argtypes = [i64, i64, p, i64, i32, p, i64, i64, p, p, p, i64, f32, p,
+                                       i64, i32]
         for function in (lib.es_lora_shrink, lib.es_lora_expand, lib.es_lora_linear):
             function.restype = i32
         _kernel["lib"] = lib
@@ -265,7 +265,7 @@ def _pointers(addresses) -> ctypes.Array:
     return (ctypes.c_void_p * len(addresses))(*addresses)
 
 
-_known = {}  # what the calls of a step repeat: their stacked weights' checks, their sizes
+_known = {}  # what the calls of a step repeat: their prepared weights, their sizes
 
 
 def _sizes(sizes) -> ctypes.Array:
@@ -276,36 +276,37 @@ def _sizes(sizes) -> ctypes.Array:
     return found
 
 
-def _stacked(stacked, dim: int):
-    """(dtype code, slots, rank, pointers) of a tuple of stacked LoRA weights ([slots, 1, a, b]
-    or [slots, a, b], contiguous, one dtype; `dim` the rank's axis from the end), or None. Kept
-    per tuple (a layer's, made once; vLLM writes adapters into its tensors in place) while its
-    first tensor's storage is the same."""
-    key = (id(stacked), dim)
+def _prepared_stack(stacked, kind: str, dtype):
+    """The kernel's form of a tuple of stacked LoRA weights ([slots, 1, a, b] or [slots, a, b],
+    one dtype, on the CPU): (slots, rank, pointers, tensors), every slice as fp32 and, for B
+    ("b"), transposed to [slots, rank, out] and holding values of `dtype` (the expand casts B to
+    the output's dtype); None where the kernel does not take them. Kept per tuple (a layer's, made
+    once) while its tensors are unchanged (vLLM writes an adapter into its slot in place, which
+    bumps the tensor's version): a step's calls use the same copies."""
+    key = (id(stacked), kind, dtype)
+    versions = tuple((w.data_ptr(), w._version) for w in stacked)
     found = _known.get(key)
-    if found is not None and found[0] is stacked and found[1] == stacked[0].data_ptr():
+    if found is not None and found[0] is stacked and found[1] == versions:
         return found[2]
-    value = _check_stacked(stacked, dim)
+    value = None
+    first = stacked[0]
+    if (first.dtype in _DTYPES and 0 < len(stacked) <= _MAX_SLICES and first.ndim in (3, 4)
+            and all(w.dtype == first.dtype and w.ndim == first.ndim and w.device.type == "cpu"
+                    and w.shape[0] == first.shape[0] and (w.ndim == 3 or w.shape[1] == 1)
+                    for w in stacked)):
+        tensors = []
+        for weights in stacked:
+            weights = weights.reshape(weights.shape[0], weights.shape[-2], weights.shape[-1])
+            if kind == "b":
+                weights = weights.to(dtype).transpose(1, 2)  # [slots, rank, out]
+            tensors.append(weights.float().contiguous())
+        rank = tensors[0].shape[1]
+        if rank <= _MAX_RANK and all(t.shape[1] == rank for t in tensors):
+            value = (first.shape[0], rank, _pointers([t.data_ptr() for t in tensors]), tensors)
     if len(_known) > 4096:
         _known.clear()
-    _known[key] = (stacked, stacked[0].data_ptr(), value)
+    _known[key] = (stacked, versions, value)
     return value
-
-
-def _check_stacked(stacked, dim: int):
-    first = stacked[0]
-    code = _DTYPES.get(first.dtype)
-    if code is None or not 0 < len(stacked) <= _MAX_SLICES or first.ndim not in (3, 4):
-        return None
-    rank = first.shape[dim]
-    for weights in stacked:
-        if (weights.dtype != first.dtype or not weights.is_contiguous() or weights.shape[dim] != rank
-                or weights.shape[0] != first.shape[0] or (weights.ndim == 4 and weights.shape[1] != 1)
-                or weights.device.type != "cpu"):
-            return None
-    if rank > _MAX_RANK:
-        return None
-    return code, first.shape[0], rank, _pointers([w.data_ptr() for w in stacked])
 
 
 def _rows(tensor):
@@ -349,17 +350,18 @@ def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_sl
         if _nothing_to_do(self):
             return
         x2 = x.view(-1, x.shape[-1])
-        a, b, xs, ys = (_stacked(lora_a_stacked, -2), _stacked(lora_b_stacked, -1), _rows(x2),
-                        _rows(y))
+        xs, ys = _rows(x2), _rows(y)
+        a = _prepared_stack(lora_a_stacked, "a", torch.float32)
+        b = ys and _prepared_stack(lora_b_stacked, "b", y.dtype)
         indices = _indices(self, x2.shape[0])
-        if (a and b and xs and ys and indices is not None and a[0] == b[0] and a[1:3] == b[1:3]
+        if (a and b and xs and indices is not None and a[:2] == b[:2]
                 and len(lora_b_stacked) == len(output_slices) == len(lora_a_stacked)
-                and all(w.shape[-2] == n for w, n in zip(lora_b_stacked, output_slices))
-                and sum(output_slices) <= y.shape[1] and lora_a_stacked[0].shape[-1] == x2.shape[1]
-                and y.shape[0] == x2.shape[0]):
+                and all(t.shape[2] == n for t, n in zip(b[3], output_slices))
+                and a[3][0].shape[2] == x2.shape[1] and y.shape[0] == x2.shape[0]
+                and sum(output_slices) <= y.shape[1]):
             status = lib.es_lora_linear(
-                x2.shape[0], x2.shape[1], x2.data_ptr(), xs[1], xs[0], indices.data_ptr(), a[1],
-                len(lora_a_stacked), a[3], b[3], _sizes(output_slices), a[2], a[0], float(scale),
+                x2.shape[0], x2.shape[1], x2.data_ptr(), xs[1], xs[0], indices.data_ptr(), a[0],
+                len(lora_a_stacked), a[2], b[2], _sizes(output_slices), a[1], float(scale),
                 y.data_ptr(), ys[1], ys[0])
             if status == 0:
                 return
@@ -375,14 +377,14 @@ def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
         if _nothing_to_do(self):
             return
         x2 = x.view(-1, x.shape[-1])
-        a, xs = _stacked(lora_a_stacked, -2), _rows(x2)
+        xs = _rows(x2)
+        a = _prepared_stack(lora_a_stacked, "a", torch.float32)
         indices = _indices(self, x2.shape[0])
-        buffers = a and _buffers(y, x2.shape[0], a[2], len(lora_a_stacked))
-        if (a and xs and buffers and indices is not None
-                and lora_a_stacked[0].shape[-1] == x2.shape[1]):
+        buffers = a and _buffers(y, x2.shape[0], a[1], len(lora_a_stacked))
+        if a and xs and buffers and indices is not None and a[3][0].shape[2] == x2.shape[1]:
             status = lib.es_lora_shrink(x2.shape[0], x2.shape[1], x2.data_ptr(), xs[1], xs[0],
-                                        indices.data_ptr(), a[1], len(lora_a_stacked), a[3], a[2],
-                                        a[0], float(scale), buffers[0], buffers[1])
+                                        indices.data_ptr(), a[0], len(lora_a_stacked), a[2], a[1],
+                                        float(scale), buffers[0], buffers[1])
             if status == 0:
                 return
             raise IndexError("a token's LoRA slot is out of range of the stacked adapters")
@@ -397,17 +399,16 @@ def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_in
         if _nothing_to_do(self):
             return
         y2 = y.view(-1, y.shape[-1])
-        b, ys = _stacked(lora_b_stacked, -1), _rows(y2)
+        ys = _rows(y2)
+        b = ys and _prepared_stack(lora_b_stacked, "b", y.dtype)
         indices = _indices(self, y2.shape[0])
-        buffers = b and _buffers(x, y2.shape[0], b[2], len(lora_b_stacked))
-        if (b and ys and buffers and indices is not None
-                and len(lora_b_stacked) == len(output_slices)
-                and all(w.shape[-2] == n for w, n in zip(lora_b_stacked, output_slices))
+        buffers = b and _buffers(x, y2.shape[0], b[1], len(lora_b_stacked))
+        if (b and buffers and indices is not None and len(lora_b_stacked) == len(output_slices)
+                and all(t.shape[2] == n for t, n in zip(b[3], output_slices))
                 and offset_start + sum(output_slices) <= y2.shape[1]):
             status = lib.es_lora_expand(y2.shape[0], buffers[0], buffers[1], len(lora_b_stacked),
-                                        b[3], _sizes(output_slices), offset_start, b[2], b[0],
-                                        indices.data_ptr(), b[1],
-                                        y2.data_ptr(), ys[1], ys[0])
+                                        b[2], _sizes(output_slices), offset_start, b[1],
+                                        indices.data_ptr(), b[0], y2.data_ptr(), ys[1], ys[0])
             if status == 0:
                 return
             raise IndexError("a token's LoRA slot is out of range of the stacked adapters")

@@ -34,8 +34,9 @@ parameters directly and nothing needs re-dispatching. (Without vLLM installed, i
 module patches nothing.)
 
 On CPU, importing this module also replaces vLLM's CPU multi-LoRA ops with
-accelerated.vllm_lora_ops (one batched matmul per adapter slot instead of a per-token gather of
-the adapters' matrices; ES_VLLM_LORA_OPS=vllm keeps vLLM's).
+accelerated.vllm_lora_ops (a fused kernel computing a whole LoRA layer per call, else one batched
+matmul per adapter slot instead of a per-token gather of the adapters' matrices;
+ES_VLLM_LORA_OPS=slots or =vllm chooses the others).
 """
 import importlib.util
 import os
