@@ -14,7 +14,7 @@ goes"): LoRA space at rank 8 evaluates a population in 1.4x a plain batch's time
 2.9x with vLLM's; rank-1 members about the same either way (1.5-1.6x: the per-call costs).
 
 On top of them, the fused kernel (`accelerated/lora_kernel.c`, built with the C compiler on first
-use into ~/.cache/es-llm/kernels, about a second, and called through ctypes) computes a whole LoRA
+use into es-llm's cache (~/.cache/es-llm/kernels), about a second, and called through ctypes) computes a whole LoRA
 layer (every slice's shrink and expand) in one call: on CPU the per-slot ops' time is the fixed
 cost of their many small torch calls (14 products per decoder layer and step), not arithmetic. It
 keeps vLLM's dtypes and roundings (the buffer in fp32; the expand's product and its addition in the
@@ -200,7 +200,10 @@ _kernel = {"tried": False, "lib": None}
 
 
 def kernel_cache() -> Path:
-    return Path(os.environ.get("ES_LLM_KERNEL_DIR") or Path.home() / ".cache" / "es-llm" / "kernels")
+    """$ES_LLM_KERNEL_DIR, else kernels/ in es-llm's cache (es_llm.models.cache_root)."""
+    from es_llm.models import cache_root
+
+    return Path(os.environ.get("ES_LLM_KERNEL_DIR") or cache_root() / "kernels")
 
 
 def _cpu_signature() -> str:
