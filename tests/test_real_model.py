@@ -248,14 +248,35 @@ def layout_run(tmp_path, name, threads, extra=(), processes=1):
 
 def test_layout_in_bf16_depends_on_the_number_of_copies_not_on_their_split(tmp_path):
     """Both sides of the README's layout claim, in bf16 without masters. A thread copy is restored
-    by subtracting the noise, so member i sees the rounding left by the members before it on its
-    copy (copy i mod processes x threads): 1 copy and 2 copies differ, 2 threads in 1 process and 1
-    thread in each of 2 processes agree. With fp32 masters (exact restore) 1 and 2 copies agree."""
-    one, w_one = layout_run(tmp_path, "one", 1)
+    by subtracting the noise, so member i is scored on its copy (copy i mod processes x threads) as
+    left by the members before it there: 2 threads in 1 process and 1 thread in each of 2
+    processes agree bit for bit; 1 copy and 2 copies score a member on different weights (whether
+    that changes a reward depends on the CPU's bf16 kernels: it did on an AVX512-BF16 Xeon, not on
+    an AVX2-only EPYC, so the weights are compared, not the rewards). With fp32 masters (exact
+    restore) 1 and 2 copies agree."""
+    from es_llm.models import load_model
+    from es_llm.weightset import WeightSet
+
     threads, w_threads = layout_run(tmp_path, "threads", 2)
     processes, w_processes = layout_run(tmp_path, "processes", 1, processes=2)
     assert threads == processes and same_tensors(w_threads, w_processes)
-    assert one != threads and not same_tensors(w_one, w_threads)
+
+    # Member 2 of the run's first iteration, on the bundled bf16 weights (two decoder layers':
+    # each tensor rounds on its own): on 1 copy after members 0 and 1, on copy 0 of 2 after
+    # member 0 only.
+    seeds, sigma = threads[0]["seeds"], 0.01
+    model, _ = load_model("bundled", "bf16")
+    chosen = [(n, p) for n, p in model.named_parameters() if ".layers.0." in n or ".layers.1." in n]
+    copies = {k: [(n, p.detach().clone()) for n, p in chosen] for k in ("one", "two")}
+    for copy, before in (("one", seeds[:2]), ("two", seeds[:1])):
+        weights = WeightSet(lambda c=copies[copy]: c, "correlated")
+        for seed in before:
+            weights.perturb(seed, sigma)
+            weights.restore(seed, sigma)
+        weights.perturb(seeds[2], sigma)
+    assert [n for n, _ in copies["one"]] == [n for n, _ in copies["two"]]
+    assert not all(torch.equal(a, b) for (_, a), (_, b) in zip(copies["one"], copies["two"]))
+
     masters = ("--master_weights", "fp32")
     one, w_one = layout_run(tmp_path, "one-masters", 1, masters)
     threads, w_threads = layout_run(tmp_path, "threads-masters", 2, masters)
