@@ -30,7 +30,7 @@ from countdown.eval_countdown import (PRECISION_ALIASES, add_data_flags, add_out
 from es_llm.evaluation import (AUTO_PRECISION, WEIGHT_FILE_SUFFIXES, Sample, argument_problems,
                                load_for_eval, run_evaluation)
 from es_llm.lora import is_adapter_dir, read_adapter_config, same_model
-from es_llm.models import DTYPE_NAMES, save_model
+from es_llm.models import DTYPE_NAMES, save_model, say_slow_bf16
 
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-3B-Instruct"
 DEFAULT_BATCH_SIZE = 1024
@@ -104,6 +104,8 @@ def make_llm(model_dir: str, args, max_model_len: int, lora_rank=None):
                                      vllm_lora_rank)
 
     on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        say_slow_bf16(args.dtype)
     memory = ({"kv_cache_memory_bytes": VLLM_CPU_KV_CACHE_BYTES} if on_cpu else
               {"gpu_memory_utilization": args.gpu_memory_utilization
                or VLLM_GPU_MEMORY_UTILIZATION})

@@ -34,7 +34,7 @@ from es_llm.generation import row_seed
 from es_llm.loop import heldout_entries
 from es_llm.lora import BatchedLora, SavedAdapter, attach_adapter, initial_adapter, saved_tensors
 from es_llm.lowrank import LOWRANK, BatchedLowRank, evaluate_batched
-from es_llm.models import DTYPE_NAMES, PRECISIONS, load_model
+from es_llm.models import DTYPE_NAMES, PRECISIONS, load_model, say_slow_bf16
 from es_llm.noise import perturbed_tensors
 from es_llm.vllm_names import VLLM_LORA_RANKS, vllm_lora_rank  # noqa: F401 (re-exported)
 from es_llm.weightset import WEIGHT_OPS, WeightSet
@@ -217,6 +217,8 @@ class VLLMEngine(Engine):
         from vllm import LLM
 
         on_cpu = not torch.cuda.is_available()
+        if on_cpu:
+            say_slow_bf16(precision)
         memory = ({"kv_cache_memory_bytes": VLLM_CPU_KV_CACHE_BYTES} if on_cpu
                   else {"gpu_memory_utilization": VLLM_GPU_MEMORY_UTILIZATION})
         self.max_new_tokens, self.sampling, self.es_lora = max_new_tokens, sampling, lora

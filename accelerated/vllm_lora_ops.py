@@ -208,12 +208,10 @@ def kernel_cache() -> Path:
 
 def _cpu_signature() -> str:
     """What -march=native depends on: the machine and its CPU's feature flags."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith(("flags", "Features")))
-    except (OSError, StopIteration):
-        flags = platform.processor()
-    return f"{platform.machine()} {flags}"
+    from es_llm.models import cpu_flags
+
+    flags = cpu_flags()
+    return f"{platform.machine()} {' '.join(sorted(flags)) if flags else platform.processor()}"
 
 
 def build_kernel() -> Path:

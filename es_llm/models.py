@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -35,6 +36,49 @@ def precision_of(dtype) -> str | None:
     any other."""
     name = str(dtype).removeprefix("torch.")
     return next((p for p, n in DTYPE_NAMES.items() if n == name), None)
+
+
+# The CPU features that give bf16 matrix products at speed: AVX512-BF16 or AMX on x86, BF16 on Arm.
+BF16_MATMUL_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset | None:
+    """This CPU's feature flags (/proc/cpuinfo's `flags` line, `Features` on Arm; or those of the
+    given cpuinfo text); None where they cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+        line = next(line for line in text.splitlines() if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        return None
+    return frozenset(line.split(":", 1)[-1].split())
+
+
+def slow_bf16_note(precision: str, flags=None) -> str | None:
+    """The line to print when a vLLM engine on this CPU computes in bf16 without bf16 matrix
+    instructions (`flags`: cpu_flags()'s, read when not given), else None. vLLM's CPU linear
+    layers then fall back from oneDNN to torch's bf16 matmul: a plain vLLM batch of 60 short
+    sequences took 100 s in bf16 against 19.6 s in fp32 on a 2-core AVX2-only AMD EPYC
+    (docs/benchmarks.md, "On a CPU without bf16 instructions")."""
+    if "bf16" not in (precision, precision_of(precision)):  # a precision or a dtype's name
+        return None
+    flags = cpu_flags() if flags is None else flags
+    if flags is None or flags & BF16_MATMUL_FLAGS:
+        return None
+    return ("vLLM on this CPU: it has no bf16 matrix instructions (AVX512-BF16 or AMX on x86, BF16 "
+            "on Arm), so vLLM computes bf16 through a slow fallback (about 5x slower than fp32 on "
+            "a 2-core AVX2 CPU). --precision fp32 runs faster here; it rounds differently, so its "
+            "rewards are not bf16's.")
+
+
+def say_slow_bf16(precision: str) -> None:
+    """Print slow_bf16_note's line on stderr, once per process (a vLLM engine on CPU calls it)."""
+    note = slow_bf16_note(precision)
+    if note and not _SAID["slow_bf16"]:
+        _SAID["slow_bf16"] = True
+        print(note, file=sys.stderr, flush=True)
+
+
+_SAID = {"slow_bf16": False}
 
 
 def model_not_found(model_name: str, error) -> ModelNotFoundError:

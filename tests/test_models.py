@@ -60,3 +60,31 @@ def test_a_damaged_dense_copy_is_rebuilt_and_an_unwritable_cache_falls_back(tmp_
     (tmp_path / "ro").write_text("a file, not a directory: nothing can be written below it")
     monkeypatch.setenv("ES_LLM_CACHE", str(tmp_path / "ro"))
     assert models.bundled_dense_dir() is None  # load_model then converts the GGUF file itself
+
+
+AVX2_CPUINFO = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse sse2 avx fma avx2 "
+                "bmi2 sha_ni\nbogomips\t: 4491.55\n")
+
+
+def test_vllm_in_bf16_on_a_cpu_without_bf16_instructions_says_so_once(capsys, monkeypatch):
+    """On a CPU without AVX512-BF16 or AMX (x86) or BF16 (Arm), vLLM's bf16 linear layers fall
+    back to a path about 5x slower than fp32 (docs/benchmarks.md): a vLLM engine on CPU in bf16
+    says so, once per process, and names the flag that runs faster."""
+    flags = models.cpu_flags(AVX2_CPUINFO)
+    assert flags == {"fpu", "sse", "sse2", "avx", "fma", "avx2", "bmi2", "sha_ni"}
+    note = models.slow_bf16_note("bf16", flags)
+    assert note and "--precision fp32" in note
+    assert models.slow_bf16_note("bfloat16", flags) == note  # eval_countdown_vllm.py's --dtype
+    for other in ("fp32", "float32", "fp16", "float16"):
+        assert models.slow_bf16_note(other, flags) is None
+    for feature in ("avx512_bf16", "amx_bf16"):
+        assert models.slow_bf16_note("bf16", flags | {feature}) is None
+    arm = models.cpu_flags("processor\t: 0\nFeatures\t: fp asimd evtstrm bf16 i8mm\n")
+    assert "bf16" in arm and models.slow_bf16_note("bf16", arm) is None
+    assert models.cpu_flags("model name\t: unknown\n") is None
+    monkeypatch.setattr(models, "cpu_flags", lambda: flags)
+    monkeypatch.setitem(models._SAID, "slow_bf16", False)
+    models.say_slow_bf16("fp32")
+    models.say_slow_bf16("bf16")
+    models.say_slow_bf16("bf16")
+    assert capsys.readouterr().err == note + "\n"
