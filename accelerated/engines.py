@@ -266,6 +266,8 @@ class VLLMEngine(Engine):
         self._adapter_dir = Path(tempfile.mkdtemp(prefix="es-lora-", dir=(
             "/dev/shm" if os.path.isdir("/dev/shm") else None)))
         self._next_lora_id = 1
+        self._resident = []  # lowrank mode: the members' adapters the engine holds loaded
+        self.adapters_written = 0
         slots = max(1, min(population_size, self.lowrank_batch))
         return {"enable_lora": True, "max_loras": slots, "max_cpu_loras": slots,
                 "max_lora_rank": vllm_lora_rank(rank)}
@@ -281,10 +283,31 @@ class VLLMEngine(Engine):
         paths = [str(self._adapter_dir / f"member{i}") for i in ids]
         try:
             write(paths)
+            self.adapters_written += count
             yield [LoRARequest(f"member{i}", i, path) for i, path in zip(ids, paths)]
         finally:
             for path in paths:
                 shutil.rmtree(path, ignore_errors=True)
+
+    @contextmanager
+    def _member_adapters(self, seeds, sigma: float, signs):
+        """The members' LoRA requests for one generate call. Lowrank mode keeps the adapters of
+        the previous call loaded: each member's factors go in place into one of their slots
+        (the worker's es_set_adapters, the values vLLM would load), so no file is written or
+        loaded; the first call, or one where the engine no longer holds them, writes files
+        under fresh ids, which stay loaded for the next calls."""
+        resident = self._resident[:len(seeds)]
+        if self.es_lora is None and len(resident) == len(seeds) and all(
+                self.llm.collective_rpc("es_set_adapters", args=(
+                    [int(s) for s in seeds], sigma, [float(x) for x in signs],
+                    [q.lora_int_id for q in resident]))):
+            yield resident
+            return
+        with self._adapters(len(seeds), lambda paths: self._write_members(
+                seeds, sigma, signs, paths)) as requests:
+            if self.es_lora is None:
+                self._resident = requests
+            yield requests
 
     def _write_members(self, seeds, sigma: float, signs, paths) -> None:
         """Each member's adapter: lowrank mode, its factors (written in the worker); --es_params
@@ -360,8 +383,8 @@ class VLLMEngine(Engine):
                 row_seed(iteration, int(seeds[j]), p, r) % 2**63
                 for j in part for r in range(k) for p in prompt_ids]
             t0 = time.perf_counter()
-            with self._adapters(len(part), lambda paths: self._write_members(
-                    [seeds[j] for j in part], sigma, [signs[j] for j in part], paths)) as requests:
+            with self._member_adapters([seeds[j] for j in part], sigma,
+                                       [signs[j] for j in part]) as requests:
                 t1 = time.perf_counter()
                 texts = self.generate(prompts * (k * len(part)), temperature, top_p, seeded,
                                       lora_requests=[q for q in requests for _ in range(k * n)])

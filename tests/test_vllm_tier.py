@@ -259,6 +259,9 @@ def test_vllm_lora_members_match_the_transformers_lowrank_mode(smollm2_dir):
         got = vllm_engine.evaluate_batch(seeds, sigma, signs)  # two generate calls of 2 members
         assert [g["completion"] for g in got] == [e["completion"] for e in expected]
         assert [g["reward"] for g in got] == [e["reward"] for e in expected]
+        # The first call's 2 members came from adapter files; the second's went in place into
+        # the same resident slots (es_set_adapters): no file written or loaded.
+        assert vllm_engine.adapters_written == 2
         assert any(e["completion"] != base_text for e in expected), "sigma should move the text"
         assert vllm_engine.generate(PROMPTS)[0] == base_text  # no adapter: the base model
         assert not list(vllm_engine._adapter_dir.iterdir())  # adapter files removed
@@ -273,6 +276,16 @@ def test_vllm_lora_members_match_the_transformers_lowrank_mode(smollm2_dir):
         assert [(t["reward"], t["completion"]) for t in together] == \
             [(a["reward"], a["completion"]) for a in alone]
         assert [t["completion"] for t in together] != [g["completion"] for g in got]
+        assert vllm_engine.adapters_written == 6  # 4 new slots for `together`, `alone` in place
+
+        # Where the engine no longer holds them (evicted), the members come from files again,
+        # with the same texts.
+        vllm_engine.llm.collective_rpc(
+            lambda worker: worker.model_runner.lora_manager.remove_all_adapters())
+        again = vllm_engine.evaluate_batch(seeds, sigma, signs)
+        assert [(g["reward"], g["completion"]) for g in again] == \
+            [(g["reward"], g["completion"]) for g in got]
+        assert vllm_engine.adapters_written == 8
 
         z = normalize_rewards([e["reward"] + i for i, e in enumerate(expected)])
         before = vllm_engine.weights.state_dict()
