@@ -297,17 +297,30 @@ class VLLMEngine(Engine):
         loaded; the first call, or one where the engine no longer holds them, writes files
         under fresh ids, which stay loaded for the next calls."""
         resident = self._resident[:len(seeds)]
-        if self.es_lora is None and len(resident) == len(seeds) and all(
-                self.llm.collective_rpc("es_set_adapters", args=(
-                    [int(s) for s in seeds], sigma, [float(x) for x in signs],
-                    [q.lora_int_id for q in resident]))):
+        if len(resident) == len(seeds) and self._set_members(
+                seeds, sigma, signs, [q.lora_int_id for q in resident]):
             yield resident
             return
         with self._adapters(len(seeds), lambda paths: self._write_members(
                 seeds, sigma, signs, paths)) as requests:
-            if self.es_lora is None:
-                self._resident = requests
+            self._resident = requests
             yield requests
+
+    def _set_members(self, seeds, sigma: float, signs, ids) -> bool:
+        """The members' adapters in place into the slots of the resident adapters `ids` (the
+        worker's es_set_member_adapters or es_set_adapters: the tensors _write_members writes);
+        False where the engine no longer holds them."""
+        seeds, signs = [int(s) for s in seeds], [float(x) for x in signs]
+        if self.es_lora is None:
+            done = self.llm.collective_rpc("es_set_member_adapters", args=(seeds, sigma, signs,
+                                                                           ids))
+        else:
+            config = SavedAdapter(self.es_lora, {}).config_dict()
+            done = self.llm.collective_rpc("es_set_adapters", args=(ids, [
+                (dict(zip(self.weights.names(), tensors)), config) for tensors in (
+                    perturbed_tensors(self.weights.true_tensors(), seed, sign * sigma,
+                                      self.noise_mode) for seed, sign in zip(seeds, signs))]))
+        return all(done)
 
     def _write_members(self, seeds, sigma: float, signs, paths) -> None:
         """Each member's adapter: lowrank mode, its factors (written in the worker); --es_params

@@ -15,8 +15,10 @@ re-exports the class from here) gives the worker these methods, called through `
                                                   makes these calls
     es_write_adapters(seeds, sigma, signs, paths) lowrank mode: each member's perturbation as a
                                                   PEFT LoRA adapter directory (write_adapter)
-    es_set_adapters(seeds, sigma, signs, ids)     lowrank mode: the same, written in place into
-                                                  the LoRA slots of adapters already resident
+    es_set_member_adapters(seeds, sigma, signs, ids)  lowrank mode: the same, in place into the
+                                                  LoRA slots of adapters already loaded
+                                                  (set_resident_adapters)
+    es_set_adapters(ids, adapters)                --es_params lora: the members' adapters, the same
 
 HF names. vLLM fuses q_proj/k_proj/v_proj into qkv_proj and gate_proj/up_proj into gate_up_proj
 (the model's `packed_modules_mapping`). Each HF tensor is a view of its rows of the fused tensor
@@ -193,57 +195,86 @@ def from_hf(state: dict, layout: dict) -> dict:
     return hf_to_vllm({n: state[n] for n in layout["names"] if n in state}, config)
 
 
-def member_factors(named, only, seed: int, scale: float, rank: int):
-    """(HF name, lora_A, lora_B) of member `seed`'s low-rank perturbation scale * A B^T / sqrt(R)
-    of each target weight (index k: the factors es_llm.lowrank draws): lora_A = B^T (R x in),
-    lora_B = scale / sqrt(R) * A (out x R), in fp32; with scaling 1 they are the LoRA product."""
+def member_adapter(named, only, seed: int, scale: float, rank: int):
+    """Member `seed`'s low-rank perturbation scale * A B^T / sqrt(R) of each target weight (HF
+    name, index k: the factors es_llm.lowrank draws) as a PEFT LoRA adapter: (its tensors by
+    saved name, its adapter_config.json) with lora_A = B^T (R x in), lora_B = scale / sqrt(R) * A
+    (out x R), lora_alpha = r (scaling 1)."""
     import math
 
-    from es_llm.lowrank import factors
+    from es_llm.lowrank import LORA_MODULES, factors
 
+    tensors, modules = {}, set()
     for k, (name, tensor) in enumerate(named):
-        if k in only:
-            a, b = factors(tensor, seed, k, rank)
-            yield name, b.T.contiguous(), a.mul_(scale / math.sqrt(rank))
+        if k not in only:
+            continue
+        a, b = factors(tensor, seed, k, rank)
+        prefix = "base_model.model." + name.removesuffix(".weight")
+        tensors[f"{prefix}.lora_A.weight"] = b.T.contiguous().cpu()
+        tensors[f"{prefix}.lora_B.weight"] = a.mul_(scale / math.sqrt(rank)).cpu()
+        modules.add(name.split(".")[-2])
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
+              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+              "use_dora": False, "modules_to_save": None,
+              "target_modules": sorted(modules, key=LORA_MODULES.index)}
+    return tensors, config
 
 
 def write_adapter(path, named, only, seed: int, scale: float, rank: int) -> None:
-    """Member `seed`'s low-rank perturbation (member_factors) as a PEFT LoRA adapter that vLLM
-    loads: lora_alpha = r (scaling 1)."""
+    """member_adapter's adapter as a directory that vLLM loads."""
     import json
     from pathlib import Path
 
     from safetensors.torch import save_file
 
-    from es_llm.lowrank import LORA_MODULES
-
-    tensors, modules = {}, set()
-    for name, lora_a, lora_b in member_factors(named, only, seed, scale, rank):
-        prefix = "base_model.model." + name.removesuffix(".weight")
-        tensors[f"{prefix}.lora_A.weight"] = lora_a.cpu()
-        tensors[f"{prefix}.lora_B.weight"] = lora_b.cpu()
-        modules.add(name.split(".")[-2])
+    tensors, config = member_adapter(named, only, seed, scale, rank)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
-        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-        "use_dora": False, "modules_to_save": None,
-        "target_modules": sorted(modules, key=LORA_MODULES.index)}))
+    (out / "adapter_config.json").write_text(json.dumps(config))
 
 
-def lora_module_of(name: str):
-    """(vLLM's LoRA module, slice) of an HF weight name: q/k/v_proj are slices 0-2 of
-    self_attn.qkv_proj, gate/up_proj slices 0-1 of mlp.gate_up_proj, any other its own module."""
-    from es_llm.vllm_names import FUSED
+def set_resident_adapters(runner, lora_ids, adapters) -> bool:
+    """Each (tensors by saved name, adapter_config.json dict) of `adapters` into the LoRA slot of
+    the adapter `lora_ids` names, which must be loaded and active: made into a LoRA model as vLLM
+    makes one from those files (its dtype, scaling and packed modules) and set into the slot as
+    vLLM's activation sets it, with no file written or read. False (nothing changed) where an id is
+    not active in a slot, or this vLLM lacks what it takes: the caller writes files instead."""
+    try:
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.peft_helper import PEFTHelper
 
-    module = name.removesuffix(".weight")
-    prefix, _, part = module.rpartition(".")
-    for fused, (scope, parts) in FUSED.items():
-        if part in parts and prefix.endswith(scope.rstrip(".")):
-            return prefix.removesuffix(scope.rstrip(".")) + fused, parts.index(part)
-    return module, 0
+        loader = runner.lora_manager
+        manager = loader._adapter_manager
+        slots, active = manager.lora_index_to_id, manager._active_adapters
+        merge, weights_of = manager._create_merged_loras_inplace, manager._get_lora_layer_weights
+        registered = manager._registered_adapters
+    except (AttributeError, ImportError):
+        return False
+    if any(int(i) not in slots or int(i) not in active for i in lora_ids):
+        return False
+    mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
+    for lora_id, (tensors, config) in zip(lora_ids, adapters):
+        peft = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings":
+                                     loader.max_position_embeddings})
+        peft.validate_legal(loader.lora_config)
+        lora = LoRAModel.from_lora_tensors(
+            int(lora_id), tensors, peft, device="cpu", dtype=loader.lora_config.lora_dtype,
+            model_vocab_size=loader.vocab_size,
+            weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
+            skip_prefixes=getattr(manager.model, "lora_skip_prefixes", None))
+        merge(lora)
+        index = slots.index(int(lora_id))
+        for name, module in manager.modules.items():
+            weights = weights_of(lora, name)
+            if weights:
+                module.set_lora(index, weights.lora_a, weights.lora_b)
+            else:
+                module.reset_lora(index)
+        kept = registered.get(int(lora_id))  # vLLM's copy, should it activate the id again
+        if kept is not None:
+            kept.__dict__.update(lora.__dict__)
+    return True
 
 
 class WorkerExtension:
@@ -286,41 +317,19 @@ class WorkerExtension:
         for seed, sign, path in zip(seeds, signs, paths):
             write_adapter(path, named, weights.only, int(seed), sign * sigma, weights.rank)
 
-    def es_set_adapters(self, seeds, sigma: float, signs, lora_ids) -> bool:
-        """Lowrank mode: each member's perturbation written in place into the engine's LoRA slot
-        of an adapter already loaded and active (`lora_ids`, one per member, as vLLM would set
-        it from write_adapter's files: vLLM's dtype, the same values), so that the next
-        generate call reuses the resident adapters with no file written or loaded. False (and
-        nothing changed) where an id is not active in a slot: the caller writes files instead."""
-        manager = getattr(self.model_runner, "lora_manager", None)
-        adapters = getattr(manager, "_adapter_manager", None)
-        if adapters is None:
-            return False
-        slots = adapters.lora_index_to_id
-        if any(int(i) not in slots or int(i) not in adapters._active_adapters for i in lora_ids):
-            return False
+    def es_set_member_adapters(self, seeds, sigma: float, signs, lora_ids) -> bool:
+        """Lowrank mode: each member's adapter (member_adapter) in place into the slot of a
+        resident adapter (set_resident_adapters); False where they are not resident."""
         weights = self.es_weights
         named = weights.named_tensors()
-        for seed, sign, lora_id in zip(seeds, signs, lora_ids):
-            per_module = {}
-            for name, lora_a, lora_b in member_factors(named, weights.only, int(seed),
-                                                       sign * sigma, weights.rank):
-                module, part = lora_module_of(name)
-                per_module.setdefault(module, {})[part] = (lora_a, lora_b)
-            index = slots.index(int(lora_id))
-            for module_name, module in adapters.modules.items():
-                parts = per_module.pop(module_name, None)
-                if parts is None:
-                    module.reset_lora(index)
-                    continue
-                if module.n_slices == 1:
-                    module.set_lora(index, *parts[0])
-                else:
-                    module.set_lora(index, *([parts[i][j] if i in parts else None
-                                              for i in range(module.n_slices)] for j in (0, 1)))
-            if per_module:
-                raise RuntimeError(f"no LoRA layer in the engine for {sorted(per_module)[0]}")
-        return True
+        return set_resident_adapters(self.model_runner, lora_ids, (
+            member_adapter(named, weights.only, int(seed), sign * sigma, weights.rank)
+            for seed, sign in zip(seeds, signs)))
+
+    def es_set_adapters(self, lora_ids, adapters) -> bool:
+        """--es_params lora: the members' adapters (tensors by saved name, adapter_config.json
+        dict) in place into the slots of resident adapters (set_resident_adapters)."""
+        return set_resident_adapters(self.model_runner, lora_ids, adapters)
 
     def es_weight_op(self, name: str, *args):
         if name not in WEIGHT_OPS:

@@ -87,6 +87,8 @@ class Bench:
         seconds, evaluate, tokens = [], [], []
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        for _ in range(self.args.warmup):  # untimed: a training run's later iterations
+            step(seeds)
         with PeakRSS(tree=True) as memory:
             for _ in range(self.args.iterations):
                 before = counter.tokens_generated if counter else 0
@@ -350,7 +352,8 @@ def report(args, rows, scaling, skipped) -> str:
     lines = [f"`{command}` on {platform.node()}, {os.cpu_count()} cores, torch "
              f"{torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}: unit {args.unit}, population "
              f"{args.population}, {args.items} prompts per member, {args.max_new_tokens} new "
-             f"tokens, {args.precision}, {args.iterations} timed iteration(s) per row", "",
+             f"tokens, {args.precision}, {args.iterations} timed iteration(s) per row after "
+             f"{args.warmup} untimed", "",
              "| row | s / iteration | evaluation s | vs paper-style | generated tokens/s | "
              "peak RSS GiB | peak GPU GiB |", "|---|---|---|---|---|---|---|"]
     by = {r["key"]: r for r in rows if r["key"]}
@@ -400,6 +403,10 @@ def main(argv=None):
     p.add_argument("--items", type=int, default=None, help="prompts per member (default: the unit's)")
     p.add_argument("--max_new_tokens", type=int, default=None, help="default: the unit's")
     p.add_argument("--iterations", type=int, default=1, help="timed iterations per row")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="untimed iterations per row before the timed ones (the steady state of a "
+                        "training run: vLLM LoRA members load their adapters' files in the first "
+                        "iteration only)")
     p.add_argument("--sigma", type=float, default=0.001)
     p.add_argument("--alpha", type=float, default=0.0005)
     p.add_argument("--rank", type=int, default=1)

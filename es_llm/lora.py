@@ -168,6 +168,12 @@ class SavedAdapter:
         config.inference_mode = True  # as PeftModel.save_pretrained writes it
         self.peft_config, self.state = {ADAPTER_NAME: config}, state
 
+    def config_dict(self) -> dict:
+        """adapter_config.json's content, as save_pretrained writes it."""
+        config = self.peft_config[ADAPTER_NAME].to_dict()
+        return json.loads(json.dumps({key: list(value) if isinstance(value, set) else value
+                                      for key, value in config.items()}))
+
     def save_pretrained(self, directory, **_) -> None:
         from safetensors.torch import save_file
 

@@ -353,6 +353,37 @@ def test_lora_space_es_on_vllm_engines_equals_the_transformers_engines(tmp_path,
     assert not (tmp_path / "vllm" / "final_model.pth").exists()  # an adapter, not a full model
 
 
+def test_lora_space_members_go_in_place_into_the_resident_adapters_slots(tiny_vllm_dir):
+    """--es_params lora --lora_batch on a vLLM engine: after the first call, each member's adapter
+    goes in place into the slot of an adapter the engine holds (no file written or loaded), with
+    the texts and rewards its files give; where the engine no longer holds them, files again."""
+    from es_llm.tasks import Task, conciseness_reward
+    from es_llm.trainer import TrainConfig
+
+    cfg = TrainConfig(task="conciseness", model_name=str(tiny_vllm_dir), output_dir="-",
+                      population_size=4, es_params="lora", lora_rank=4, lora_batch=True,
+                      precision="fp32")
+    task = Task("conciseness", PROMPTS, conciseness_reward, {"target": ["8", "No"]})
+    vllm_engine = VLLMEngine(tiny_vllm_dir, "fp32", 8, "correlated", hf_layout(tiny_vllm_dir),
+                             lora=cfg, population_size=4, lowrank_batch=256)
+    try:
+        vllm_engine.set_task(task)
+        signs, sigma = [1.0, -1.0, 1.0, -1.0], 0.3
+        first = vllm_engine.evaluate_batch([1, 2, 3, 4], sigma, signs)
+        assert vllm_engine.adapters_written == 4
+        in_place = vllm_engine.evaluate_batch([5, 6, 7, 8], sigma, signs)
+        assert vllm_engine.adapters_written == 4
+        vllm_engine._resident = []  # forget them: files under new ids
+        from_files = vllm_engine.evaluate_batch([5, 6, 7, 8], sigma, signs)
+        assert vllm_engine.adapters_written == 8
+        texts = [[(r["reward"], r["completion"]) for r in rows]
+                 for rows in (first, in_place, from_files)]
+        assert texts[1] == texts[2] and texts[0] != texts[1]
+    finally:
+        del vllm_engine
+        gc.collect()
+
+
 @pytest.mark.slow
 def test_a_tuned_vllm_run_resumed_on_one_engine_equals_the_two_engine_run(tmp_path, tiny_vllm_dir):
     """The tuning options on vLLM engines: Adam (on HF-named tensors) on a cosine schedule, 2 of
