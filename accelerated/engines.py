@@ -380,8 +380,9 @@ class VLLMEngine(Engine):
         factors drawn from its seed, as the transformers engine's low-rank mode draws them; or
         its adapter), all members' prompts (and rollouts: --num_rollouts, each completion seeded
         as in `rollouts`) in one `generate` call per `lowrank_batch` sequences, one LoRA request
-        per prompt (vLLM's multi-LoRA batching). The adapters' files are removed once generated
-        from."""
+        per prompt (vLLM's multi-LoRA batching). The first call's adapters are written as files
+        (removed once loaded) and stay loaded in the engine; later calls put the members' tensors
+        in place into their slots (_member_adapters)."""
         if self.lora is None or (self.es_lora is not None and not self.es_lora.lora_batch):
             return super().evaluate_batch(seeds, sigma, signs, prompts, iteration)
         prompt_ids, task = self.scoring(prompts)
