@@ -258,11 +258,14 @@ def set_resident_adapters(runner, lora_ids, adapters) -> bool:
         peft = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings":
                                      loader.max_position_embeddings})
         peft.validate_legal(loader.lora_config)
-        lora = LoRAModel.from_lora_tensors(
-            int(lora_id), tensors, peft, device="cpu", dtype=loader.lora_config.lora_dtype,
-            model_vocab_size=loader.vocab_size,
-            weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
-            skip_prefixes=getattr(manager.model, "lora_skip_prefixes", None))
+        try:
+            lora = LoRAModel.from_lora_tensors(
+                int(lora_id), tensors, peft, device="cpu", dtype=loader.lora_config.lora_dtype,
+                model_vocab_size=loader.vocab_size,
+                weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
+                skip_prefixes=getattr(manager.model, "lora_skip_prefixes", None))
+        except (AttributeError, TypeError):  # another vLLM version: files under new ids instead
+            return False
         merge(lora)
         index = slots.index(int(lora_id))
         for name, module in manager.modules.items():
