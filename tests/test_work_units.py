@@ -10,11 +10,15 @@ from conftest import PYTHON, ROOT, run_script
 pytestmark = pytest.mark.slow
 
 
-def test_transformers_rows_and_scaling_of_the_countdown_unit(tmp_path):
+def test_transformers_rows_and_scaling_of_the_countdown_unit(tmp_path, tiny_model_dir):
+    """Every transformers row's code path, on the tiny model (the bundled model's rows are
+    bench/work_units.py's own runs, docs/benchmarks.md; drawing its 135M weights' noise made this
+    test one of CI's slowest without checking more)."""
     import bench.work_units as work_units
 
     output = tmp_path / "units.md"
     rows, scaling = work_units.main([
+        "--model", str(tiny_model_dir),
         "--unit", "countdown", "--population", "2", "--items", "2", "--max_new_tokens", "4",
         "--rows", "paper", "faithful", "faithful4", "lowrank", "generate", "lora_es", "vllm_lora",
         "--scaling", "2", "3", "--scaling_items", "1", "--scaling_tokens", "4",
