@@ -266,7 +266,7 @@ class VLLMEngine(Engine):
         self._adapter_dir = Path(tempfile.mkdtemp(prefix="es-lora-", dir=(
             "/dev/shm" if os.path.isdir("/dev/shm") else None)))
         self._next_lora_id = 1
-        self._resident = []  # lowrank mode: the members' adapters the engine holds loaded
+        self._resident = []  # the LoRA requests of the members' adapters the engine holds
         self.adapters_written = 0
         slots = max(1, min(population_size, self.lowrank_batch))
         return {"enable_lora": True, "max_loras": slots, "max_cpu_loras": slots,
@@ -291,11 +291,11 @@ class VLLMEngine(Engine):
 
     @contextmanager
     def _member_adapters(self, seeds, sigma: float, signs):
-        """The members' LoRA requests for one generate call. Lowrank mode keeps the adapters of
-        the previous call loaded: each member's factors go in place into one of their slots
-        (the worker's es_set_adapters, the values vLLM would load), so no file is written or
-        loaded; the first call, or one where the engine no longer holds them, writes files
-        under fresh ids, which stay loaded for the next calls."""
+        """The members' LoRA requests for one generate call. The adapters of the previous call
+        stay loaded: each member's tensors go in place into one of their slots (_set_members:
+        the values vLLM would load from its files), so no file is written or loaded; the first
+        call, or one where the engine no longer holds them, writes files under fresh ids, which
+        stay loaded for the next calls."""
         resident = self._resident[:len(seeds)]
         if len(resident) == len(seeds) and self._set_members(
                 seeds, sigma, signs, [q.lora_int_id for q in resident]):

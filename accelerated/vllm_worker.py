@@ -238,8 +238,9 @@ def set_resident_adapters(runner, lora_ids, adapters) -> bool:
     """Each (tensors by saved name, adapter_config.json dict) of `adapters` into the LoRA slot of
     the adapter `lora_ids` names, which must be loaded and active: made into a LoRA model as vLLM
     makes one from those files (its dtype, scaling and packed modules) and set into the slot as
-    vLLM's activation sets it, with no file written or read. False (nothing changed) where an id is
-    not active in a slot, or this vLLM lacks what it takes: the caller writes files instead."""
+    vLLM's activation sets it, with no file written or read. False where an id is not active in a
+    slot (nothing changed), or this vLLM lacks what it takes: the caller then loads files under new
+    ids, leaving these ids and their slots unused."""
     try:
         from vllm.lora.lora_model import LoRAModel
         from vllm.lora.peft_helper import PEFTHelper
