@@ -13,7 +13,13 @@
  * B_i transposed as fp32 [slots, rank, out_i] holding values of y's dtype. x is [tokens, in] (row
  * stride x_stride), y [tokens, ...] (row stride y_stride), buffer rows buf[i] + t * buf_stride.
  * dtypes of x and y: 0 = float32, 1 = bfloat16. Every function returns 0, or 1 for a slot out of
- * range.
+ * range (checked first: nothing is written then).
+ *
+ * Built with -fopenmp, the tokens are split among the threads in contiguous ranges (a token's rows
+ * are its own, so every thread count gives the same results bit for bit) when a call's products are
+ * large enough to pay for waking them. The kernel then uses the OpenMP runtime already loaded in the
+ * process (torch's libgomp.so.1, found by its name), so its threads are torch's. Without OpenMP the
+ * pragmas are ignored and one thread computes.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -21,6 +27,7 @@
 
 #define MAX_SLICES 8
 #define MAX_RANK 64
+#define PARALLEL_MIN_MACS 65536  /* below this, one thread: waking the others costs more */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -116,45 +123,66 @@ static int64_t largest(const int64_t *sizes, int64_t count) {
     return most;
 }
 
+static int64_t total(const int64_t *sizes, int64_t count) {
+    int64_t sum = 0;
+    for (int64_t i = 0; i < count; i++) sum += sizes[i];
+    return sum;
+}
+
+static int out_of_range(int64_t tokens, const int64_t *slot_of, int64_t slots) {
+    for (int64_t t = 0; t < tokens; t++)
+        if (slot_of[t] >= slots) return 1;
+    return 0;
+}
+
+/* Whether a call's products (multiply-adds) are worth more than one thread. */
+static int parallel(int64_t tokens, int64_t macs) { return tokens > 1 && macs >= PARALLEL_MIN_MACS; }
+
 int es_lora_shrink(int64_t tokens, int64_t in, const void *x, int64_t x_stride, int x_dtype,
                    const int64_t *slot_of, int64_t slots, int64_t nslices, const float *const *a,
                    int64_t rank, float scale, float *const *buf, int64_t buf_stride) {
-    float *xr = malloc((size_t)in * sizeof(float));
-    float out[MAX_SLICES * MAX_RANK];
-    int status = 0;
-    for (int64_t t = 0; t < tokens; t++) {
-        int64_t slot = slot_of[t];
-        if (slot >= slots) { status = 1; break; }
-        if (slot < 0) {
+    if (out_of_range(tokens, slot_of, slots)) return 1;
+#pragma omp parallel if (parallel(tokens, tokens * nslices * rank * in))
+    {
+        float *xr = malloc((size_t)in * sizeof(float));
+        float out[MAX_SLICES * MAX_RANK];
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tokens; t++) {
+            int64_t slot = slot_of[t];
+            if (slot < 0) {
+                for (int64_t i = 0; i < nslices; i++)
+                    memset(buf[i] + t * buf_stride, 0, (size_t)rank * sizeof(float));
+                continue;
+            }
+            load_row((const char *)x + (size_t)(t * x_stride) * width_of(x_dtype), x_dtype, in, xr);
+            shrink_token(xr, in, slot, nslices, a, rank, scale, out);
             for (int64_t i = 0; i < nslices; i++)
-                memset(buf[i] + t * buf_stride, 0, (size_t)rank * sizeof(float));
-            continue;
+                memcpy(buf[i] + t * buf_stride, out + i * rank, (size_t)rank * sizeof(float));
         }
-        load_row((const char *)x + (size_t)(t * x_stride) * width_of(x_dtype), x_dtype, in, xr);
-        shrink_token(xr, in, slot, nslices, a, rank, scale, out);
-        for (int64_t i = 0; i < nslices; i++)
-            memcpy(buf[i] + t * buf_stride, out + i * rank, (size_t)rank * sizeof(float));
+        free(xr);
     }
-    free(xr);
-    return status;
+    return 0;
 }
 
 int es_lora_expand(int64_t tokens, const float *const *buf, int64_t buf_stride, int64_t nslices,
                    const float *const *bt, const int64_t *out_sizes, int64_t offset, int64_t rank,
                    const int64_t *slot_of, int64_t slots, void *y, int64_t y_stride, int y_dtype) {
-    const float *rows[MAX_SLICES];
-    float *acc = malloc((size_t)largest(out_sizes, nslices) * sizeof(float));
-    int status = 0;
-    for (int64_t t = 0; t < tokens; t++) {
-        int64_t slot = slot_of[t];
-        if (slot >= slots) { status = 1; break; }
-        if (slot < 0) continue;
-        for (int64_t i = 0; i < nslices; i++) rows[i] = buf[i] + t * buf_stride;
-        expand_token(rows, slot, nslices, bt, out_sizes, offset, rank,
-                     (char *)y + (size_t)(t * y_stride) * width_of(y_dtype), y_dtype, acc);
+    if (out_of_range(tokens, slot_of, slots)) return 1;
+#pragma omp parallel if (parallel(tokens, tokens * rank * total(out_sizes, nslices)))
+    {
+        const float *rows[MAX_SLICES];
+        float *acc = malloc((size_t)largest(out_sizes, nslices) * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tokens; t++) {
+            int64_t slot = slot_of[t];
+            if (slot < 0) continue;
+            for (int64_t i = 0; i < nslices; i++) rows[i] = buf[i] + t * buf_stride;
+            expand_token(rows, slot, nslices, bt, out_sizes, offset, rank,
+                         (char *)y + (size_t)(t * y_stride) * width_of(y_dtype), y_dtype, acc);
+        }
+        free(acc);
     }
-    free(acc);
-    return status;
+    return 0;
 }
 
 /* add_lora_linear: shrink and expand token by token, the buffer in fp32 as vLLM's. */
@@ -162,22 +190,25 @@ int es_lora_linear(int64_t tokens, int64_t in, const void *x, int64_t x_stride, 
                    const int64_t *slot_of, int64_t slots, int64_t nslices, const float *const *a,
                    const float *const *bt, const int64_t *out_sizes, int64_t rank, float scale,
                    void *y, int64_t y_stride, int y_dtype) {
-    float *xr = malloc((size_t)in * sizeof(float));
-    float *acc = malloc((size_t)largest(out_sizes, nslices) * sizeof(float));
-    float out[MAX_SLICES * MAX_RANK];
-    const float *rows[MAX_SLICES];
-    int status = 0;
-    for (int64_t i = 0; i < nslices; i++) rows[i] = out + i * rank;
-    for (int64_t t = 0; t < tokens; t++) {
-        int64_t slot = slot_of[t];
-        if (slot >= slots) { status = 1; break; }
-        if (slot < 0) continue;
-        load_row((const char *)x + (size_t)(t * x_stride) * width_of(x_dtype), x_dtype, in, xr);
-        shrink_token(xr, in, slot, nslices, a, rank, scale, out);
-        expand_token(rows, slot, nslices, bt, out_sizes, 0, rank,
-                     (char *)y + (size_t)(t * y_stride) * width_of(y_dtype), y_dtype, acc);
+    if (out_of_range(tokens, slot_of, slots)) return 1;
+#pragma omp parallel if (parallel(tokens, tokens * rank * (nslices * in + total(out_sizes, nslices))))
+    {
+        float *xr = malloc((size_t)in * sizeof(float));
+        float *acc = malloc((size_t)largest(out_sizes, nslices) * sizeof(float));
+        float out[MAX_SLICES * MAX_RANK];
+        const float *rows[MAX_SLICES];
+        for (int64_t i = 0; i < nslices; i++) rows[i] = out + i * rank;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tokens; t++) {
+            int64_t slot = slot_of[t];
+            if (slot < 0) continue;
+            load_row((const char *)x + (size_t)(t * x_stride) * width_of(x_dtype), x_dtype, in, xr);
+            shrink_token(xr, in, slot, nslices, a, rank, scale, out);
+            expand_token(rows, slot, nslices, bt, out_sizes, 0, rank,
+                         (char *)y + (size_t)(t * y_stride) * width_of(y_dtype), y_dtype, acc);
+        }
+        free(xr);
+        free(acc);
     }
-    free(xr);
-    free(acc);
-    return status;
+    return 0;
 }

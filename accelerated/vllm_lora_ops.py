@@ -20,7 +20,13 @@ cost of their many small torch calls (14 products per decoder layer and step), n
 keeps vLLM's dtypes and roundings (the buffer in fp32; the expand's product and its addition in the
 output's dtype); the sums' order differs from torch's matmuls, so fp32 results agree to rounding.
 Where it does not apply (another dtype, layout or call form) or cannot be built (no compiler: said
-once), the per-slot ops compute.
+once), the per-slot ops compute. Built with OpenMP (else one thread), a large call splits its tokens
+among torch's own threads (the kernel uses the libgomp torch has loaded): the same bits on any
+number of threads.
+
+vLLM also wraps the lm_head and the embedding of a LoRA-enabled model and adds their LoRA terms for
+every token, whose B weights are zeros when the adapters have none (ES members never do): those
+two products are skipped while their stacked B is all zeros (in both `kernel` and `slots` modes).
 
 `install()` puts these ops in vLLM's CPU punica wrapper; accelerated.vllm_worker calls it when it
 is imported. ES_VLLM_LORA_OPS chooses: `kernel` (the default: the fused kernel, else the per-slot
@@ -193,7 +199,10 @@ OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_e
 # --- the fused kernel ------------------------------------------------------------------------
 
 KERNEL_SOURCE = Path(__file__).with_name("lora_kernel.c")
-KERNEL_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-fPIC", "-shared")
+KERNEL_FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared")
+# OpenMP threads where the compiler has them (the kernel then runs on torch's libgomp, already
+# loaded), else the SIMD pragmas alone (one thread)
+KERNEL_THREADS = (("-fopenmp",), ("-fopenmp-simd",))
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _MAX_SLICES, _MAX_RANK = 8, 64  # lora_kernel.c's limits
 _kernel = {"tried": False, "lib": None}
@@ -218,17 +227,21 @@ def build_kernel() -> Path:
     """The kernel's shared library, compiled once per source, compiler and CPU (a file named by
     their hash; written under another name and renamed, so engines building at once are safe)."""
     compiler = os.environ.get("CC", "cc")
+    flags = (*KERNEL_FLAGS, *sum(KERNEL_THREADS, ()))
     key = hashlib.sha256(KERNEL_SOURCE.read_bytes() + " ".join(
-        (compiler, *KERNEL_FLAGS, _cpu_signature())).encode()).hexdigest()[:16]
+        (compiler, *flags, _cpu_signature())).encode()).hexdigest()[:16]
     target = kernel_cache() / f"lora_kernel-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, partial = tempfile.mkstemp(suffix=".so.partial", dir=target.parent)
         os.close(handle)
         try:
-            done = subprocess.run([compiler, *KERNEL_FLAGS, str(KERNEL_SOURCE), "-o", partial],
-                                  capture_output=True, text=True, timeout=300)
-            if done.returncode != 0:
+            for threads in KERNEL_THREADS:
+                done = subprocess.run([compiler, *KERNEL_FLAGS, *threads, str(KERNEL_SOURCE),
+                                       "-o", partial], capture_output=True, text=True, timeout=300)
+                if done.returncode == 0:
+                    break
+            else:
                 raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
             os.replace(partial, target)
         finally:
@@ -417,7 +430,42 @@ def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_in
                                add_inputs, **kwargs)
 
 
+_zero = {}  # whether stacked weights hold only zeros, per storage and version
+
+
+def _all_zero(weights: torch.Tensor) -> bool:
+    """Whether `weights` holds only zeros; looked at once while it is unchanged (vLLM writes an
+    adapter into its slot in place, which bumps the tensor's version)."""
+    key = _version_key(weights)
+    found = _zero.get(key)
+    if found is None:
+        if len(_zero) > 4096:
+            _zero.clear()
+        found = _zero[key] = not bool(weights.any())
+    return found
+
+
+def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
+    """PunicaWrapperCPU.add_lora_logits, skipped while no adapter has an lm_head term: vLLM wraps
+    the lm_head of every LoRA-enabled model and adds x @ A^T @ B^T for each token, B all zeros
+    when the adapters hold no lm_head (ES members never do); adding zeros leaves the logits as
+    they are. 5-7 ms per engine step at the conciseness unit's 30 adapters (docs/benchmarks.md)."""
+    if _all_zero(lora_b_stacked):
+        return None
+    return _BASE["add_lora_logits"](self, y, x, lora_a_stacked, lora_b_stacked, scale,
+                                    buffer=buffer, **kwargs)
+
+
+def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs=True, **kwargs):
+    """PunicaWrapperCPU.add_lora_embedding (y += x @ B per token's slot), skipped while B is all
+    zeros (no adapter has an embedding term), as add_lora_logits."""
+    if add_inputs and _all_zero(lora_b_stacked):
+        return None
+    return _BASE["add_lora_embedding"](self, y, x, lora_b_stacked, add_inputs, **kwargs)
+
+
 KERNEL_METHODS = ("add_lora_linear", "add_shrink", "add_expand")
+ZERO_SKIPPING_METHODS = ("add_lora_logits", "add_lora_embedding")
 
 
 def install() -> str:
@@ -432,10 +480,11 @@ def install() -> str:
 
     for name in OPS:
         setattr(punica_cpu, name, globals()[name])
+    wrapper = punica_cpu.PunicaWrapperCPU
+    methods = ZERO_SKIPPING_METHODS
     if mode == "kernel" and kernel() is not None:
-        wrapper = punica_cpu.PunicaWrapperCPU
-        for name in KERNEL_METHODS:
-            _BASE.setdefault(name, getattr(wrapper, name))
-            setattr(wrapper, name, globals()[name])
-        return mode
-    return "slots"
+        methods += KERNEL_METHODS
+    for name in methods:
+        _BASE.setdefault(name, getattr(wrapper, name))
+        setattr(wrapper, name, globals()[name])
+    return mode if methods != ZERO_SKIPPING_METHODS else "slots"

@@ -155,6 +155,43 @@ def test_the_fused_kernel_computes_the_slot_ops_products(dtype, rank, layout):
     assert not torch.equal(got, start)
 
 
+def kernel_layer(dtype, threads):
+    """One call of each kernel entry on a layer large enough for threads (64 tokens of 30 members
+    in runs of 2 and a few without adapter, q/k/v slices of 256, rank 8), on `threads` threads."""
+    g = torch.Generator().manual_seed(3)
+    indices = torch.arange(30).repeat_interleave(2).tolist() + [-1, 5, -1, 29]
+    indices = torch.tensor(indices)
+    tokens, slices = len(indices), (256, 64, 64)
+    x = torch.randn(tokens, 256, generator=g).to(dtype)
+    a_stacked = tuple(torch.randn(30, 1, 8, 256, generator=g).to(dtype) for _ in slices)
+    b_stacked = tuple(torch.randn(30, 1, size, 8, generator=g).to(dtype) for size in slices)
+    y = torch.randn(tokens, 400, generator=g).to(dtype)
+    buffers = torch.full((3, tokens, 8), 9.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ops.add_lora_linear(wrapper(indices), y[:, :384], x, a_stacked, b_stacked, 0.5, slices)
+        ops.add_shrink(wrapper(indices), buffers, x, a_stacked, 0.5)
+        ops.add_expand(wrapper(indices), y, buffers, b_stacked, slices, offset_start=16)
+    finally:
+        torch.set_num_threads(before)
+    return y, buffers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_gives_the_same_bits_on_any_number_of_threads_with_torchs_openmp(dtype):
+    """Built with OpenMP, a large call splits its tokens among torch's threads (each token's rows
+    are its own: the same bits on 1 and 2 threads), and the process holds one OpenMP runtime:
+    torch's (the kernel found it by its name rather than loading a second one)."""
+    assert ops.kernel() is not None
+    one = kernel_layer(dtype, 1)
+    for _ in range(5):  # a race between the threads would show in some of the calls
+        two = kernel_layer(dtype, 2)
+        assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    runtimes = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
+    assert len(runtimes) <= 1, runtimes
+
+
 def test_the_kernel_leaves_prefill_without_adapters_alone_and_refuses_a_slot_out_of_range():
     x, a, b = torch.ones(3, 4), (torch.ones(2, 1, 1, 4),), (torch.ones(2, 1, 5, 1),)
     y = torch.zeros(3, 5)
@@ -180,3 +217,26 @@ def test_the_kernel_is_built_once_per_source_and_cpu_and_without_a_compiler_says
     assert message.count("fused CPU LoRA kernel is not available") == 1
     assert "per-slot torch ops" in message and "ES_VLLM_LORA_OPS=slots" in message
     assert list((tmp_path / "elsewhere").iterdir()) == []  # nothing half-written left
+
+
+def test_lm_head_and_embedding_terms_are_skipped_while_no_adapter_has_them(monkeypatch):
+    """vLLM adds x @ A @ B on the lm_head and the embedding of every LoRA-enabled model; with B all
+    zeros (no adapter has those modules) the logits stay as they are, so the call is skipped, and
+    made again as soon as a slot's B is written (in place, as vLLM sets an adapter)."""
+    calls = []
+    monkeypatch.setitem(ops._BASE, "add_lora_logits", lambda *a, **k: calls.append("logits"))
+    monkeypatch.setitem(ops._BASE, "add_lora_embedding", lambda *a, **k: calls.append("embedding"))
+    y, x = torch.ones(4, 10), torch.ones(4, 6)
+    a, b = torch.ones(3, 1, 2, 6), torch.zeros(3, 1, 10, 2)
+    embedding_b = torch.zeros(3, 1, 10, 2)
+    me = wrapper(torch.tensor([0, 1, 2, 0]))
+    for _ in range(2):
+        ops.add_lora_logits(me, y, x, a, b, 1.0)
+        ops.add_lora_embedding(me, y, x, embedding_b)
+    assert calls == [] and torch.equal(y, torch.ones(4, 10))
+    ops.add_lora_embedding(me, y, x, embedding_b, add_inputs=False)  # y = x @ B: not an addition
+    b[1, 0, 3, 1] = 0.5
+    embedding_b[2].fill_(1.0)
+    ops.add_lora_logits(me, y, x, a, b, 1.0)
+    ops.add_lora_embedding(me, y, x, embedding_b)
+    assert calls == ["embedding", "logits", "embedding"]

@@ -4,6 +4,7 @@ vLLM needs its own environment (other transformers pins): .ci/vllm_tier.sh build
 file there. Elsewhere every test here is skipped.
 """
 import gc
+import inspect
 import json
 
 import pytest
@@ -210,7 +211,11 @@ def test_the_slot_lora_ops_compute_vllms_products_and_replace_them_on_cpu():
     # ... and the fused kernel's methods (tests/test_vllm_lora_ops.py: the per-slot ops' products)
     # in its wrapper, so that the engines below (LoRA members, LoRA space) compute with it.
     assert all(getattr(punica_cpu.PunicaWrapperCPU, name) is getattr(ours, name)
-               for name in ours.KERNEL_METHODS)
+               for name in ours.KERNEL_METHODS + ours.ZERO_SKIPPING_METHODS)
+    # Ours call vLLM's methods (kept in _BASE) with their own parameters, where they apply.
+    for name in ours.KERNEL_METHODS + ours.ZERO_SKIPPING_METHODS:
+        theirs_parameters = list(inspect.signature(ours._BASE[name]).parameters)
+        assert list(inspect.signature(getattr(ours, name)).parameters) == theirs_parameters, name
     g = torch.Generator().manual_seed(0)
     indices = torch.tensor([2, 2, 0, 3, 3, 1, 0, 2, 1])
     seq_start, seq_len, per_seq = (torch.tensor([0, 2, 3, 5, 6, 7]), torch.tensor([2, 1, 2, 1, 1, 2]),
