@@ -2,10 +2,11 @@
 
     PY=~/.cache/es-llm/vllm-tier-venv/bin/python
     $PY bench/vllm_profile.py --items 16 --population 4 --max_new_tokens 128
+    $PY bench/vllm_profile.py --unit conciseness --precision fp32 --parts lowrank lora --no_member
 
-One vLLM engine at a time (in this process, bf16, the bundled model, Countdown prompts), the same
-sequences in every row: `population` members x `items` prompts, `max_new_tokens` each. Each part
-is timed on its own:
+One vLLM engine at a time (in this process, bf16, the bundled model, Countdown prompts; or the
+conciseness unit's: population 30 x 2 prompts x 100 tokens), the same sequences in every row:
+`population` members x `items` prompts, `max_new_tokens` each. Each part is timed on its own:
 
     plain batch            every member's sequences in one generate call, no perturbation (the
                            reference all targets are stated against)
@@ -22,7 +23,11 @@ is timed on its own:
     adapters written       lowrank rank 1 (LoRA members) and LoRA space (--lora_rank): each
                            member's adapter directory written
     first call / resident  the members' generate call with fresh LoRA requests (vLLM loads each
-                           adapter), then again with the same requests (loaded: the kernels alone)
+                           adapter), then again with the same requests (loaded: the kernels alone),
+                           with the time in vLLM's LoRA layer methods (PunicaWrapperCPU: the linear
+                           layers' products, the lm_head's and the embedding's terms)
+    set in place           the members' adapters put into the resident adapters' slots (what an
+                           evaluation after the first does instead of writing files)
     no keep-weights patch  (subprocess) a plain vLLM engine as vLLM builds it: the CPU linear layers
                            without our keep-weights dispatch, eager and compiled
 
@@ -90,10 +95,11 @@ class Profile:
 
 
 def per_member_parts(p: Profile, a, model_dir, layout, task, seeds, linear="packed",
-                     reference=None, compiled=False):
+                     reference=None, compiled=False, members=True):
     """The per-member path on an engine whose CPU linear layers are `linear` (ES_VLLM_CPU_LINEAR:
     "packed", vLLM's prepacked GEMM re-packed after each change; "torch", F.linear on the
-    weights as they are). Returns the plain batch's seconds."""
+    weights as they are); the plain batch alone without `members`. Returns the plain batch's
+    seconds."""
     os.environ["ES_VLLM_CPU_LINEAR"] = linear
     os.environ["ES_VLLM_CPU_COMPILE"] = "1" if compiled else "0"
     t0 = time.perf_counter()
@@ -109,6 +115,10 @@ def per_member_parts(p: Profile, a, model_dir, layout, task, seeds, linear="pack
         reference = s
     else:
         p.add("plain", f"plain batch, {linear} linear", s, f"({s / reference:.2f}x the reference)")
+    if not members:
+        del engine
+        gc.collect()
+        return reference
     call = engine.generate
     s, _ = timed(lambda: [call(prompts) for _ in seeds])
     p.add(path, "batch shape: one call per member, unperturbed", s,
@@ -164,20 +174,67 @@ def lora_parts(p: Profile, a, model_dir, layout, task, seeds, reference, mode: s
         s, _ = timed(engine.generate, prompts * len(seeds), lora_requests=rows)
         p.add(path, "generate, fresh requests (adapters loaded)", s,
               f"({s / reference:.2f}x the plain batch)")
-        s, _ = timed(engine.generate, prompts * len(seeds), lora_requests=rows)
+        with LoraMethodTimes() as methods:
+            s, _ = timed(engine.generate, prompts * len(seeds), lora_requests=rows)
         p.add(path, "generate, resident adapters (kernels only)", s,
               f"({s / reference:.2f}x the plain batch)")
+        for part, seconds in methods.parts():
+            p.add(path, f"of which {part}", seconds, f"({seconds / reference:.3f}x the plain batch)")
+        s, done = timed(engine._set_members, seeds, a.sigma, signs,
+                        [q.lora_int_id for q in requests])
+        p.add(path, "members set in place into the resident adapters", s,
+              "" if done else "(refused: not resident; nothing set)")
         one = [requests[0]] * (n * len(seeds))
         s, _ = timed(engine.generate, prompts * len(seeds), lora_requests=one)
         p.add(path, "generate, one resident adapter for every row", s,
               f"({s / reference:.2f}x the plain batch)")
     s, results = timed(engine.evaluate_batch, seeds, a.sigma, signs)
-    p.add(path, "whole evaluation (evaluate_batch)", s, f"({s / reference:.2f}x the plain batch)")
+    p.add(path, "whole evaluation (evaluate_batch), first: adapters written and loaded", s,
+          f"({s / reference:.2f}x the plain batch)")
+    s, results = timed(engine.evaluate_batch, seeds, a.sigma, signs)
+    p.add(path, "whole evaluation (evaluate_batch), later: members set in place", s,
+          f"({s / reference:.2f}x the plain batch)")
     z = normalize_rewards([r["reward"] for r in results]).tolist()
     s, _ = timed(engine.weights.update, seeds, z, a.alpha)
     p.add(path, "update (1 engine, no broadcast)", s)
     del engine
     gc.collect()
+
+
+class LoraMethodTimes:
+    """Seconds spent in vLLM's CPU LoRA layer methods (PunicaWrapperCPU, ours where installed)
+    while in use: the linear layers' products, and the lm_head's and the embedding's terms."""
+
+    GROUPS = {"LoRA linear layers": ("add_lora_linear", "add_shrink", "add_expand"),
+              "lm_head and embedding LoRA terms": ("add_lora_logits", "add_lora_embedding")}
+
+    def __enter__(self):
+        from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+        self.cls, self.saved, self.seconds, self.calls = PunicaWrapperCPU, {}, {}, {}
+        for name in sum(self.GROUPS.values(), ()):
+            method = self.saved[name] = getattr(PunicaWrapperCPU, name)
+            setattr(PunicaWrapperCPU, name, self._timing(name, method))
+        return self
+
+    def _timing(self, name, method):
+        def timed_method(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+                self.calls[name] = self.calls.get(name, 0) + 1
+        return timed_method
+
+    def __exit__(self, *exc):
+        for name, method in self.saved.items():
+            setattr(self.cls, name, method)
+
+    def parts(self):
+        for group, names in self.GROUPS.items():
+            calls = sum(self.calls.get(n, 0) for n in names)
+            yield f"{group} ({calls} calls)", sum(self.seconds.get(n, 0.0) for n in names)
 
 
 def cprofile_part(a, model_dir, layout, task, seeds) -> None:
@@ -241,9 +298,12 @@ def unpatched_parts(p: Profile, a, model_dir, task, reference):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--items", type=int, default=16)
-    ap.add_argument("--population", type=int, default=4)
-    ap.add_argument("--max_new_tokens", type=int, default=128)
+    ap.add_argument("--unit", choices=["countdown", "conciseness"], default="countdown")
+    ap.add_argument("--items", type=int, default=None, help="default: 16 (Countdown), 2")
+    ap.add_argument("--population", type=int, default=None, help="default: 4 (Countdown), 30")
+    ap.add_argument("--max_new_tokens", type=int, default=None, help="default: 128, 100")
+    ap.add_argument("--no_member", action="store_true",
+                    help="the plain batch alone, not the per-member path's parts")
     ap.add_argument("--sigma", type=float, default=0.001)
     ap.add_argument("--alpha", type=float, default=0.0005)
     ap.add_argument("--rank", type=int, default=1)
@@ -258,6 +318,11 @@ def main(argv=None):
     ap.add_argument("--cprofile_rows", type=int, default=15,
                     help="--parts cprofile: the functions listed (by own time)")
     a = ap.parse_args(argv)
+    defaults = (dict(items=16, population=4, max_new_tokens=128) if a.unit == "countdown"
+                else dict(items=2, population=30, max_new_tokens=100))
+    for name, value in defaults.items():
+        if getattr(a, name) is None:
+            setattr(a, name, value)
     torch.set_grad_enabled(False)
     from transformers import AutoTokenizer
 
@@ -265,14 +330,14 @@ def main(argv=None):
 
     model_dir = resolve_base_model(a.model, Path.home() / ".cache/es-llm/bench-converted")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    task = load_task("countdown", a.items)
+    task = load_task(a.unit, a.items)
     longest = max(len(ids) for ids in tokenizer(list(task.prompts))["input_ids"])
     a.max_model_len = longest + a.max_new_tokens + 8
     a.model_name = model_dir
     layout = hf_layout(model_dir)
     seeds = np.random.RandomState(0).randint(0, 2**30, size=a.population, dtype=np.int64).tolist()
     p = Profile(a)
-    reference = per_member_parts(p, a, model_dir, layout, task, seeds)
+    reference = per_member_parts(p, a, model_dir, layout, task, seeds, members=not a.no_member)
     if "member_torch" in a.parts:
         per_member_parts(p, a, model_dir, layout, task, seeds, "torch", reference)
     if "member_compiled" in a.parts:
@@ -286,7 +351,7 @@ def main(argv=None):
         cprofile_part(a, model_dir, layout, task, seeds)
     command = " ".join([Path(sys.executable).name, *sys.argv])
     lines = [f"`{command}` on {platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-             f"{time.strftime('%Y-%m-%d %H:%M')}: population {a.population}, {a.items} Countdown "
+             f"{time.strftime('%Y-%m-%d %H:%M')}: population {a.population}, {a.items} {a.unit} "
              f"prompts, {a.max_new_tokens} new tokens, {a.precision}", "",
              "| path | part | seconds | |", "|---|---|---|---|"]
     lines += [f"| {path} | {part} | {s:.2f} | {note} |" for path, part, s, note in p.rows]
