@@ -240,3 +240,15 @@ def test_lm_head_and_embedding_terms_are_skipped_while_no_adapter_has_them(monke
     ops.add_lora_logits(me, y, x, a, b, 1.0)
     ops.add_lora_embedding(me, y, x, embedding_b)
     assert calls == ["embedding", "logits", "embedding"]
+
+
+def test_the_kernel_benchmark_prints_one_row_per_rank_and_thread_count(capsys):
+    """bench/lora_kernel.py at a tiny size: its table (no vLLM needed)."""
+    from bench import lora_kernel
+
+    lora_kernel.main(["--layers", "1", "--steps", "1", "--slots", "2", "--hidden", "16",
+                      "--intermediate", "32", "--kv", "8"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| rank | threads |")
+    assert [r.split(" | ")[:3] for r in rows[1:]] == [["| 1", "1", "4"], ["| 1", "2", "4"],
+                                                       ["| 8", "1", "4"], ["| 8", "2", "4"]]

@@ -422,6 +422,28 @@ def test_a_tuned_vllm_run_resumed_on_one_engine_equals_the_two_engine_run(tmp_pa
     assert same_saved_state(tmp_path / "one", tmp_path / "two")
 
 
+def test_the_vllm_profile_times_the_lora_parts_of_the_conciseness_unit(tiny_vllm_dir, capsys):
+    """bench/vllm_profile.py on the conciseness unit's prompts (tiny model, 3 members, 4 tokens):
+    the LoRA paths' parts, with the time in vLLM's LoRA layer methods (ours installed: the kernel's
+    calls counted, the lm_head's and embedding's zero terms skipped) and the members set in place
+    into the resident adapters (not refused)."""
+    from bench import vllm_profile
+
+    vllm_profile.main(["--unit", "conciseness", "--model", str(tiny_vllm_dir), "--precision",
+                       "fp32", "--population", "3", "--max_new_tokens", "4", "--parts", "lowrank",
+                       "lora", "--no_member"])
+    table = capsys.readouterr().out.split("| path | part |")[-1]
+    assert "3 conciseness prompts" not in table  # 2 prompts (the unit's), 3 members
+    for path in ("LoRA members, rank 1", "LoRA space, rank 8"):
+        rows = {line.split(" | ")[1]: line for line in table.splitlines()
+                if line.startswith(f"| {path} |")}
+        assert "whole evaluation (evaluate_batch), later: members set in place" in rows, rows
+        linear = [r for part, r in rows.items() if part.startswith("of which LoRA linear layers")]
+        assert len(linear) == 1 and "(0 calls)" not in linear[0], rows
+        assert "refused" not in rows["members set in place into the resident adapters"], rows
+    assert "plain batch (reference)" in table and "per member" not in table
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # 2.8 minutes on a quiet machine; more beside another job
 def test_the_gpu_check_and_every_work_unit_row_run_on_cpu(tmp_path, tiny_vllm_dir):
