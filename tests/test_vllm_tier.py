@@ -270,6 +270,17 @@ def test_vllm_lora_members_match_the_transformers_lowrank_mode(smollm2_dir):
         assert any(e["completion"] != base_text for e in expected), "sigma should move the text"
         assert vllm_engine.generate(PROMPTS)[0] == base_text  # no adapter: the base model
         assert not list(vllm_engine._adapter_dir.iterdir())  # adapter files removed
+        # Each change re-packs the layers that compute: the LoRA wrappers' base layers, not the
+        # wrappers too (they forward cpu_linear and weight to their base layer).
+        def repacked(worker):
+            from accelerated.vllm_worker import packed_cpu_layers
+
+            model = worker.model_runner.get_model()
+            names = {id(m): name for name, m in model.named_modules()}
+            return [names[id(m)] for m in packed_cpu_layers(model)]
+        layers = vllm_engine.llm.collective_rpc(repacked)[0]
+        assert "model.layers.0.self_attn.qkv_proj.base_layer" in layers
+        assert not any(name.endswith("proj") for name in layers), layers
 
         # Sampled (--num_rollouts 2 at temperature 1): every completion seeded by its (iteration,
         # member seed, prompt, rollout), so all members in one call or one per call agree.
