@@ -209,6 +209,12 @@ def test_the_kernel_is_built_once_per_source_and_cpu_and_without_a_compiler_says
     built = ops.build_kernel()
     assert built.parent == tmp_path / "kernels" and built.suffix == ".so"
     assert ops.build_kernel() == built and [p.name for p in built.parent.iterdir()] == [built.name]
+    # A compiler without OpenMP threads: the SIMD-only build (one thread), under another name.
+    monkeypatch.setattr(ops, "KERNEL_THREADS", (("-fno-such-openmp-flag",), ("-fopenmp-simd",)))
+    single = ops.build_kernel()
+    assert single != built and single.exists()
+    assert "GOMP_parallel" not in single.read_bytes().decode("latin-1")
+    assert "GOMP_parallel" in built.read_bytes().decode("latin-1")
     monkeypatch.setenv("ES_LLM_KERNEL_DIR", str(tmp_path / "elsewhere"))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setattr(ops, "_kernel", {"tried": False, "lib": None})
