@@ -481,10 +481,8 @@ def install() -> str:
     for name in OPS:
         setattr(punica_cpu, name, globals()[name])
     wrapper = punica_cpu.PunicaWrapperCPU
-    methods = ZERO_SKIPPING_METHODS
-    if mode == "kernel" and kernel() is not None:
-        methods += KERNEL_METHODS
-    for name in methods:
+    fused = mode == "kernel" and kernel() is not None
+    for name in ZERO_SKIPPING_METHODS + (KERNEL_METHODS if fused else ()):
         _BASE.setdefault(name, getattr(wrapper, name))
         setattr(wrapper, name, globals()[name])
-    return mode if methods != ZERO_SKIPPING_METHODS else "slots"
+    return "kernel" if fused else "slots"
