@@ -317,23 +317,27 @@ class VLLMEngine(Engine):
         else:
             config = SavedAdapter(self.es_lora, {}).config_dict()
             done = self.llm.collective_rpc("es_set_adapters", args=(ids, [
-                (dict(zip(self.weights.names(), tensors)), config) for tensors in (
-                    perturbed_tensors(self.weights.true_tensors(), seed, sign * sigma,
-                                      self.noise_mode) for seed, sign in zip(seeds, signs))]))
+                (tensors, config) for tensors in self._lora_members(seeds, sigma, signs)]))
         return all(done)
+
+    def _lora_members(self, seeds, sigma: float, signs):
+        """--es_params lora: each member's adapter tensors by name, the adapter's true tensors plus
+        its noise, as the transformers engine's --lora_batch rows compute with
+        (es_llm.lora.BatchedLora)."""
+        names, true = self.weights.names(), self.weights.true_tensors()
+        for seed, sign in zip(seeds, signs):
+            yield dict(zip(names, perturbed_tensors(true, int(seed), float(sign) * sigma,
+                                                    self.noise_mode)))
 
     def _write_members(self, seeds, sigma: float, signs, paths) -> None:
         """Each member's adapter: lowrank mode, its factors (written in the worker); --es_params
-        lora, the adapter's true tensors plus its noise, as the transformers engine's --lora_batch
-        rows compute with (es_llm.lora.BatchedLora)."""
+        lora, _lora_members' tensors."""
         if self.es_lora is None:
             self.llm.collective_rpc("es_write_adapters", args=(
                 [int(s) for s in seeds], sigma, [float(x) for x in signs], paths))
             return
-        names, true = self.weights.names(), self.weights.true_tensors()
-        for seed, sign, path in zip(seeds, signs, paths):
-            tensors = perturbed_tensors(true, int(seed), float(sign) * sigma, self.noise_mode)
-            SavedAdapter(self.es_lora, dict(zip(names, tensors))).save_pretrained(path)
+        for tensors, path in zip(self._lora_members(seeds, sigma, signs), paths):
+            SavedAdapter(self.es_lora, tensors).save_pretrained(path)
 
     def generate(self, prompts, temperature: float = 0.0, top_p: float = 1.0, seeds=None,
                  lora_requests=None) -> list:
