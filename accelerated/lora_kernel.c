@@ -9,11 +9,12 @@
  *           in y's dtype (in bf16: rounded once more), as torch adds two bf16 tensors.
  * A token whose slot is -1 has no adapter: its buffer rows are zeros and y is left as it is.
  *
- * The weights come prepared by the caller (kept while unchanged): A_i as fp32 [slots, rank, in],
- * B_i transposed as fp32 [slots, rank, out_i] holding values of y's dtype. x is [tokens, in] (row
- * stride x_stride), y [tokens, ...] (row stride y_stride), buffer rows buf[i] + t * buf_stride.
- * dtypes of x and y: 0 = float32, 1 = bfloat16. Every function returns 0, or 1 for a slot out of
- * range (checked first: nothing is written then).
+ * The weights come prepared by the caller (kept while unchanged): A_i as [slots, rank, in] in
+ * a_dtype, B_i transposed as [slots, rank, out_i] in b_dtype, holding values of y's dtype. bf16
+ * weights are read as fp32 exactly (a shift), so keeping them in bf16 halves the bytes an engine
+ * step reads and changes no result. x is [tokens, in] (row stride x_stride), y [tokens, ...] (row
+ * stride y_stride), buffer rows buf[i] + t * buf_stride. dtypes: 0 = float32, 1 = bfloat16. Every
+ * function returns 0, or 1 for a slot out of range (checked first: nothing is written then).
  *
  * Built with -fopenmp, the tokens are split among the threads in contiguous ranges (a token's rows
  * are its own, so every thread count gives the same results bit for bit) when a call's products are
@@ -28,6 +29,7 @@
 #define MAX_SLICES 8
 #define MAX_RANK 64
 #define PARALLEL_MIN_MACS 65536  /* below this, one thread: waking the others costs more */
+#define COMBINE_BLOCK 64  /* outputs of the expand held in registers while the rank's rows are read */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -57,53 +59,119 @@ static void load_row(const void *row, int dtype, int64_t n, float *out) {
     }
 }
 
+/* A dot product is summed in LANES partial sums (lane l takes the terms j = l mod LANES, in order),
+ * held in vector registers, then the lanes pairwise (l + half into l). Summing the lanes one after
+ * the other, as a compiler does for a reduction it may not reorder, would cost a chain of LANES
+ * dependent adds per dot product: more than the dot product itself at the kernel's sizes. */
+#define LANES 16
+
+static inline float sum_lanes(float *lane) {
+    for (int half = LANES / 2; half > 0; half /= 2)
+        for (int l = 0; l < half; l++) lane[l] += lane[l + half];
+    return lane[0];
+}
+
+/* The inner loops over weight rows, for fp32 and for bf16 weights (the same fp32 arithmetic in the
+ * same order): four dot products with xr at once, one, and acc[j] = sum over k of v[k] * rows[k][j]
+ * (rows k of n values, one after the other), summed in k's order, a block of outputs held in
+ * registers while the rank's rows are read. */
+#define WEIGHT_LOOPS(NAME, T, LOAD)                                                              \
+    static void dot4_##NAME(const float *xr, const T *w0, const T *w1, const T *w2, const T *w3, \
+                            int64_t in, float *out) {                                            \
+        float l0[LANES] = {0.0f}, l1[LANES] = {0.0f}, l2[LANES] = {0.0f}, l3[LANES] = {0.0f};    \
+        int64_t j0 = 0;                                                                          \
+        for (; j0 + LANES <= in; j0 += LANES) {                                                  \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < LANES; l++) {                                                    \
+                float x = xr[j0 + l];                                                            \
+                l0[l] += x * LOAD(w0[j0 + l]);                                                   \
+                l1[l] += x * LOAD(w1[j0 + l]);                                                   \
+                l2[l] += x * LOAD(w2[j0 + l]);                                                   \
+                l3[l] += x * LOAD(w3[j0 + l]);                                                   \
+            }                                                                                    \
+        }                                                                                        \
+        for (int64_t j = j0; j < in; j++) {                                                      \
+            float x = xr[j];                                                                     \
+            l0[j - j0] += x * LOAD(w0[j]);                                                       \
+            l1[j - j0] += x * LOAD(w1[j]);                                                       \
+            l2[j - j0] += x * LOAD(w2[j]);                                                       \
+            l3[j - j0] += x * LOAD(w3[j]);                                                       \
+        }                                                                                        \
+        out[0] = sum_lanes(l0), out[1] = sum_lanes(l1);                                          \
+        out[2] = sum_lanes(l2), out[3] = sum_lanes(l3);                                          \
+    }                                                                                            \
+    static float dot1_##NAME(const float *xr, const T *w, int64_t in) {                          \
+        float lane[LANES] = {0.0f};                                                              \
+        int64_t j0 = 0;                                                                          \
+        for (; j0 + LANES <= in; j0 += LANES) {                                                  \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < LANES; l++) lane[l] += xr[j0 + l] * LOAD(w[j0 + l]);             \
+        }                                                                                        \
+        for (int64_t j = j0; j < in; j++) lane[j - j0] += xr[j] * LOAD(w[j]);                   \
+        return sum_lanes(lane);                                                                  \
+    }                                                                                            \
+    static void combine_##NAME(const float *v, const T *rows, int64_t rank, int64_t n,           \
+                               float *acc) {                                                     \
+        int64_t j0 = 0;                                                                          \
+        for (; j0 + COMBINE_BLOCK <= n; j0 += COMBINE_BLOCK) {                                   \
+            float sum[COMBINE_BLOCK] = {0.0f};                                                   \
+            for (int64_t k = 0; k < rank; k++) {                                                 \
+                const T *row = rows + k * n + j0;                                                \
+                float vk = v[k];                                                                 \
+                _Pragma("omp simd")                                                              \
+                for (int64_t j = 0; j < COMBINE_BLOCK; j++) sum[j] += vk * LOAD(row[j]);         \
+            }                                                                                    \
+            memcpy(acc + j0, sum, sizeof sum);                                                   \
+        }                                                                                        \
+        for (int64_t j = j0; j < n; j++) acc[j] = 0.0f;                                          \
+        for (int64_t k = 0; k < rank; k++) {                                                     \
+            const T *row = rows + k * n;                                                         \
+            _Pragma("omp simd")                                                                  \
+            for (int64_t j = j0; j < n; j++) acc[j] += v[k] * LOAD(row[j]);                      \
+        }                                                                                        \
+    }
+
+#define AS_IS(v) (v)
+WEIGHT_LOOPS(f32, float, AS_IS)
+WEIGHT_LOOPS(bf16, uint16_t, bf16_to_f32)
+
+/* Row k of slice i's weights for `slot`: [slots, rank, n] in dtype w_dtype. */
+static const void *weight_row(const void *w, int w_dtype, int64_t slot, int64_t rank, int64_t k,
+                              int64_t n) {
+    return (const char *)w + (size_t)((slot * rank + k) * n) * width_of(w_dtype);
+}
+
 /* out[i * rank + k] = scale * (xr @ A_i[slot][k]) for every slice i, four rows per pass over xr. */
 static void shrink_token(const float *xr, int64_t in, int64_t slot, int64_t nslices,
-                         const float *const *a, int64_t rank, float scale, float *out) {
-    const float *w[MAX_SLICES * MAX_RANK];
+                         const void *const *a, int a_dtype, int64_t rank, float scale, float *out) {
+    const void *w[MAX_SLICES * MAX_RANK];
     int64_t rows = nslices * rank, r = 0;
     for (int64_t i = 0; i < nslices; i++)
-        for (int64_t k = 0; k < rank; k++) w[i * rank + k] = a[i] + (slot * rank + k) * in;
+        for (int64_t k = 0; k < rank; k++) w[i * rank + k] = weight_row(a[i], a_dtype, slot, rank, k, in);
     for (; r + 4 <= rows; r += 4) {
-        const float *w0 = w[r], *w1 = w[r + 1], *w2 = w[r + 2], *w3 = w[r + 3];
-        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-        for (int64_t j = 0; j < in; j++) {
-            float x = xr[j];
-            a0 += x * w0[j];
-            a1 += x * w1[j];
-            a2 += x * w2[j];
-            a3 += x * w3[j];
-        }
-        out[r] = scale * a0;
-        out[r + 1] = scale * a1;
-        out[r + 2] = scale * a2;
-        out[r + 3] = scale * a3;
+        if (a_dtype == 1)
+            dot4_bf16(xr, w[r], w[r + 1], w[r + 2], w[r + 3], in, out + r);
+        else
+            dot4_f32(xr, w[r], w[r + 1], w[r + 2], w[r + 3], in, out + r);
     }
-    for (; r < rows; r++) {
-        const float *v = w[r];
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t j = 0; j < in; j++) acc += xr[j] * v[j];
-        out[r] = scale * acc;
-    }
+    for (; r < rows; r++) out[r] = a_dtype == 1 ? dot1_bf16(xr, w[r], in) : dot1_f32(xr, w[r], in);
+    for (r = 0; r < rows; r++) out[r] *= scale;
 }
 
 /* y_row[off_i + j] += buf_i @ B_i[slot][j] for every slice i, in y's dtype (acc: scratch of
  * max(out_i) floats). */
 static void expand_token(const float *const *buf, int64_t slot, int64_t nslices,
-                         const float *const *bt, const int64_t *out_sizes, int64_t offset,
-                         int64_t rank, void *y_row, int y_dtype, float *acc) {
+                         const void *const *bt, int b_dtype, const int64_t *out_sizes,
+                         int64_t offset, int64_t rank, void *y_row, int y_dtype, float *acc) {
+    float v[MAX_RANK];
     for (int64_t i = 0; i < nslices; i++) {
         int64_t n = out_sizes[i];
-        const float *rows = bt[i] + slot * rank * n;
-        for (int64_t j = 0; j < n; j++) acc[j] = 0.0f;
-        for (int64_t k = 0; k < rank; k++) {
-            float v = y_dtype == 1 ? as_bf16(buf[i][k]) : buf[i][k];
-            const float *row = rows + k * n;
-#pragma omp simd
-            for (int64_t j = 0; j < n; j++) acc[j] += v * row[j];
-        }
+        for (int64_t k = 0; k < rank; k++) v[k] = y_dtype == 1 ? as_bf16(buf[i][k]) : buf[i][k];
+        const void *rows = weight_row(bt[i], b_dtype, slot, rank, 0, n);
+        if (b_dtype == 1)
+            combine_bf16(v, rows, rank, n, acc);
+        else
+            combine_f32(v, rows, rank, n, acc);
         if (y_dtype == 1) {
             uint16_t *y = (uint16_t *)y_row + offset;
 #pragma omp simd
@@ -138,9 +206,31 @@ static int out_of_range(int64_t tokens, const int64_t *slot_of, int64_t slots) {
 /* Whether a call's products (multiply-adds) are worth more than one thread. */
 static int parallel(int64_t tokens, int64_t macs) { return tokens > 1 && macs >= PARALLEL_MIN_MACS; }
 
+/* The slot of the run after token t's, where t starts a run of tokens with one slot (a population's
+ * members come one after the other), else -1: its weights are fetched into the cache while t's run
+ * computes, so that the next run does not wait on memory. */
+static int64_t next_run_slot(const int64_t *slot_of, int64_t t, int64_t tokens) {
+    if (t > 0 && slot_of[t - 1] == slot_of[t]) return -1;
+    for (int64_t u = t + 1; u < tokens; u++)
+        if (slot_of[u] != slot_of[t]) return slot_of[u];
+    return -1;
+}
+
+/* Ask for slot's weights of every slice ([slots, rank, sizes[i]] in w_dtype) to be cached. */
+static void prefetch_slot(const void *const *w, int w_dtype, int64_t nslices, int64_t slot,
+                          int64_t rank, const int64_t *sizes, int64_t same_size) {
+    if (slot < 0) return;
+    for (int64_t i = 0; i < nslices; i++) {
+        int64_t n = sizes ? sizes[i] : same_size;
+        const char *start = weight_row(w[i], w_dtype, slot, rank, 0, n);
+        size_t bytes = (size_t)(rank * n) * width_of(w_dtype);
+        for (size_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(start + offset, 0, 3);
+    }
+}
+
 int es_lora_shrink(int64_t tokens, int64_t in, const void *x, int64_t x_stride, int x_dtype,
-                   const int64_t *slot_of, int64_t slots, int64_t nslices, const float *const *a,
-                   int64_t rank, float scale, float *const *buf, int64_t buf_stride) {
+                   const int64_t *slot_of, int64_t slots, int64_t nslices, const void *const *a,
+                   int a_dtype, int64_t rank, float scale, float *const *buf, int64_t buf_stride) {
     if (out_of_range(tokens, slot_of, slots)) return 1;
 #pragma omp parallel if (parallel(tokens, tokens * nslices * rank * in))
     {
@@ -154,8 +244,9 @@ int es_lora_shrink(int64_t tokens, int64_t in, const void *x, int64_t x_stride, 
                     memset(buf[i] + t * buf_stride, 0, (size_t)rank * sizeof(float));
                 continue;
             }
+            prefetch_slot(a, a_dtype, nslices, next_run_slot(slot_of, t, tokens), rank, NULL, in);
             load_row((const char *)x + (size_t)(t * x_stride) * width_of(x_dtype), x_dtype, in, xr);
-            shrink_token(xr, in, slot, nslices, a, rank, scale, out);
+            shrink_token(xr, in, slot, nslices, a, a_dtype, rank, scale, out);
             for (int64_t i = 0; i < nslices; i++)
                 memcpy(buf[i] + t * buf_stride, out + i * rank, (size_t)rank * sizeof(float));
         }
@@ -165,8 +256,9 @@ int es_lora_shrink(int64_t tokens, int64_t in, const void *x, int64_t x_stride, 
 }
 
 int es_lora_expand(int64_t tokens, const float *const *buf, int64_t buf_stride, int64_t nslices,
-                   const float *const *bt, const int64_t *out_sizes, int64_t offset, int64_t rank,
-                   const int64_t *slot_of, int64_t slots, void *y, int64_t y_stride, int y_dtype) {
+                   const void *const *bt, int b_dtype, const int64_t *out_sizes, int64_t offset,
+                   int64_t rank, const int64_t *slot_of, int64_t slots, void *y, int64_t y_stride,
+                   int y_dtype) {
     if (out_of_range(tokens, slot_of, slots)) return 1;
 #pragma omp parallel if (parallel(tokens, tokens * rank * total(out_sizes, nslices)))
     {
@@ -176,8 +268,9 @@ int es_lora_expand(int64_t tokens, const float *const *buf, int64_t buf_stride, 
         for (int64_t t = 0; t < tokens; t++) {
             int64_t slot = slot_of[t];
             if (slot < 0) continue;
+            prefetch_slot(bt, b_dtype, nslices, next_run_slot(slot_of, t, tokens), rank, out_sizes, 0);
             for (int64_t i = 0; i < nslices; i++) rows[i] = buf[i] + t * buf_stride;
-            expand_token(rows, slot, nslices, bt, out_sizes, offset, rank,
+            expand_token(rows, slot, nslices, bt, b_dtype, out_sizes, offset, rank,
                          (char *)y + (size_t)(t * y_stride) * width_of(y_dtype), y_dtype, acc);
         }
         free(acc);
@@ -187,9 +280,9 @@ int es_lora_expand(int64_t tokens, const float *const *buf, int64_t buf_stride, 
 
 /* add_lora_linear: shrink and expand token by token, the buffer in fp32 as vLLM's. */
 int es_lora_linear(int64_t tokens, int64_t in, const void *x, int64_t x_stride, int x_dtype,
-                   const int64_t *slot_of, int64_t slots, int64_t nslices, const float *const *a,
-                   const float *const *bt, const int64_t *out_sizes, int64_t rank, float scale,
-                   void *y, int64_t y_stride, int y_dtype) {
+                   const int64_t *slot_of, int64_t slots, int64_t nslices, const void *const *a,
+                   int a_dtype, const void *const *bt, int b_dtype, const int64_t *out_sizes,
+                   int64_t rank, float scale, void *y, int64_t y_stride, int y_dtype) {
     if (out_of_range(tokens, slot_of, slots)) return 1;
 #pragma omp parallel if (parallel(tokens, tokens * rank * (nslices * in + total(out_sizes, nslices))))
     {
@@ -202,9 +295,12 @@ int es_lora_linear(int64_t tokens, int64_t in, const void *x, int64_t x_stride, 
         for (int64_t t = 0; t < tokens; t++) {
             int64_t slot = slot_of[t];
             if (slot < 0) continue;
+            int64_t next = next_run_slot(slot_of, t, tokens);
+            prefetch_slot(a, a_dtype, nslices, next, rank, NULL, in);
+            prefetch_slot(bt, b_dtype, nslices, next, rank, out_sizes, 0);
             load_row((const char *)x + (size_t)(t * x_stride) * width_of(x_dtype), x_dtype, in, xr);
-            shrink_token(xr, in, slot, nslices, a, rank, scale, out);
-            expand_token(rows, slot, nslices, bt, out_sizes, 0, rank,
+            shrink_token(xr, in, slot, nslices, a, a_dtype, rank, scale, out);
+            expand_token(rows, slot, nslices, bt, b_dtype, out_sizes, 0, rank,
                          (char *)y + (size_t)(t * y_stride) * width_of(y_dtype), y_dtype, acc);
         }
         free(xr);

@@ -265,10 +265,11 @@ def kernel():
             return None
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         f32 = ctypes.c_float
-        lib.es_lora_shrink.argtypes = [i64, i64, p, i64, i32, p, i64, i64, p, i64, f32, p, i64]
-        lib.es_lora_expand.argtypes = [i64, p, i64, i64, p, p, i64, i64, p, i64, p, i64, i32]
-        lib.es_lora_linear.argtypes = [i64, i64, p, i64, i32, p, i64, i64, p, p, p, i64, f32, p,
-                                       i64, i32]
+        lib.es_lora_shrink.argtypes = [i64, i64, p, i64, i32, p, i64, i64, p, i32, i64, f32, p,
+                                       i64]
+        lib.es_lora_expand.argtypes = [i64, p, i64, i64, p, i32, p, i64, i64, p, i64, p, i64, i32]
+        lib.es_lora_linear.argtypes = [i64, i64, p, i64, i32, p, i64, i64, p, i32, p, i32, p, i64,
+                                       f32, p, i64, i32]
         for function in (lib.es_lora_shrink, lib.es_lora_expand, lib.es_lora_linear):
             function.restype = i32
         _kernel["lib"] = lib
@@ -290,13 +291,14 @@ def _sizes(sizes) -> ctypes.Array:
     return found
 
 
-def _prepared_stack(stacked, kind: str, dtype):
+def _prepared_stack(stacked, kind: str, dtype=None):
     """The kernel's form of a tuple of stacked LoRA weights ([slots, 1, a, b] or [slots, a, b],
-    one dtype, on the CPU): (slots, rank, pointers, tensors), every slice as fp32 and, for B
-    ("b"), transposed to [slots, rank, out] and holding values of `dtype` (the expand casts B to
-    the output's dtype); None where the kernel does not take them. Kept per tuple (a layer's, made
-    once) while its tensors are unchanged (vLLM writes an adapter into its slot in place, which
-    bumps the tensor's version): a step's calls use the same copies."""
+    one dtype, on the CPU): (slots, rank, pointers, tensors, dtype code), every slice contiguous in
+    its own dtype (A, "a") or, for B ("b"), cast to `dtype` (the expand casts B to the output's
+    dtype) and transposed to [slots, rank, out]; None where the kernel does not take them. bf16
+    stays bf16: the kernel reads it as fp32 exactly, and reads half the bytes. Kept per tuple (a
+    layer's, made once) while its tensors are unchanged (vLLM writes an adapter into its slot in
+    place, which bumps the tensor's version): a step's calls use the same copies."""
     key = (id(stacked), kind, dtype)
     versions = tuple((w.data_ptr(), w._version) for w in stacked)
     found = _known.get(key)
@@ -305,6 +307,7 @@ def _prepared_stack(stacked, kind: str, dtype):
     value = None
     first = stacked[0]
     if (first.dtype in _DTYPES and 0 < len(stacked) <= _MAX_SLICES and first.ndim in (3, 4)
+            and (kind == "a" or dtype in _DTYPES)
             and all(w.dtype == first.dtype and w.ndim == first.ndim and w.device.type == "cpu"
                     and w.shape[0] == first.shape[0] and (w.ndim == 3 or w.shape[1] == 1)
                     for w in stacked)):
@@ -313,10 +316,11 @@ def _prepared_stack(stacked, kind: str, dtype):
             weights = weights.reshape(weights.shape[0], weights.shape[-2], weights.shape[-1])
             if kind == "b":
                 weights = weights.to(dtype).transpose(1, 2)  # [slots, rank, out]
-            tensors.append(weights.float().contiguous())
+            tensors.append(weights.contiguous())
         rank = tensors[0].shape[1]
         if rank <= _MAX_RANK and all(t.shape[1] == rank for t in tensors):
-            value = (first.shape[0], rank, _pointers([t.data_ptr() for t in tensors]), tensors)
+            value = (first.shape[0], rank, _pointers([t.data_ptr() for t in tensors]), tensors,
+                     _DTYPES[tensors[0].dtype])
     if len(_known) > 4096:
         _known.clear()
     _known[key] = (stacked, versions, value)
@@ -365,7 +369,7 @@ def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_sl
             return
         x2 = x.view(-1, x.shape[-1])
         xs, ys = _rows(x2), _rows(y)
-        a = _prepared_stack(lora_a_stacked, "a", torch.float32)
+        a = _prepared_stack(lora_a_stacked, "a")
         b = ys and _prepared_stack(lora_b_stacked, "b", y.dtype)
         indices = _indices(self, x2.shape[0])
         if (a and b and xs and indices is not None and a[:2] == b[:2]
@@ -375,8 +379,8 @@ def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_sl
                 and sum(output_slices) <= y.shape[1]):
             status = lib.es_lora_linear(
                 x2.shape[0], x2.shape[1], x2.data_ptr(), xs[1], xs[0], indices.data_ptr(), a[0],
-                len(lora_a_stacked), a[2], b[2], _sizes(output_slices), a[1], float(scale),
-                y.data_ptr(), ys[1], ys[0])
+                len(lora_a_stacked), a[2], a[4], b[2], b[4], _sizes(output_slices), a[1],
+                float(scale), y.data_ptr(), ys[1], ys[0])
             if status == 0:
                 return
             raise IndexError("a token's LoRA slot is out of range of the stacked adapters")
@@ -392,13 +396,13 @@ def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
             return
         x2 = x.view(-1, x.shape[-1])
         xs = _rows(x2)
-        a = _prepared_stack(lora_a_stacked, "a", torch.float32)
+        a = _prepared_stack(lora_a_stacked, "a")
         indices = _indices(self, x2.shape[0])
         buffers = a and _buffers(y, x2.shape[0], a[1], len(lora_a_stacked))
         if a and xs and buffers and indices is not None and a[3][0].shape[2] == x2.shape[1]:
             status = lib.es_lora_shrink(x2.shape[0], x2.shape[1], x2.data_ptr(), xs[1], xs[0],
-                                        indices.data_ptr(), a[0], len(lora_a_stacked), a[2], a[1],
-                                        float(scale), buffers[0], buffers[1])
+                                        indices.data_ptr(), a[0], len(lora_a_stacked), a[2], a[4],
+                                        a[1], float(scale), buffers[0], buffers[1])
             if status == 0:
                 return
             raise IndexError("a token's LoRA slot is out of range of the stacked adapters")
@@ -421,7 +425,7 @@ def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_in
                 and all(t.shape[2] == n for t, n in zip(b[3], output_slices))
                 and offset_start + sum(output_slices) <= y2.shape[1]):
             status = lib.es_lora_expand(y2.shape[0], buffers[0], buffers[1], len(lora_b_stacked),
-                                        b[2], _sizes(output_slices), offset_start, b[1],
+                                        b[2], b[4], _sizes(output_slices), offset_start, b[1],
                                         indices.data_ptr(), b[0], y2.data_ptr(), ys[1], ys[0])
             if status == 0:
                 return

@@ -3,12 +3,13 @@ layers, on 1 and 2 threads: time per step and the adapter bytes it reads per sec
 
     python bench/lora_kernel.py                       # SmolLM2-135M's shapes, 30 slots x 2 tokens
     python bench/lora_kernel.py --slots 4 --tokens_per_slot 16 --ranks 1
+    python bench/lora_kernel.py --dtype bf16          # a bf16 model's adapters (half the bytes)
 
 One step is what vLLM's LoRA layers ask of the kernel in one decode step: for each decoder layer,
 add_lora_linear on q/k/v (3 slices), o, gate/up (2 slices) and down, with `slots` adapters of each
 rank, `tokens_per_slot` tokens per adapter (a population's rows: the conciseness unit's 30 members
-x 2 prompts by default), fp32, every layer's own weights (as in a model: the adapters do not stay in
-the caches from one layer to the next). The first step of each row is untimed (it prepares each
+x 2 prompts by default), in fp32 or bf16, every layer's own weights (as in a model: the adapters do
+not stay in the caches from one layer to the next). The first step of each row is untimed (it prepares each
 layer's weights once, as a generate call's first step does). No vLLM needed.
 """
 import argparse
@@ -26,9 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from accelerated import vllm_lora_ops as ops  # noqa: E402
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def layers(a, rank: int) -> list:
     """Each LoRA layer of one step: (output slices, A and B stacks, x, y)."""
     g = torch.Generator().manual_seed(rank)
+    dtype = DTYPES[a.dtype]
     tokens = a.slots * a.tokens_per_slot
     shapes = [(a.hidden, (a.hidden, a.kv, a.kv)), (a.hidden, (a.hidden,)),
               (a.hidden, (a.intermediate, a.intermediate)), (a.intermediate, (a.hidden,))]
@@ -36,10 +41,12 @@ def layers(a, rank: int) -> list:
     for _ in range(a.layers):
         for width, slices in shapes:
             found.append((slices,
-                          tuple(torch.randn(a.slots, 1, rank, width, generator=g) for _ in slices),
-                          tuple(torch.randn(a.slots, 1, n, rank, generator=g) for n in slices),
-                          torch.randn(tokens, width, generator=g),
-                          torch.zeros(tokens, sum(slices))))
+                          tuple(torch.randn(a.slots, 1, rank, width, generator=g).to(dtype)
+                                for _ in slices),
+                          tuple(torch.randn(a.slots, 1, n, rank, generator=g).to(dtype)
+                                for n in slices),
+                          torch.randn(tokens, width, generator=g).to(dtype),
+                          torch.zeros(tokens, sum(slices), dtype=dtype)))
     return found
 
 
@@ -55,6 +62,8 @@ def main(argv=None):
     ap.add_argument("--tokens_per_slot", type=int, default=2)
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                    help="the model's dtype: inputs, outputs and adapters")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--hidden", type=int, default=576)
@@ -69,8 +78,8 @@ def main(argv=None):
     before = torch.get_num_threads()
     for rank in a.ranks:
         found = layers(a, rank)
-        adapter_bytes = sum(4 * (sum(t.numel() for t in a_stacked) + sum(t.numel() for t in b))
-                            for _, a_stacked, b, _, _ in found)
+        adapter_bytes = sum(t.numel() * t.element_size()
+                            for _, a_stacked, b, _, _ in found for t in (*a_stacked, *b))
         calls = len(found)
         for threads in a.threads:
             torch.set_num_threads(threads)
@@ -85,7 +94,7 @@ def main(argv=None):
     print(f"`{Path(sys.executable).name} {' '.join(sys.argv)}` on {platform.node()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}: "
           f"{a.layers} layers ({a.hidden}/{a.intermediate}/{a.kv}), {a.slots} slots x "
-          f"{a.tokens_per_slot} tokens, fp32, {a.steps} timed steps per row\n")
+          f"{a.tokens_per_slot} tokens, {a.dtype}, {a.steps} timed steps per row\n")
     print("| rank | threads | calls per step | ms per step | us per call | adapter MB per step "
           "| GB/s |")
     print("|---|---|---|---|---|---|---|")
