@@ -206,28 +206,6 @@ static int out_of_range(int64_t tokens, const int64_t *slot_of, int64_t slots) {
 /* Whether a call's products (multiply-adds) are worth more than one thread. */
 static int parallel(int64_t tokens, int64_t macs) { return tokens > 1 && macs >= PARALLEL_MIN_MACS; }
 
-/* The slot of the run after token t's, where t starts a run of tokens with one slot (a population's
- * members come one after the other), else -1: its weights are fetched into the cache while t's run
- * computes, so that the next run does not wait on memory. */
-static int64_t next_run_slot(const int64_t *slot_of, int64_t t, int64_t tokens) {
-    if (t > 0 && slot_of[t - 1] == slot_of[t]) return -1;
-    for (int64_t u = t + 1; u < tokens; u++)
-        if (slot_of[u] != slot_of[t]) return slot_of[u];
-    return -1;
-}
-
-/* Ask for slot's weights of every slice ([slots, rank, sizes[i]] in w_dtype) to be cached. */
-static void prefetch_slot(const void *const *w, int w_dtype, int64_t nslices, int64_t slot,
-                          int64_t rank, const int64_t *sizes, int64_t same_size) {
-    if (slot < 0) return;
-    for (int64_t i = 0; i < nslices; i++) {
-        int64_t n = sizes ? sizes[i] : same_size;
-        const char *start = weight_row(w[i], w_dtype, slot, rank, 0, n);
-        size_t bytes = (size_t)(rank * n) * width_of(w_dtype);
-        for (size_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(start + offset, 0, 3);
-    }
-}
-
 int es_lora_shrink(int64_t tokens, int64_t in, const void *x, int64_t x_stride, int x_dtype,
                    const int64_t *slot_of, int64_t slots, int64_t nslices, const void *const *a,
                    int a_dtype, int64_t rank, float scale, float *const *buf, int64_t buf_stride) {
@@ -244,7 +222,6 @@ int es_lora_shrink(int64_t tokens, int64_t in, const void *x, int64_t x_stride, 
                     memset(buf[i] + t * buf_stride, 0, (size_t)rank * sizeof(float));
                 continue;
             }
-            prefetch_slot(a, a_dtype, nslices, next_run_slot(slot_of, t, tokens), rank, NULL, in);
             load_row((const char *)x + (size_t)(t * x_stride) * width_of(x_dtype), x_dtype, in, xr);
             shrink_token(xr, in, slot, nslices, a, a_dtype, rank, scale, out);
             for (int64_t i = 0; i < nslices; i++)
@@ -268,7 +245,6 @@ int es_lora_expand(int64_t tokens, const float *const *buf, int64_t buf_stride, 
         for (int64_t t = 0; t < tokens; t++) {
             int64_t slot = slot_of[t];
             if (slot < 0) continue;
-            prefetch_slot(bt, b_dtype, nslices, next_run_slot(slot_of, t, tokens), rank, out_sizes, 0);
             for (int64_t i = 0; i < nslices; i++) rows[i] = buf[i] + t * buf_stride;
             expand_token(rows, slot, nslices, bt, b_dtype, out_sizes, offset, rank,
                          (char *)y + (size_t)(t * y_stride) * width_of(y_dtype), y_dtype, acc);
@@ -295,9 +271,6 @@ int es_lora_linear(int64_t tokens, int64_t in, const void *x, int64_t x_stride, 
         for (int64_t t = 0; t < tokens; t++) {
             int64_t slot = slot_of[t];
             if (slot < 0) continue;
-            int64_t next = next_run_slot(slot_of, t, tokens);
-            prefetch_slot(a, a_dtype, nslices, next, rank, NULL, in);
-            prefetch_slot(bt, b_dtype, nslices, next, rank, out_sizes, 0);
             load_row((const char *)x + (size_t)(t * x_stride) * width_of(x_dtype), x_dtype, in, xr);
             shrink_token(xr, in, slot, nslices, a, a_dtype, rank, scale, out);
             expand_token(rows, slot, nslices, bt, b_dtype, out_sizes, 0, rank,
