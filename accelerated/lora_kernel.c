@@ -16,6 +16,12 @@
  * stride y_stride), buffer rows buf[i] + t * buf_stride. dtypes: 0 = float32, 1 = bfloat16. Every
  * function returns 0, or 1 for a slot out of range (checked first: nothing is written then).
  *
+ * Every dot product is summed in LANES partial sums, a number fixed here rather than by the
+ * compiler's vector width, then the lanes pairwise; every output of the expand over the rank in
+ * order; with no fused multiply-adds (-ffp-contract=off). So a token's results are the same bits
+ * on every machine, AVX2 or AVX-512, and in fp32 they are exactly the sums that
+ * tests/test_vllm_lora_ops.py computes with torch.
+ *
  * Built with -fopenmp, the tokens are split among the threads in contiguous ranges (a token's rows
  * are its own, so every thread count gives the same results bit for bit) when a call's products are
  * large enough to pay for waking them. The kernel then uses the OpenMP runtime already loaded in the
@@ -29,7 +35,7 @@
 #define MAX_SLICES 8
 #define MAX_RANK 64
 #define PARALLEL_MIN_MACS 65536  /* below this, one thread: waking the others costs more */
-#define COMBINE_BLOCK 64  /* outputs of the expand held in registers while the rank's rows are read */
+#define COMBINE_BLOCK 64  /* the expand's outputs in registers while the rank's rows are read */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -147,7 +153,8 @@ static void shrink_token(const float *xr, int64_t in, int64_t slot, int64_t nsli
     const void *w[MAX_SLICES * MAX_RANK];
     int64_t rows = nslices * rank, r = 0;
     for (int64_t i = 0; i < nslices; i++)
-        for (int64_t k = 0; k < rank; k++) w[i * rank + k] = weight_row(a[i], a_dtype, slot, rank, k, in);
+        for (int64_t k = 0; k < rank; k++)
+            w[i * rank + k] = weight_row(a[i], a_dtype, slot, rank, k, in);
     for (; r + 4 <= rows; r += 4) {
         if (a_dtype == 1)
             dot4_bf16(xr, w[r], w[r + 1], w[r + 2], w[r + 3], in, out + r);

@@ -199,7 +199,9 @@ OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_e
 # --- the fused kernel ------------------------------------------------------------------------
 
 KERNEL_SOURCE = Path(__file__).with_name("lora_kernel.c")
-KERNEL_FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared")
+# -ffp-contract=off: a multiply and an add stay two roundings (no fused multiply-add), so that the
+# kernel's sums are the same bits on every machine (tests/test_vllm_lora_ops.py computes them)
+KERNEL_FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=off", "-fPIC", "-shared")
 # OpenMP threads where the compiler has them (the kernel then runs on torch's libgomp, already
 # loaded), else the SIMD pragmas alone (one thread)
 KERNEL_THREADS = (("-fopenmp",), ("-fopenmp-simd",))

@@ -157,6 +157,54 @@ def test_the_fused_kernel_computes_the_slot_ops_products(dtype, rank, layout):
     assert not torch.equal(got, start)
 
 
+LANES = 16  # lora_kernel.c's
+
+
+def lanes_dot(x, w):
+    """x @ w as the kernel sums it, in fp32: LANES partial sums (lane l takes the terms j = l mod
+    LANES, in order), then the lanes pairwise (lane l + half into lane l)."""
+    products = x * w
+    lanes = torch.zeros(LANES)
+    for start in range(0, len(products), LANES):
+        chunk = products[start:start + LANES]
+        lanes[:len(chunk)] = lanes[:len(chunk)] + chunk
+    half = LANES // 2
+    while half:
+        lanes[:half] = lanes[:half] + lanes[half:2 * half]
+        half //= 2
+    return lanes[0]
+
+
+@pytest.mark.parametrize("width", [40, 64, 7])  # lanes with a tail, whole lanes, a tail alone
+def test_the_kernels_sums_are_fixed_not_the_compilers_so_its_fp32_bits_are_the_same_everywhere(
+        width):
+    """In fp32 the kernel's results are its arithmetic's exact bits: each shrink a sum in 16 lanes
+    added pairwise, each expand output summed over the rank in order, then added to y. None of it
+    depends on the machine's vector width (AVX2, AVX-512) or on a token's neighbours."""
+    assert ops.kernel() is not None
+    g = torch.Generator().manual_seed(width)
+    indices = torch.tensor([2, 2, 0, 1, 1, -1, 2])
+    rank, slices = 3, (5, 20)
+    x = torch.randn(len(indices), width, generator=g)
+    a_stacked = tuple(torch.randn(3, 1, rank, width, generator=g) for _ in slices)
+    b_stacked = tuple(torch.randn(3, 1, n, rank, generator=g) for n in slices)
+    y = torch.randn(len(indices), sum(slices), generator=g)
+    got = y.clone()
+    ops.add_lora_linear(wrapper(indices), got, x, a_stacked, b_stacked, 0.5, slices)
+    expected = y.clone()
+    for t, slot in enumerate(indices.tolist()):
+        offset = 0
+        for a, b, n in zip(a_stacked, b_stacked, slices):
+            if slot >= 0:
+                buffer = [lanes_dot(x[t], a[slot, 0, k]) * 0.5 for k in range(rank)]
+                total = torch.zeros(n)
+                for k in range(rank):
+                    total = total + buffer[k] * b[slot, 0, :, k]
+                expected[t, offset:offset + n] = expected[t, offset:offset + n] + total
+            offset += n
+    assert torch.equal(got, expected)
+
+
 def kernel_layer(dtype, threads):
     """One call of each kernel entry on a layer large enough for threads (64 tokens of 30 members
     in runs of 2 and a few without adapter, q/k/v slices of 256, rank 8), on `threads` threads."""
