@@ -359,6 +359,21 @@ def _nothing_to_do(wrapper) -> bool:
     return wrapper.is_prefill and wrapper.no_lora  # where vLLM's own prefill ops return at once
 
 
+_no_adapter = {"base": None}  # whether no token of a step has an adapter, per version of its indices
+
+
+def _no_adapter_in(indices) -> bool:
+    """Whether every token's slot is -1 (an engine with LoRA enabled, generating without LoRA
+    requests: vLLM's no_lora flag is set in prefill only), looked at once per step: vLLM writes a
+    step's indices in place into one buffer, which bumps its version, and hands out views of it.
+    The buffer is kept here, so that another tensor at its address is not taken for it."""
+    base = indices._base if indices._base is not None else indices
+    key = (indices.data_ptr(), len(indices), indices._version)
+    if _no_adapter["base"] is not base or _no_adapter["key"] != key:
+        _no_adapter.update(base=base, key=key, value=bool((indices < 0).all()))
+    return _no_adapter["value"]
+
+
 _BASE = {}  # vLLM's PunicaWrapperCPU methods, for the calls the kernel does not take
 
 
@@ -370,10 +385,12 @@ def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_sl
         if _nothing_to_do(self):
             return
         x2 = x.view(-1, x.shape[-1])
+        indices = _indices(self, x2.shape[0])
+        if indices is not None and _no_adapter_in(indices):
+            return  # y as it is, as the kernel leaves a token without adapter
         xs, ys = _rows(x2), _rows(y)
         a = _prepared_stack(lora_a_stacked, "a")
         b = ys and _prepared_stack(lora_b_stacked, "b", y.dtype)
-        indices = _indices(self, x2.shape[0])
         if (a and b and xs and indices is not None and a[:2] == b[:2]
                 and len(lora_b_stacked) == len(output_slices) == len(lora_a_stacked)
                 and all(t.shape[2] == n for t, n in zip(b[3], output_slices))
@@ -419,9 +436,11 @@ def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_in
         if _nothing_to_do(self):
             return
         y2 = y.view(-1, y.shape[-1])
+        indices = _indices(self, y2.shape[0])
+        if indices is not None and _no_adapter_in(indices):
+            return
         ys = _rows(y2)
         b = ys and _prepared_stack(lora_b_stacked, "b", y.dtype)
-        indices = _indices(self, y2.shape[0])
         buffers = b and _buffers(x, y2.shape[0], b[1], len(lora_b_stacked))
         if (b and buffers and indices is not None and len(lora_b_stacked) == len(output_slices)
                 and all(t.shape[2] == n for t, n in zip(b[3], output_slices))

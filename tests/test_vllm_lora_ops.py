@@ -252,6 +252,32 @@ def test_the_kernel_leaves_prefill_without_adapters_alone_and_refuses_a_slot_out
         ops.add_lora_linear(wrapper(torch.tensor([0, 2, 1])), y, x, a, b, 1.0, (5,))
 
 
+def test_a_step_without_any_adapter_adds_nothing_and_skips_the_kernel(monkeypatch):
+    """An engine with LoRA enabled generating without LoRA requests: every slot -1, y as it is,
+    without a kernel call (looked at once per version of the indices); a step with adapters in a
+    new tensor computes again, at whatever address it lies."""
+    calls = []
+    lib = ops.kernel()
+    counting = SimpleNamespace(es_lora_linear=lambda *a: calls.append(1) or lib.es_lora_linear(*a),
+                               es_lora_expand=lambda *a: calls.append(1) or lib.es_lora_expand(*a))
+    monkeypatch.setitem(ops._kernel, "lib", counting)
+    x, a, b = torch.ones(4, 8), (torch.ones(2, 1, 1, 8),), (torch.ones(2, 1, 3, 1),)
+    buffers = torch.ones(1, 4, 1)
+    for _ in range(2):
+        none = torch.full((4,), -1)
+        y = torch.zeros(4, 3)
+        ops.add_lora_linear(wrapper(none), y, x, a, b, 1.0, (3,))
+        ops.add_expand(wrapper(none), y, buffers, b, (3,))
+        assert torch.equal(y, torch.zeros(4, 3)) and calls == []
+        del none
+    indices = torch.tensor([0, 1, -1, 1])
+    ops.add_lora_linear(wrapper(indices), y, x, a, b, 1.0, (3,))
+    assert calls == [1] and torch.equal(y[:, 0], torch.tensor([8.0, 8.0, 0.0, 8.0]))
+    indices[:] = -1  # written in place, as vLLM writes a step's indices
+    ops.add_lora_linear(wrapper(indices), y, x, a, b, 1.0, (3,))
+    assert calls == [1]
+
+
 @pytest.mark.slow  # a compilation: about a second
 def test_the_kernel_is_built_once_per_source_and_cpu_and_without_a_compiler_says_so_once(
         tmp_path, monkeypatch, capsys):
