@@ -67,8 +67,8 @@ static void load_row(const void *row, int dtype, int64_t n, float *out) {
 
 /* A dot product is summed in LANES partial sums (lane l takes the terms j = l mod LANES, in order),
  * held in vector registers, then the lanes pairwise (l + half into l). Summing the lanes one after
- * the other, as a compiler does for a reduction it may not reorder, would cost a chain of LANES
- * dependent adds per dot product: more than the dot product itself at the kernel's sizes. */
+ * the other, as a compiler does for a reduction it may not reorder, costs a chain of LANES
+ * dependent adds after every dot product, and its bits would depend on the vector width. */
 #define LANES 16
 
 static inline float sum_lanes(float *lane) {
