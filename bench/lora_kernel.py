@@ -9,8 +9,8 @@ One step is what vLLM's LoRA layers ask of the kernel in one decode step: for ea
 add_lora_linear on q/k/v (3 slices), o, gate/up (2 slices) and down, with `slots` adapters of each
 rank, `tokens_per_slot` tokens per adapter (a population's rows: the conciseness unit's 30 members
 x 2 prompts by default), in fp32 or bf16, every layer's own weights (as in a model: the adapters do
-not stay in the caches from one layer to the next). The first step of each row is untimed (it prepares each
-layer's weights once, as a generate call's first step does). No vLLM needed.
+not stay in the caches from one layer to the next). The first step of each row is untimed (it
+prepares each layer's weights once, as a generate call's first step does). No vLLM needed.
 """
 import argparse
 import os
