@@ -239,11 +239,13 @@ def write_adapter(path, named, only, seed: int, scale: float, rank: int) -> None
 
 def set_resident_adapters(runner, lora_ids, adapters) -> bool:
     """Each (tensors by saved name, adapter_config.json dict) of `adapters` into the LoRA slot of
-    the adapter `lora_ids` names, which must be loaded and active: made into a LoRA model as vLLM
-    makes one from those files (its dtype, scaling and packed modules) and set into the slot as
-    vLLM's activation sets it, with no file written or read. False where an id is not active in a
-    slot (nothing changed), or this vLLM lacks what it takes: the caller then loads files under new
-    ids, leaving these ids and their slots unused."""
+    the adapter `lora_ids` names, which must be loaded and active, with no file written or read.
+    The first goes in as vLLM's activation sets one (made into a LoRA model as vLLM makes one
+    from those files: its dtype, scaling and packed modules); once that slot is seen to hold
+    exactly what SlotPlan writes, the rest are written straight into their slots (SlotPlan). False
+    where an id is not active in a slot (nothing changed), or this vLLM lacks what it takes: the
+    caller then loads files under new ids, leaving these ids and their slots unused (so vLLM's
+    registered copy of a slot written straight, no longer its content, is never activated)."""
     try:
         from vllm.lora.lora_model import LoRAModel
         from vllm.lora.peft_helper import PEFTHelper
@@ -258,7 +260,11 @@ def set_resident_adapters(runner, lora_ids, adapters) -> bool:
     if any(int(i) not in slots or int(i) not in active for i in lora_ids):
         return False
     mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
+    plan = getattr(manager, "_es_slot_plan", None)
     for lora_id, (tensors, config) in zip(lora_ids, adapters):
+        index = slots.index(int(lora_id))
+        if plan is not None and plan.write(index, tensors, config):
+            continue
         peft = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings":
                                      loader.max_position_embeddings})
         peft.validate_legal(loader.lora_config)
@@ -271,7 +277,6 @@ def set_resident_adapters(runner, lora_ids, adapters) -> bool:
         except (AttributeError, TypeError):  # another vLLM version: files under new ids instead
             return False
         merge(lora)
-        index = slots.index(int(lora_id))
         for name, module in manager.modules.items():
             weights = weights_of(lora, name)
             if weights:
@@ -281,7 +286,83 @@ def set_resident_adapters(runner, lora_ids, adapters) -> bool:
         kept = registered.get(int(lora_id))  # vLLM's copy, should it activate the id again
         if kept is not None:
             kept.__dict__.update(lora.__dict__)
+        if plan is None:
+            plan = manager._es_slot_plan = SlotPlan.checked(
+                manager, mapper, index, tensors, config,
+                float(getattr(peft, "vllm_lora_scaling_factor", 1.0)))
     return True
+
+
+class SlotPlan:
+    """Where each tensor of an adapter goes in a LoRA slot: the [:rows, :cols] corner of one
+    slice of a LoRA layer's stacked A or B weights (vLLM's packed modules: q/k/v in qkv_proj's
+    slices, gate/up in gate_up_proj's), found from the tensors' names as vLLM finds them. Only
+    made (`checked`) where vLLM's own setting of an adapter into a slot left exactly that there:
+    each tensor in its corner in the slot's dtype, B times the adapter's scaling (lora_alpha / r)
+    in that dtype, and zeros everywhere else in the slot (the rank's padding, the layers it has no
+    tensors for). Writing an adapter with the same config, names and shapes into a slot that holds
+    one then gives the slot what vLLM's setting gives it, with a copy per tensor."""
+
+    def __init__(self, places: dict, config: dict, scaling: float):
+        self.places = places  # saved name -> (stacked weights, shape, scaling)
+        self.config = config
+        self.written = 0  # adapters written
+
+    @classmethod
+    def checked(cls, manager, mapper, index: int, tensors: dict, config: dict, scaling: float):
+        """The plan for adapters named as `tensors` with adapter_config.json `config`, which vLLM
+        has just set into slot `index`; None where the slot holds anything else, or vLLM's modules
+        are not as expected."""
+        try:
+            from vllm.lora.utils import parse_fine_tuned_lora_name
+
+            packed = {sub: (name, i) for name, subs in manager.packed_modules.items()
+                      for i, sub in enumerate(subs)}
+            rename = mapper.get_rename_mapper() if mapper is not None else None
+            places, used = {}, set()
+            for saved, tensor in tensors.items():
+                module_name, is_a = parse_fine_tuned_lora_name(saved, rename)
+                name, i = packed.get(module_name, (module_name, 0))
+                module = manager.modules[name]
+                stacked = (module.lora_a_stacked if is_a else module.lora_b_stacked)[i]
+                if tensor.ndim != 2 or stacked.ndim != 4 or id(stacked) in used:
+                    return None
+                used.add(id(stacked))
+                places[saved] = (stacked, tuple(tensor.shape), 1.0 if is_a else scaling)
+            every = [w for module in manager.modules.values()
+                     for stacked in (getattr(module, "lora_a_stacked", ()),
+                                     getattr(module, "lora_b_stacked", ()))
+                     for w in ((stacked,) if isinstance(stacked, torch.Tensor) else stacked)]
+        except (AttributeError, ImportError, KeyError, IndexError, TypeError, ValueError):
+            return None
+        for stacked in every:
+            slot = stacked[index].clone()
+            for saved, (target, (rows, cols), scale) in places.items():
+                if target is stacked:
+                    expected = tensors[saved].to(slot.dtype)
+                    if scale != 1:
+                        expected *= scale
+                    if not torch.equal(slot[0, :rows, :cols], expected):
+                        return None
+                    slot[0, :rows, :cols] = 0
+            if slot.any():
+                return None
+        return cls(places, config, scaling)
+
+    def write(self, index: int, tensors: dict, config: dict) -> bool:
+        """`tensors` into slot `index`; False (nothing written) where their config, names or
+        shapes are not the plan's."""
+        if config != self.config or tensors.keys() != self.places.keys() or any(
+                tuple(t.shape) != self.places[n][1] for n, t in tensors.items()):
+            return False
+        for saved, tensor in tensors.items():
+            stacked, (rows, cols), scale = self.places[saved]
+            corner = stacked[index, 0, :rows, :cols]
+            corner.copy_(tensor)
+            if scale != 1:
+                corner *= scale
+        self.written += 1
+        return True
 
 
 class WorkerExtension:

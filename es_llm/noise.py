@@ -62,14 +62,14 @@ def add_noise(params, seed: int, scale: float, noise_mode: str, keep: bool = Fal
     return added
 
 
-@torch.no_grad()
 def perturbed_tensors(tensors, seed: int, scale: float, noise_mode: str):
     """Yield a new tensor scale * eps + t for every tensor t, noise drawn in t's dtype, one at a
     time: what MasterWeights casts into the weights, and what perturbing weights equal to
-    `tensors` gives in their dtype."""
-    for tensor, delta in per_tensor(
-            tensors, noise_mode, lambda k, t: tensor_noise(t, seed, k, noise_mode).mul_(scale)):
-        yield delta + tensor
+    `tensors` gives in their dtype. No autograd graph (t detached, the noise drawn without one);
+    not a no_grad generator, which would enter and leave no_grad at every tensor."""
+    for tensor, delta in per_tensor(tensors, noise_mode, lambda k, t: tensor_noise(
+            t.detach(), seed, k, noise_mode).mul_(scale)):
+        yield delta + tensor.detach()
 
 
 @torch.no_grad()

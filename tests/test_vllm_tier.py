@@ -265,8 +265,11 @@ def test_vllm_lora_members_match_the_transformers_lowrank_mode(smollm2_dir):
         assert [g["completion"] for g in got] == [e["completion"] for e in expected]
         assert [g["reward"] for g in got] == [e["reward"] for e in expected]
         # The first call's 2 members came from adapter files; the second's went in place into
-        # the same resident slots (es_set_adapters): no file written or loaded.
+        # the same resident slots (es_set_member_adapters): no file written or loaded; the first
+        # as vLLM sets an adapter, the second straight into its slot (SlotPlan).
         assert vllm_engine.adapters_written == 2
+        assert vllm_engine.llm.collective_rpc(lambda worker: worker.model_runner.lora_manager.
+                                              _adapter_manager._es_slot_plan.written) == [1]
         assert any(e["completion"] != base_text for e in expected), "sigma should move the text"
         assert vllm_engine.generate(PROMPTS)[0] == base_text  # no adapter: the base model
         assert not list(vllm_engine._adapter_dir.iterdir())  # adapter files removed
@@ -369,18 +372,53 @@ def test_lora_space_es_on_vllm_engines_equals_the_transformers_engines(tmp_path,
     assert not (tmp_path / "vllm" / "final_model.pth").exists()  # an adapter, not a full model
 
 
+def slots_written_directly_and_by_vllm(worker, ids, adapters):
+    """Runs in the vLLM worker: every LoRA slot's weights after `adapters` went into the slots of
+    the resident `ids` straight (SlotPlan), then after vLLM's own setting of the same adapters
+    (the slots held other adapters before each), and how many went straight."""
+    from accelerated.vllm_worker import set_resident_adapters
+
+    manager = worker.model_runner.lora_manager._adapter_manager
+    plan = manager._es_slot_plan
+
+    def slots():
+        return [w.clone() for module in manager.modules.values()
+                for stacked in (getattr(module, "lora_a_stacked", ()),
+                                getattr(module, "lora_b_stacked", ()))
+                for w in ((stacked,) if isinstance(stacked, torch.Tensor) else stacked)]
+
+    class Refused:
+        def write(self, *args):
+            return False
+
+    written = plan.written
+    assert set_resident_adapters(worker.model_runner, ids, adapters)
+    direct, straight = slots(), plan.written - written
+    manager._es_slot_plan = Refused()  # vLLM's own setting, every adapter
+    try:
+        assert set_resident_adapters(worker.model_runner, ids, adapters[::-1])  # others first
+        assert set_resident_adapters(worker.model_runner, ids, adapters)
+    finally:
+        manager._es_slot_plan = plan
+    return direct, slots(), straight
+
+
 def test_lora_space_members_go_in_place_into_the_resident_adapters_slots(tiny_vllm_dir):
-    """--es_params lora --lora_batch on a vLLM engine: after the first call, each member's adapter
-    goes in place into the slot of an adapter the engine holds (no file written or loaded), with
-    the texts and rewards its files give; where the engine no longer holds them, files again."""
+    """--es_params lora --lora_batch on a vLLM engine in bf16: after the first call, each member's
+    adapter goes in place into the slot of an adapter the engine holds (no file written or
+    loaded), with the texts and rewards its files give; where the engine no longer holds them,
+    files again. After the first member set in place, the rest go straight into their slots
+    (SlotPlan): every slot then holds the bits vLLM's own setting gives it (the adapter's scaling,
+    lora_alpha 16 / r 4, applied in bf16)."""
+    from es_llm.lora import SavedAdapter
     from es_llm.tasks import Task, conciseness_reward
     from es_llm.trainer import TrainConfig
 
     cfg = TrainConfig(task="conciseness", model_name=str(tiny_vllm_dir), output_dir="-",
                       population_size=4, es_params="lora", lora_rank=4, lora_batch=True,
-                      precision="fp32")
+                      precision="bf16")
     task = Task("conciseness", PROMPTS, conciseness_reward, {"target": ["8", "No"]})
-    vllm_engine = VLLMEngine(tiny_vllm_dir, "fp32", 8, "correlated", hf_layout(tiny_vllm_dir),
+    vllm_engine = VLLMEngine(tiny_vllm_dir, "bf16", 8, "correlated", hf_layout(tiny_vllm_dir),
                              lora=cfg, population_size=4, lowrank_batch=256)
     try:
         vllm_engine.set_task(task)
@@ -389,6 +427,15 @@ def test_lora_space_members_go_in_place_into_the_resident_adapters_slots(tiny_vl
         assert vllm_engine.adapters_written == 4
         in_place = vllm_engine.evaluate_batch([5, 6, 7, 8], sigma, signs)
         assert vllm_engine.adapters_written == 4
+        ids = [q.lora_int_id for q in vllm_engine._resident]
+        config = SavedAdapter(cfg, {}).config_dict()
+        adapters = [(tensors, config) for tensors in
+                    vllm_engine._lora_members([9, 10, 11, 12], sigma, signs)]
+        direct, theirs, straight = vllm_engine.llm.collective_rpc(
+            slots_written_directly_and_by_vllm, args=(ids, adapters))[0]
+        assert straight == 4 and len(direct) == len(theirs) > 4
+        assert all(torch.equal(d, t) for d, t in zip(direct, theirs))
+        assert any(d.dtype == torch.bfloat16 and d.any() for d in direct)
         vllm_engine._resident = []  # forget them: files under new ids
         from_files = vllm_engine.evaluate_batch([5, 6, 7, 8], sigma, signs)
         assert vllm_engine.adapters_written == 8
