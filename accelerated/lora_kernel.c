@@ -77,10 +77,24 @@ static inline float sum_lanes(float *lane) {
     return lane[0];
 }
 
+/* y[j] += sum[j] for j < n, in y's dtype (bf16: the sum rounded to bf16 first, as the product in
+ * bf16 is, then the sum of the two rounded once more). */
+static inline void add_to_row(void *y_row, int y_dtype, const float *sum, int64_t n) {
+    if (y_dtype == 1) {
+        uint16_t *y = (uint16_t *)y_row;
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) y[j] = f32_to_bf16(bf16_to_f32(y[j]) + as_bf16(sum[j]));
+    } else {
+        float *y = (float *)y_row;
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) y[j] += sum[j];
+    }
+}
+
 /* The inner loops over weight rows, for fp32 and for bf16 weights (the same fp32 arithmetic in the
- * same order): four dot products with xr at once, one, and acc[j] = sum over k of v[k] * rows[k][j]
- * (rows k of n values, one after the other), summed in k's order, a block of outputs held in
- * registers while the rank's rows are read. */
+ * same order): four dot products with xr at once, one, and the expand's y[j] += sum over k of
+ * v[k] * rows[k][j] (rows k of n values, one after the other), summed in k's order, a block of
+ * sums held in registers while the rank's rows are read and then added into y (add_to_row). */
 #define WEIGHT_LOOPS(NAME, T, LOAD)                                                              \
     static void dot4_##NAME(const float *xr, const T *w0, const T *w1, const T *w2, const T *w3, \
                             int64_t in, float *out) {                                            \
@@ -117,7 +131,8 @@ static inline float sum_lanes(float *lane) {
         return sum_lanes(lane);                                                                  \
     }                                                                                            \
     static void combine_##NAME(const float *v, const T *rows, int64_t rank, int64_t n,           \
-                               float *acc) {                                                     \
+                               void *y_row, int y_dtype) {                                       \
+        size_t width = width_of(y_dtype);                                                        \
         int64_t j0 = 0;                                                                          \
         for (; j0 + COMBINE_BLOCK <= n; j0 += COMBINE_BLOCK) {                                   \
             float sum[COMBINE_BLOCK] = {0.0f};                                                   \
@@ -127,14 +142,17 @@ static inline float sum_lanes(float *lane) {
                 _Pragma("omp simd")                                                              \
                 for (int64_t j = 0; j < COMBINE_BLOCK; j++) sum[j] += vk * LOAD(row[j]);         \
             }                                                                                    \
-            memcpy(acc + j0, sum, sizeof sum);                                                   \
+            add_to_row((char *)y_row + (size_t)j0 * width, y_dtype, sum, COMBINE_BLOCK);         \
         }                                                                                        \
-        for (int64_t j = j0; j < n; j++) acc[j] = 0.0f;                                          \
+        if (j0 == n) return;                                                                     \
+        float sum[COMBINE_BLOCK] = {0.0f};                                                       \
         for (int64_t k = 0; k < rank; k++) {                                                     \
-            const T *row = rows + k * n;                                                         \
+            const T *row = rows + k * n + j0;                                                    \
+            float vk = v[k];                                                                     \
             _Pragma("omp simd")                                                                  \
-            for (int64_t j = j0; j < n; j++) acc[j] += v[k] * LOAD(row[j]);                      \
+            for (int64_t j = 0; j < n - j0; j++) sum[j] += vk * LOAD(row[j]);                    \
         }                                                                                        \
+        add_to_row((char *)y_row + (size_t)j0 * width, y_dtype, sum, n - j0);                    \
     }
 
 #define AS_IS(v) (v)
@@ -165,37 +183,22 @@ static void shrink_token(const float *xr, int64_t in, int64_t slot, int64_t nsli
     for (r = 0; r < rows; r++) out[r] *= scale;
 }
 
-/* y_row[off_i + j] += buf_i @ B_i[slot][j] for every slice i, in y's dtype (acc: scratch of
- * max(out_i) floats). */
+/* y_row[off_i + j] += buf_i @ B_i[slot][j] for every slice i, in y's dtype. */
 static void expand_token(const float *const *buf, int64_t slot, int64_t nslices,
                          const void *const *bt, int b_dtype, const int64_t *out_sizes,
-                         int64_t offset, int64_t rank, void *y_row, int y_dtype, float *acc) {
+                         int64_t offset, int64_t rank, void *y_row, int y_dtype) {
     float v[MAX_RANK];
     for (int64_t i = 0; i < nslices; i++) {
         int64_t n = out_sizes[i];
         for (int64_t k = 0; k < rank; k++) v[k] = y_dtype == 1 ? as_bf16(buf[i][k]) : buf[i][k];
         const void *rows = weight_row(bt[i], b_dtype, slot, rank, 0, n);
+        void *y = (char *)y_row + (size_t)offset * width_of(y_dtype);
         if (b_dtype == 1)
-            combine_bf16(v, rows, rank, n, acc);
+            combine_bf16(v, rows, rank, n, y, y_dtype);
         else
-            combine_f32(v, rows, rank, n, acc);
-        if (y_dtype == 1) {
-            uint16_t *y = (uint16_t *)y_row + offset;
-#pragma omp simd
-            for (int64_t j = 0; j < n; j++) y[j] = f32_to_bf16(bf16_to_f32(y[j]) + as_bf16(acc[j]));
-        } else {
-            float *y = (float *)y_row + offset;
-#pragma omp simd
-            for (int64_t j = 0; j < n; j++) y[j] += acc[j];
-        }
+            combine_f32(v, rows, rank, n, y, y_dtype);
         offset += n;
     }
-}
-
-static int64_t largest(const int64_t *sizes, int64_t count) {
-    int64_t most = 0;
-    for (int64_t i = 0; i < count; i++) most = sizes[i] > most ? sizes[i] : most;
-    return most;
 }
 
 static int64_t total(const int64_t *sizes, int64_t count) {
@@ -247,16 +250,14 @@ int es_lora_expand(int64_t tokens, const float *const *buf, int64_t buf_stride, 
 #pragma omp parallel if (parallel(tokens, tokens * rank * total(out_sizes, nslices)))
     {
         const float *rows[MAX_SLICES];
-        float *acc = malloc((size_t)largest(out_sizes, nslices) * sizeof(float));
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tokens; t++) {
             int64_t slot = slot_of[t];
             if (slot < 0) continue;
             for (int64_t i = 0; i < nslices; i++) rows[i] = buf[i] + t * buf_stride;
             expand_token(rows, slot, nslices, bt, b_dtype, out_sizes, offset, rank,
-                         (char *)y + (size_t)(t * y_stride) * width_of(y_dtype), y_dtype, acc);
+                         (char *)y + (size_t)(t * y_stride) * width_of(y_dtype), y_dtype);
         }
-        free(acc);
     }
     return 0;
 }
@@ -270,7 +271,6 @@ int es_lora_linear(int64_t tokens, int64_t in, const void *x, int64_t x_stride, 
 #pragma omp parallel if (parallel(tokens, tokens * rank * (nslices * in + total(out_sizes, nslices))))
     {
         float *xr = malloc((size_t)in * sizeof(float));
-        float *acc = malloc((size_t)largest(out_sizes, nslices) * sizeof(float));
         float out[MAX_SLICES * MAX_RANK];
         const float *rows[MAX_SLICES];
         for (int64_t i = 0; i < nslices; i++) rows[i] = out + i * rank;
@@ -281,10 +281,9 @@ int es_lora_linear(int64_t tokens, int64_t in, const void *x, int64_t x_stride, 
             load_row((const char *)x + (size_t)(t * x_stride) * width_of(x_dtype), x_dtype, in, xr);
             shrink_token(xr, in, slot, nslices, a, a_dtype, rank, scale, out);
             expand_token(rows, slot, nslices, bt, b_dtype, out_sizes, 0, rank,
-                         (char *)y + (size_t)(t * y_stride) * width_of(y_dtype), y_dtype, acc);
+                         (char *)y + (size_t)(t * y_stride) * width_of(y_dtype), y_dtype);
         }
         free(xr);
-        free(acc);
     }
     return 0;
 }
