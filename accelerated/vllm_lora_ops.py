@@ -377,6 +377,60 @@ def _no_adapter_in(indices) -> bool:
 _BASE = {}  # vLLM's PunicaWrapperCPU methods, for the calls the kernel does not take
 
 
+class _Site(NamedTuple):
+    """One LoRA layer's add_lora_linear calls, checked once: the kernel's arguments that every call
+    repeats (`args`: slots to rank), while the layer's stacked weights are unchanged (their
+    versions) and x and y come in the same form (dtypes, x's columns, y's columns in use)."""
+    a_stacked: tuple
+    b_stacked: tuple
+    slices: object
+    versions: tuple
+    features: int
+    x_dtype: torch.dtype
+    y_dtype: torch.dtype
+    columns: int
+    args: tuple
+
+
+_sites = {}  # per layer (its stacked A weights): its _Site
+
+
+def _versions(a_stacked, b_stacked) -> tuple:
+    return tuple(w._version for w in a_stacked) + tuple(w._version for w in b_stacked)
+
+
+def _linear_site(x2, y, lora_a_stacked, lora_b_stacked, output_slices):
+    """The layer's _Site for a call with x2 ([tokens, in]) and y, or None where the kernel does not
+    take the call (another dtype, layout or device). The checks are made once per layer and form
+    of call; later calls compare the few things that could change."""
+    site = _sites.get(id(lora_a_stacked))
+    if (site is not None and site.a_stacked is lora_a_stacked
+            and site.b_stacked is lora_b_stacked and site.slices is output_slices
+            and x2.dtype is site.x_dtype and y.dtype is site.y_dtype
+            and x2.shape[1] == site.features and y.dim() == 2 and y.shape[0] == x2.shape[0]
+            and y.shape[1] >= site.columns and x2.stride(1) == 1 and y.stride(1) == 1
+            and x2.is_cpu and y.is_cpu and site.versions == _versions(lora_a_stacked,
+                                                                      lora_b_stacked)):
+        return site
+    xs, ys = _rows(x2), _rows(y)
+    a = _prepared_stack(lora_a_stacked, "a")
+    b = ys and _prepared_stack(lora_b_stacked, "b", y.dtype)
+    if not (a and b and xs and a[:2] == b[:2]
+            and len(lora_b_stacked) == len(output_slices) == len(lora_a_stacked)
+            and all(t.shape[2] == n for t, n in zip(b[3], output_slices))
+            and a[3][0].shape[2] == x2.shape[1] and y.shape[0] == x2.shape[0]
+            and sum(output_slices) <= y.shape[1]):
+        return None
+    site = _Site(lora_a_stacked, lora_b_stacked, output_slices,
+                 _versions(lora_a_stacked, lora_b_stacked), x2.shape[1], x2.dtype, y.dtype,
+                 sum(output_slices), (a[0], len(lora_a_stacked), a[2], a[4], b[2], b[4],
+                                      _sizes(output_slices), a[1]))
+    if len(_sites) > 4096:
+        _sites.clear()
+    _sites[id(lora_a_stacked)] = site
+    return site
+
+
 def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *,
                     buffer=None, **kwargs):
     """PunicaWrapperCPU.add_lora_linear in one kernel call (vLLM's own where it does not apply)."""
@@ -388,18 +442,13 @@ def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_sl
         indices = _indices(self, x2.shape[0])
         if indices is not None and _no_adapter_in(indices):
             return  # y as it is, as the kernel leaves a token without adapter
-        xs, ys = _rows(x2), _rows(y)
-        a = _prepared_stack(lora_a_stacked, "a")
-        b = ys and _prepared_stack(lora_b_stacked, "b", y.dtype)
-        if (a and b and xs and indices is not None and a[:2] == b[:2]
-                and len(lora_b_stacked) == len(output_slices) == len(lora_a_stacked)
-                and all(t.shape[2] == n for t, n in zip(b[3], output_slices))
-                and a[3][0].shape[2] == x2.shape[1] and y.shape[0] == x2.shape[0]
-                and sum(output_slices) <= y.shape[1]):
+        site = indices is not None and _linear_site(x2, y, lora_a_stacked, lora_b_stacked,
+                                                    output_slices)
+        if site:
             status = lib.es_lora_linear(
-                x2.shape[0], x2.shape[1], x2.data_ptr(), xs[1], xs[0], indices.data_ptr(), a[0],
-                len(lora_a_stacked), a[2], a[4], b[2], b[4], _sizes(output_slices), a[1],
-                float(scale), y.data_ptr(), ys[1], ys[0])
+                x2.shape[0], site.features, x2.data_ptr(), x2.stride(0), _DTYPES[site.x_dtype],
+                indices.data_ptr(), *site.args, float(scale), y.data_ptr(), y.stride(0),
+                _DTYPES[site.y_dtype])
             if status == 0:
                 return
             raise IndexError("a token's LoRA slot is out of range of the stacked adapters")

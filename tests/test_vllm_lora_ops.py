@@ -157,6 +157,34 @@ def test_the_fused_kernel_computes_the_slot_ops_products(dtype, rank, layout):
     assert not torch.equal(got, start)
 
 
+def test_a_layers_checked_call_is_taken_again_only_while_its_adapters_and_tensors_match(
+        monkeypatch):
+    """add_lora_linear checks a layer's call once and reuses the kernel's arguments (_linear_site):
+    an adapter written into a slot in place, new x and y, and y too narrow for the slices (vLLM's
+    own op then, no kernel call) are all seen."""
+    g = torch.Generator().manual_seed(3)
+    indices, slices, dtype = LAYOUTS["population"], (40, 16, 16), torch.bfloat16
+    a_stacked = tuple(torch.randn(4, 1, 8, 40, generator=g).to(dtype) for _ in slices)
+    b_stacked = tuple(torch.randn(4, 1, size, 8, generator=g).to(dtype) for size in slices)
+    for step in range(3):
+        if step == 2:  # vLLM setting an adapter into slot 2: A of q, B of k
+            a_stacked[0][2].copy_(torch.randn(1, 8, 40, generator=g))
+            b_stacked[1][2].copy_(torch.randn(1, 16, 8, generator=g))
+        x = torch.randn(len(indices), 40, generator=g).to(dtype)
+        got, expected = torch.zeros(len(indices), 72, dtype=dtype), torch.zeros(len(indices), 72,
+                                                                                 dtype=dtype)
+        ops.add_lora_linear(wrapper(indices), got, x, a_stacked, b_stacked, 0.5, slices)
+        slot_ops_linear(expected, x, a_stacked, b_stacked, 0.5, slices, indices)
+        assert torch.equal(got, expected) and got.any()
+    assert ops._sites[id(a_stacked)].a_stacked is a_stacked
+    theirs = []
+    monkeypatch.setitem(ops._BASE, "add_lora_linear", lambda *args, **kwargs: theirs.append(1))
+    monkeypatch.setitem(ops._kernel, "lib", SimpleNamespace(es_lora_linear=None))  # not called
+    narrow = torch.zeros(len(indices), 64, dtype=dtype)
+    ops.add_lora_linear(wrapper(indices), narrow, x, a_stacked, b_stacked, 0.5, slices)
+    assert theirs == [1] and not narrow.any()
+
+
 LANES = 16  # lora_kernel.c's
 
 
