@@ -268,6 +268,8 @@ def set_resident_adapters(runner, lora_ids, adapters) -> bool:
         peft = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings":
                                      loader.max_position_embeddings})
         peft.validate_legal(loader.lora_config)
+        # vLLM may scale B in place where it already has the slot's dtype: the check gets a copy
+        pristine = {n: t.clone() for n, t in tensors.items()} if plan is None else None
         try:
             lora = LoRAModel.from_lora_tensors(
                 int(lora_id), tensors, peft, device="cpu", dtype=loader.lora_config.lora_dtype,
@@ -288,7 +290,7 @@ def set_resident_adapters(runner, lora_ids, adapters) -> bool:
             kept.__dict__.update(lora.__dict__)
         if plan is None:
             plan = manager._es_slot_plan = SlotPlan.checked(
-                manager, mapper, index, tensors, config,
+                manager, mapper, index, pristine, config,
                 float(getattr(peft, "vllm_lora_scaling_factor", 1.0)))
     return True
 
@@ -301,7 +303,9 @@ class SlotPlan:
     each tensor in its corner in the slot's dtype, B times the adapter's scaling (lora_alpha / r)
     in that dtype, and zeros everywhere else in the slot (the rank's padding, the layers it has no
     tensors for). Writing an adapter with the same config, names and shapes into a slot that holds
-    one then gives the slot what vLLM's setting gives it, with a copy per tensor."""
+    one then gives the slot what vLLM's setting gives it, with a copy per tensor (scaled on the
+    CPU, where vLLM builds its weights, then copied to a GPU's slot). On tensor parallel
+    ranks vLLM sets a shard of each tensor: the check fails there, and vLLM's setting stays."""
 
     def __init__(self, places: dict, config: dict, scaling: float):
         self.places = places  # saved name -> (stacked weights, shape, scaling)
@@ -336,10 +340,10 @@ class SlotPlan:
         except (AttributeError, ImportError, KeyError, IndexError, TypeError, ValueError):
             return None
         for stacked in every:
-            slot = stacked[index].clone()
+            slot = stacked[index].to("cpu", copy=True)  # the adapters' tensors are on the CPU
             for saved, (target, (rows, cols), scale) in places.items():
                 if target is stacked:
-                    expected = tensors[saved].to(slot.dtype)
+                    expected = tensors[saved].to(slot.dtype, copy=True)
                     if scale != 1:
                         expected *= scale
                     if not torch.equal(slot[0, :rows, :cols], expected):
@@ -358,9 +362,13 @@ class SlotPlan:
         for saved, tensor in tensors.items():
             stacked, (rows, cols), scale = self.places[saved]
             corner = stacked[index, 0, :rows, :cols]
+            if scale != 1 and not corner.is_cpu:  # scaled on the CPU, as vLLM scales it
+                tensor = tensor.to(stacked.dtype, copy=True)
+                tensor *= scale
+                scale = 1
             corner.copy_(tensor)
             if scale != 1:
-                corner *= scale
+                corner *= scale  # in the slot's dtype, on the CPU: the same bits
         self.written += 1
         return True
 
