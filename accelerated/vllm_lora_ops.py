@@ -390,6 +390,7 @@ class _Site(NamedTuple):
     y_dtype: torch.dtype
     columns: int
     args: tuple
+    prepared: tuple  # the weights args points into, kept alive with it
 
 
 _sites = {}  # per layer (its stacked A weights): its _Site
@@ -424,7 +425,7 @@ def _linear_site(x2, y, lora_a_stacked, lora_b_stacked, output_slices):
     site = _Site(lora_a_stacked, lora_b_stacked, output_slices,
                  _versions(lora_a_stacked, lora_b_stacked), x2.shape[1], x2.dtype, y.dtype,
                  sum(output_slices), (a[0], len(lora_a_stacked), a[2], a[4], b[2], b[4],
-                                      _sizes(output_slices), a[1]))
+                                      _sizes(output_slices), a[1]), (a, b))
     if len(_sites) > 4096:
         _sites.clear()
     _sites[id(lora_a_stacked)] = site

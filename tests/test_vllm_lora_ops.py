@@ -161,7 +161,8 @@ def test_a_layers_checked_call_is_taken_again_only_while_its_adapters_and_tensor
         monkeypatch):
     """add_lora_linear checks a layer's call once and reuses the kernel's arguments (_linear_site):
     an adapter written into a slot in place, new x and y, and y too narrow for the slices (vLLM's
-    own op then, no kernel call) are all seen."""
+    own op then, no kernel call) are all seen; the weights its arguments point into live as long
+    as it does."""
     g = torch.Generator().manual_seed(3)
     indices, slices, dtype = LAYOUTS["population"], (40, 16, 16), torch.bfloat16
     a_stacked = tuple(torch.randn(4, 1, 8, 40, generator=g).to(dtype) for _ in slices)
@@ -176,7 +177,13 @@ def test_a_layers_checked_call_is_taken_again_only_while_its_adapters_and_tensor
         ops.add_lora_linear(wrapper(indices), got, x, a_stacked, b_stacked, 0.5, slices)
         slot_ops_linear(expected, x, a_stacked, b_stacked, 0.5, slices, indices)
         assert torch.equal(got, expected) and got.any()
-    assert ops._sites[id(a_stacked)].a_stacked is a_stacked
+    site = ops._sites[id(a_stacked)]
+    assert site.a_stacked is a_stacked
+    # The prepared weights' cache may be emptied (past 4096 entries): the site keeps the tensors
+    # its pointers point into.
+    ops._known.clear()
+    assert [site.args[2][i] for i in range(3)] == [t.data_ptr() for t in site.prepared[0][3]]
+    assert [site.args[4][i] for i in range(3)] == [t.data_ptr() for t in site.prepared[1][3]]
     theirs = []
     monkeypatch.setitem(ops._BASE, "add_lora_linear", lambda *args, **kwargs: theirs.append(1))
     monkeypatch.setitem(ops._kernel, "lib", SimpleNamespace(es_lora_linear=None))  # not called
