@@ -260,10 +260,10 @@ def set_resident_adapters(runner, lora_ids, adapters) -> bool:
     if any(int(i) not in slots or int(i) not in active for i in lora_ids):
         return False
     mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
-    plan = getattr(manager, "_es_slot_plan", None)
+    plan = getattr(manager, "_es_slot_plan", None)  # False: checked, and vLLM's setting stays
     for lora_id, (tensors, config) in zip(lora_ids, adapters):
         index = slots.index(int(lora_id))
-        if plan is not None and plan.write(index, tensors, config):
+        if plan and plan.write(index, tensors, config):
             continue
         peft = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings":
                                      loader.max_position_embeddings})
@@ -291,7 +291,7 @@ def set_resident_adapters(runner, lora_ids, adapters) -> bool:
         if plan is None:
             plan = manager._es_slot_plan = SlotPlan.checked(
                 manager, mapper, index, pristine, config,
-                float(getattr(peft, "vllm_lora_scaling_factor", 1.0)))
+                float(getattr(peft, "vllm_lora_scaling_factor", 1.0))) or False
     return True
 
 
