@@ -217,6 +217,10 @@ class VLLMEngine(Engine):
         from vllm import LLM
 
         on_cpu = not torch.cuda.is_available()
+        # Eager on CPU: a compiled graph could keep calling a linear layer's old packed weight
+        # (compiled only with ES_VLLM_CPU_LINEAR=torch ES_VLLM_CPU_COMPILE=1: nothing packed, no
+        # LoRA). Checked first: a refused setting leaves nothing behind.
+        eager = on_cpu and not compiled_on_cpu(lora=noise_mode == LOWRANK or lora is not None)
         if on_cpu:
             say_slow_bf16(precision)
         memory = ({"kv_cache_memory_bytes": VLLM_CPU_KV_CACHE_BYTES} if on_cpu
@@ -229,11 +233,9 @@ class VLLMEngine(Engine):
             # Noise over HF-named tensors in HF order: the adapters and the update draw the same
             # factors as the transformers engine's low-rank mode.
             noise_names = "hf"
-        # Eager on CPU: a compiled graph could keep calling a linear layer's old packed weight
-        # (compiled only with ES_VLLM_CPU_LINEAR=torch ES_VLLM_CPU_COMPILE=1: nothing packed).
         self.llm = LLM(model=str(model_path), dtype=DTYPE_NAMES[precision], seed=seed,
                        tensor_parallel_size=1, distributed_executor_backend="uni",
-                       enforce_eager=on_cpu and not compiled_on_cpu(), enable_prefix_caching=False,
+                       enforce_eager=eager, enable_prefix_caching=False,
                        max_model_len=max_model_len, download_dir=cache_dir,
                        worker_extension_cls="utils.worker_extn.WorkerExtension", **memory,
                        **(self.lora or {}))
@@ -263,8 +265,6 @@ class VLLMEngine(Engine):
             rank = self.es_lora.lora_rank
         else:
             return None
-        self._adapter_dir = Path(tempfile.mkdtemp(prefix="es-lora-", dir=(
-            "/dev/shm" if os.path.isdir("/dev/shm") else None)))
         self._next_lora_id = 1
         self._resident = []  # the LoRA requests of the members' adapters the engine holds
         self.adapters_written = 0
@@ -274,20 +274,22 @@ class VLLMEngine(Engine):
 
     @contextmanager
     def _adapters(self, count: int, write):
-        """`count` fresh LoRA requests; write(paths) writes their adapter directories, which are
-        removed afterwards."""
+        """`count` fresh LoRA requests; write(paths) writes their adapter directories, in a
+        temporary directory (in memory where /dev/shm exists) removed afterwards, whatever
+        happens: vLLM has read them by then, and a later call that needs files writes new ones."""
         from vllm.lora.request import LoRARequest
 
         ids = list(range(self._next_lora_id, self._next_lora_id + count))
         self._next_lora_id += count
-        paths = [str(self._adapter_dir / f"member{i}") for i in ids]
+        root = Path(tempfile.mkdtemp(prefix="es-lora-", dir=(
+            "/dev/shm" if os.path.isdir("/dev/shm") else None)))
+        paths = [str(root / f"member{i}") for i in ids]
         try:
             write(paths)
             self.adapters_written += count
             yield [LoRARequest(f"member{i}", i, path) for i, path in zip(ids, paths)]
         finally:
-            for path in paths:
-                shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
 
     @contextmanager
     def _member_adapters(self, seeds, sigma: float, signs):

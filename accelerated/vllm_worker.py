@@ -66,15 +66,21 @@ def unpacked() -> bool:
     return mode == "torch"
 
 
-def compiled_on_cpu() -> bool:
+def compiled_on_cpu(lora: bool = False) -> bool:
     """ES_VLLM_CPU_COMPILE=1 (with ES_VLLM_CPU_LINEAR=torch): vLLM's compiled execution on CPU
-    instead of eager. Refused with packed layers: a compiled graph could keep computing with a
-    layer's old packed weight."""
+    instead of eager. Refused with packed layers (a compiled graph could keep computing with a
+    layer's old packed weight) and for a LoRA-enabled engine (`lora`), which vLLM's CPU backend
+    runs eager whatever it is asked (it turns compilation off when LoRA is enabled), so the
+    setting would be silently ignored."""
     if os.environ.get("ES_VLLM_CPU_COMPILE", "0") != "1":
         return False
     if not unpacked():
         raise ValueError("ES_VLLM_CPU_COMPILE=1 needs ES_VLLM_CPU_LINEAR=torch (compiled graphs "
                          "and re-packed weights do not mix); set both or neither")
+    if lora:
+        raise ValueError("ES_VLLM_CPU_COMPILE=1 cannot compile this engine: its members are LoRA "
+                         "adapters, and vLLM's CPU backend runs LoRA-enabled engines eager; "
+                         "unset ES_VLLM_CPU_COMPILE for LoRA members and --es_params lora")
     return True
 
 

@@ -197,6 +197,38 @@ def test_vllm_lowrank_needs_the_lora_targets_with_a_clear_message(smollm2_dir):
         VLLMEngine(smollm2_dir, "fp32", 16, "lowrank", hf_layout(smollm2_dir))
 
 
+def adapter_dirs() -> set:
+    """The temporary directories vLLM engines write members' adapters into."""
+    import glob
+    import os
+    import tempfile
+
+    places = [tempfile.gettempdir()] + (["/dev/shm"] if os.path.isdir("/dev/shm") else [])
+    return {p for place in places for p in glob.glob(os.path.join(place, "es-lora-*"))}
+
+
+def test_compiled_cpu_execution_is_refused_where_vllm_would_misuse_or_ignore_it(smollm2_dir,
+                                                                                monkeypatch):
+    """ES_VLLM_CPU_COMPILE=1: refused with packed layers (a graph could keep an old packed
+    weight) and for LoRA members and LoRA space (vLLM's CPU backend runs LoRA eager whatever it is
+    asked), before anything is made."""
+    from types import SimpleNamespace
+
+    from accelerated.vllm_worker import compiled_on_cpu
+
+    assert not compiled_on_cpu(lora=True)  # unset: eager, nothing to refuse
+    monkeypatch.setenv("ES_VLLM_CPU_COMPILE", "1")
+    with pytest.raises(ValueError, match="needs ES_VLLM_CPU_LINEAR=torch"):
+        compiled_on_cpu()
+    monkeypatch.setenv("ES_VLLM_CPU_LINEAR", "torch")
+    assert compiled_on_cpu()
+    before = adapter_dirs()
+    for kind, extra in (("lowrank", {"lowrank_targets": "lora"}),
+                        ("correlated", {"lora": SimpleNamespace(lora_rank=2, lora_batch=True)})):
+        with pytest.raises(ValueError, match="runs LoRA-enabled engines eager"):
+            VLLMEngine(smollm2_dir, "fp32", 16, kind, hf_layout(smollm2_dir), **extra)
+    assert adapter_dirs() == before  # nothing left behind
+
 def test_the_slot_lora_ops_compute_vllms_products_and_replace_them_on_cpu():
     """accelerated.vllm_lora_ops (installed in vLLM's CPU punica wrapper by importing the worker
     extension, the fused kernel's methods with them) computes what vLLM's own torch ops compute, for every op and dtype used, on tokens
@@ -257,6 +289,7 @@ def test_vllm_lora_members_match_the_transformers_lowrank_mode(smollm2_dir):
     hf.set_task(task)
     expected = hf.evaluate_batch(seeds, sigma, signs)
     base_text = hf.generate(PROMPTS)[0]
+    dirs_before = adapter_dirs()
     vllm_engine = VLLMEngine(smollm2_dir, "fp32", 16, "lowrank", layout, lowrank_targets="lora",
                              population_size=len(seeds), lowrank_batch=2 * len(PROMPTS))
     try:
@@ -272,7 +305,7 @@ def test_vllm_lora_members_match_the_transformers_lowrank_mode(smollm2_dir):
                                               _adapter_manager._es_slot_plan.written) == [1]
         assert any(e["completion"] != base_text for e in expected), "sigma should move the text"
         assert vllm_engine.generate(PROMPTS)[0] == base_text  # no adapter: the base model
-        assert not list(vllm_engine._adapter_dir.iterdir())  # adapter files removed
+        assert adapter_dirs() == dirs_before  # adapter files and their directory removed
         # Each change re-packs the layers that compute: the LoRA wrappers' base layers, not the
         # wrappers too (they forward cpu_linear and weight to their base layer).
         def repacked(worker):
