@@ -267,8 +267,13 @@ class VLLMEngine(Engine):
             return None
         self._next_lora_id = 1
         self._resident = []  # the LoRA requests of the members' adapters the engine holds
+        self._current = None  # --es_params lora: the request of the adapter as it is, held too
         self.adapters_written = 0
-        slots = max(1, min(population_size, self.lowrank_batch))
+        # a slot per member of one generate call (none where members go one at a time, as the
+        # adapter as it is), and one for the adapter as it is: neither evicts the other
+        self.member_slots = (max(1, min(population_size, self.lowrank_batch))
+                             if self.es_lora is None or self.es_lora.lora_batch else 0)
+        slots = self.member_slots + (self.es_lora is not None)
         return {"enable_lora": True, "max_loras": slots, "max_cpu_loras": slots,
                 "max_lora_rank": vllm_lora_rank(rank)}
 
@@ -314,13 +319,32 @@ class VLLMEngine(Engine):
         False where the engine no longer holds them."""
         seeds, signs = [int(s) for s in seeds], [float(x) for x in signs]
         if self.es_lora is None:
-            done = self.llm.collective_rpc("es_set_member_adapters", args=(seeds, sigma, signs,
-                                                                           ids))
-        else:
-            config = SavedAdapter(self.es_lora, {}).config_dict()
-            done = self.llm.collective_rpc("es_set_adapters", args=(ids, [
-                (tensors, config) for tensors in self._lora_members(seeds, sigma, signs)]))
-        return all(done)
+            return all(self.llm.collective_rpc("es_set_member_adapters",
+                                               args=(seeds, sigma, signs, ids)))
+        return self._set_adapters(ids, self._lora_members(seeds, sigma, signs))
+
+    def _set_adapters(self, ids, adapters) -> bool:
+        """--es_params lora: adapters (tensors by name, which may be changed) in place into the
+        slots of the resident adapters `ids`; False where the engine no longer holds them."""
+        config = SavedAdapter(self.es_lora, {}).config_dict()
+        return all(self.llm.collective_rpc("es_set_adapters", args=(
+            [int(i) for i in ids], [(tensors, config) for tensors in adapters])))
+
+    @contextmanager
+    def _current_adapter(self):
+        """--es_params lora: the LoRA request of the adapter as it is now (a member's, while
+        perturbed), held in its own slot: its tensors go in place into that slot, as the
+        members' do; written as files the first time, or where the engine no longer holds it."""
+        # copies: vLLM may scale B in place, and these are the ES parameters
+        tensors = {name: t.detach().clone() for name, t in self.adapter}
+        if self._current is not None and self._set_adapters([self._current.lora_int_id],
+                                                            [tensors]):
+            yield self._current
+            return
+        with self._adapters(1, lambda paths: SavedAdapter(self.es_lora, tensors).save_pretrained(
+                paths[0])) as (request,):
+            self._current = request
+            yield request
 
     def _lora_members(self, seeds, sigma: float, signs):
         """--es_params lora: each member's adapter tensors by name, the adapter's true tensors plus
@@ -348,10 +372,7 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
 
         if self.es_lora is not None and lora_requests is None:
-            def write(paths):
-                SavedAdapter(self.es_lora, dict(self.adapter)).save_pretrained(paths[0])
-
-            with self._adapters(1, write) as (request,):
+            with self._current_adapter() as request:
                 return self.generate(prompts, temperature, top_p, seeds,
                                      [request] * len(prompts))
 
@@ -394,7 +415,7 @@ class VLLMEngine(Engine):
         prompt_ids, task = self.scoring(prompts)
         prompts, n = list(task.prompts), len(task.prompts)
         k, temperature, top_p = self.sampling or (1, 0.0, 1.0)
-        per_call = max(1, min(self.lora["max_loras"], self.lowrank_batch // (n * k)))
+        per_call = max(1, min(self.member_slots, self.lowrank_batch // (n * k)))
         results = []
         for chunk in range(0, len(seeds), per_call):
             part = list(range(chunk, min(chunk + per_call, len(seeds))))

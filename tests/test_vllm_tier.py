@@ -460,6 +460,21 @@ def test_lora_space_members_go_in_place_into_the_resident_adapters_slots(tiny_vl
         assert vllm_engine.adapters_written == 4
         in_place = vllm_engine.evaluate_batch([5, 6, 7, 8], sigma, signs)
         assert vllm_engine.adapters_written == 4
+        # The adapter as it is (a held-out evaluation; a member's, evaluated alone) has a slot
+        # of its own: files the first time, then in place; the members' stay resident.
+        saved = {name: t.clone() for name, t in vllm_engine.adapter}
+        current = vllm_engine.generate(PROMPTS)
+        assert vllm_engine.adapters_written == 5
+        vllm_engine.weights.perturb(13, sigma)
+        perturbed = vllm_engine.generate(PROMPTS)
+        assert vllm_engine.adapters_written == 5 and perturbed != current
+        for name, t in vllm_engine.adapter:
+            t.copy_(saved[name])
+        assert vllm_engine.generate(PROMPTS) == current
+        again = vllm_engine.evaluate_batch([5, 6, 7, 8], sigma, signs)
+        assert [(r["reward"], r["completion"]) for r in again] == [
+            (r["reward"], r["completion"]) for r in in_place]
+        assert vllm_engine.adapters_written == 5
         ids = [q.lora_int_id for q in vllm_engine._resident]
         config = SavedAdapter(cfg, {}).config_dict()
         adapters = [(tensors, config) for tensors in
@@ -471,10 +486,13 @@ def test_lora_space_members_go_in_place_into_the_resident_adapters_slots(tiny_vl
         assert any(d.dtype == torch.bfloat16 and d.any() for d in direct)
         vllm_engine._resident = []  # forget them: files under new ids
         from_files = vllm_engine.evaluate_batch([5, 6, 7, 8], sigma, signs)
-        assert vllm_engine.adapters_written == 8
+        assert vllm_engine.adapters_written == 9
         texts = [[(r["reward"], r["completion"]) for r in rows]
                  for rows in (first, in_place, from_files)]
         assert texts[1] == texts[2] and texts[0] != texts[1]
+        vllm_engine.weights.perturb(13, sigma)
+        vllm_engine._current = None  # forget it: files under a new id, the texts set in place
+        assert vllm_engine.generate(PROMPTS) == perturbed and vllm_engine.adapters_written == 10
     finally:
         del vllm_engine
         gc.collect()
