@@ -28,6 +28,10 @@ conciseness unit's: population 30 x 2 prompts x 100 tokens), the same sequences 
                            layers' products, the lm_head's and the embedding's terms)
     set in place           the members' adapters put into the resident adapters' slots (what an
                            evaluation after the first does instead of writing files)
+    the adapter as it is   LoRA space: a generate call on the adapter itself (a held-out
+                           evaluation, or a member evaluated alone), first from files into its own
+                           slot, then in place; and the members' evaluation right after it (their
+                           adapters still resident: none written)
     no keep-weights patch  (subprocess) a plain vLLM engine as vLLM builds it: the CPU linear layers
                            without our keep-weights dispatch, eager and compiled
 
@@ -194,6 +198,14 @@ def lora_parts(p: Profile, a, model_dir, layout, task, seeds, reference, mode: s
     s, results = timed(engine.evaluate_batch, seeds, a.sigma, signs)
     p.add(path, "whole evaluation (evaluate_batch), later: members set in place", s,
           f"({s / reference:.2f}x the plain batch)")
+    if lora is not None:  # the adapter as it is (a held-out evaluation; a member alone)
+        for when in ("first: written and loaded into its own slot", "later: set in place"):
+            s, _ = timed(engine.generate, prompts)
+            p.add(path, f"generate, the adapter as it is, {when}", s, f"({n} sequences)")
+        written = engine.adapters_written
+        s, _ = timed(engine.evaluate_batch, seeds, a.sigma, signs)
+        p.add(path, "whole evaluation right after it", s,
+              f"({engine.adapters_written - written} adapters written)")
     z = normalize_rewards([r["reward"] for r in results]).tolist()
     s, _ = timed(engine.weights.update, seeds, z, a.alpha)
     p.add(path, "update (1 engine, no broadcast)", s)

@@ -535,7 +535,8 @@ def test_the_vllm_profile_times_the_lora_parts_of_the_conciseness_unit(tiny_vllm
     """bench/vllm_profile.py on the conciseness unit's prompts (tiny model, 3 members, 4 tokens):
     the LoRA paths' parts, with the time in vLLM's LoRA layer methods (ours installed: the kernel's
     calls counted, the lm_head's and embedding's zero terms skipped) and the members set in place
-    into the resident adapters (not refused)."""
+    into the resident adapters (not refused); in LoRA space, the adapter as it is in a slot of its
+    own, evicting none of the members'."""
     from bench import vllm_profile
 
     vllm_profile.main(["--unit", "conciseness", "--model", str(tiny_vllm_dir), "--precision",
@@ -550,6 +551,7 @@ def test_the_vllm_profile_times_the_lora_parts_of_the_conciseness_unit(tiny_vllm
         linear = [r for part, r in rows.items() if part.startswith("of which LoRA linear layers")]
         assert len(linear) == 1 and "(0 calls)" not in linear[0], rows
         assert "refused" not in rows["members set in place into the resident adapters"], rows
+    assert "(0 adapters written)" in rows["whole evaluation right after it"]  # LoRA space
     assert "plain batch (reference)" in table and "per member" not in table
 
 
