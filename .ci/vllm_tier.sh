@@ -4,11 +4,11 @@
 #
 # The environment is built once under $VLLM_TIER_VENV (default ~/.cache/es-llm/vllm-tier-venv) and
 # rebuilt when the package list below changes. Measured here (2 shared CPU cores): building it
-# took 3-6 minutes (~1 GB of packages, 2.3 minutes from pip's cache); its 16 tests: one in-process
+# took 3-6 minutes (~1 GB of packages, 2.3 minutes from pip's cache); its 17 tests: one in-process
 # engine on the bundled SmolLM2-135M (weights, noise, update, LoRA members against the
 # transformers low-rank mode, greedy and sampled, the per-slot LoRA ops), and on a tiny
 # vLLM-shaped model: two 2-iteration low-rank runs, LoRA-space ES on vLLM against the transformers
-# engines and its members set in place into resident adapters, the tuning options on vLLM (a
+# engines, its members and the adapter as it is set in place into resident adapters (a copy), the tuning options on vLLM (a
 # tuned 2-engine run resumed on 1 engine), a PEFT adapter served as a LoRA request, settings refused before an engine is made,
 # bench/vllm_profile.py's LoRA parts on the conciseness unit, and bench/gpu_check.sh at its CPU sizes (a 2-engine run of the
 # accelerated script, whose two output forms eval_countdown_vllm.py then evaluates alike, every

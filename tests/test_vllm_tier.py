@@ -498,6 +498,27 @@ def test_lora_space_members_go_in_place_into_the_resident_adapters_slots(tiny_vl
         gc.collect()
 
 
+def test_the_adapter_set_in_place_is_a_copy_its_es_parameters_stay_as_they_are(tiny_vllm_dir):
+    """--es_params lora on a vLLM engine in fp32 (the slot's dtype: vLLM may scale B in place) and
+    lora_alpha 16 / r 4: the adapter as it is goes into its slot, by files and then in place,
+    and the ES parameters the engine keeps are not changed by it."""
+    from es_llm.trainer import TrainConfig
+
+    cfg = TrainConfig(task="conciseness", model_name=str(tiny_vllm_dir), output_dir="-",
+                      population_size=2, es_params="lora", lora_rank=4, precision="fp32")
+    vllm_engine = VLLMEngine(tiny_vllm_dir, "fp32", 4, "correlated", hf_layout(tiny_vllm_dir),
+                             lora=cfg, population_size=2)
+    try:
+        vllm_engine.weights.perturb(3, 0.3)  # B no longer zeros
+        before = [(name, t.clone()) for name, t in vllm_engine.adapter]
+        texts = [vllm_engine.generate(PROMPTS) for _ in range(3)]  # files, then in place
+        assert vllm_engine.adapters_written == 1 and texts[0] == texts[1] == texts[2]
+        assert all(torch.equal(t, b) for (_, t), (_, b) in zip(vllm_engine.adapter, before))
+    finally:
+        del vllm_engine
+        gc.collect()
+
+
 @pytest.mark.slow
 def test_a_tuned_vllm_run_resumed_on_one_engine_equals_the_two_engine_run(tmp_path, tiny_vllm_dir):
     """The tuning options on vLLM engines: Adam (on HF-named tensors) on a cosine schedule, 2 of
