@@ -324,7 +324,7 @@ class VLLMEngine(Engine):
         return self._set_adapters(ids, self._lora_members(seeds, sigma, signs))
 
     def _set_adapters(self, ids, adapters) -> bool:
-        """--es_params lora: adapters (tensors by name, which may be changed) in place into the
+        """--es_params lora: adapters (tensors by name, left as they are) in place into the
         slots of the resident adapters `ids`; False where the engine no longer holds them."""
         config = SavedAdapter(self.es_lora, {}).config_dict()
         return all(self.llm.collective_rpc("es_set_adapters", args=(
@@ -335,8 +335,7 @@ class VLLMEngine(Engine):
         """--es_params lora: the LoRA request of the adapter as it is now (a member's, while
         perturbed), held in its own slot: its tensors go in place into that slot, as the
         members' do; written as files the first time, or where the engine no longer holds it."""
-        # copies: vLLM may scale B in place, and these are the ES parameters
-        tensors = {name: t.detach().clone() for name, t in self.adapter}
+        tensors = {name: t.detach() for name, t in self.adapter}  # set_resident_adapters copies
         if self._current is not None and self._set_adapters([self._current.lora_int_id],
                                                             [tensors]):
             yield self._current

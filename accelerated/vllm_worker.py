@@ -251,7 +251,8 @@ def set_resident_adapters(runner, lora_ids, adapters) -> bool:
     exactly what SlotPlan writes, the rest are written straight into their slots (SlotPlan). False
     where an id is not active in a slot (nothing changed), or this vLLM lacks what it takes: the
     caller then loads files under new ids, leaving these ids and their slots unused (so vLLM's
-    registered copy of a slot written straight, no longer its content, is never activated)."""
+    registered copy of a slot written straight, no longer its content, is never activated).
+    The tensors given are not changed."""
     try:
         from vllm.lora.lora_model import LoRAModel
         from vllm.lora.peft_helper import PEFTHelper
@@ -274,11 +275,12 @@ def set_resident_adapters(runner, lora_ids, adapters) -> bool:
         peft = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings":
                                      loader.max_position_embeddings})
         peft.validate_legal(loader.lora_config)
-        # vLLM may scale B in place where it already has the slot's dtype: the check gets a copy
-        pristine = {n: t.clone() for n, t in tensors.items()} if plan is None else None
+        # vLLM may scale B in place where it already has the slot's dtype: it gets copies, and
+        # the caller's tensors (an engine's ES parameters, say) stay as they are for the check
+        given = {n: t.clone() for n, t in tensors.items()}
         try:
             lora = LoRAModel.from_lora_tensors(
-                int(lora_id), tensors, peft, device="cpu", dtype=loader.lora_config.lora_dtype,
+                int(lora_id), given, peft, device="cpu", dtype=loader.lora_config.lora_dtype,
                 model_vocab_size=loader.vocab_size,
                 weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
                 skip_prefixes=getattr(manager.model, "lora_skip_prefixes", None))
@@ -296,7 +298,7 @@ def set_resident_adapters(runner, lora_ids, adapters) -> bool:
             kept.__dict__.update(lora.__dict__)
         if plan is None:
             plan = manager._es_slot_plan = SlotPlan.checked(
-                manager, mapper, index, pristine, config,
+                manager, mapper, index, tensors, config,
                 float(getattr(peft, "vllm_lora_scaling_factor", 1.0))) or False
     return True
 
